@@ -1,0 +1,3 @@
+"""preftune: preference tuning for language models."""
+
+__version__ = "0.1.0"
