@@ -1,0 +1,237 @@
+"""One battery over every registered loss: the contract of preftune/losses/base.py, checked per spec.
+
+Inputs are built from the spec alone (data kind, needs_reference, needs_lengths, needs_kl), so a newly
+registered loss is tested without touching this file — unless it introduces a hyperparameter with no default
+and no sample value below, which fails loudly on purpose.
+"""
+
+import inspect
+
+import pytest
+import torch
+
+from preftune.losses import registered_losses
+
+SPECS = registered_losses()
+NAMES = sorted(SPECS)
+
+# Values for hyperparameters that have no default (and a few that do, to exercise non-trivial settings).
+SAMPLE_HYPERPARAMETERS = {
+    "beta": 0.1,
+    "label_smoothing": 0.1,
+    "gamma": 0.5,
+    "lam": 0.1,
+    "delta": 0.05,
+}
+
+# The contract's input names, by data kind (the trainer calls spec.fn with exactly these keywords).
+PAIRED = ("policy_chosen_logps", "policy_rejected_logps")
+PAIRED_REF = ("reference_chosen_logps", "reference_rejected_logps")
+PAIRED_LEN = ("chosen_lengths", "rejected_lengths")
+
+# aot's losses are per quantile of the batch, not per example (documented in its docstring).
+BATCH_COUPLED = {"aot"}
+# apo_down lowers the chosen likelihood by design; raising π_w alone does not lower its loss.
+CHOSEN_UP_NOT_MONOTONE = {"apo_down"}
+
+
+def expected_inputs(spec):
+    if spec.data == "paired":
+        names = (
+            PAIRED + (PAIRED_REF if spec.needs_reference else ()) + (PAIRED_LEN if spec.needs_lengths else ())
+        )
+    elif spec.data == "unpaired":
+        names = ("policy_logps",) + (("reference_logps",) if spec.needs_reference else ()) + ("labels",)
+        names += ("kl",) if spec.needs_kl else ()
+    else:
+        names = ("policy_chosen_logps",) + (("chosen_lengths",) if spec.needs_lengths else ())
+    return names
+
+
+def hyperparameters(spec):
+    params = inspect.signature(spec.fn).parameters
+    values = {}
+    for name in spec.hyperparameters:
+        if name in SAMPLE_HYPERPARAMETERS:
+            values[name] = SAMPLE_HYPERPARAMETERS[name]
+        else:
+            assert params[name].default is not inspect.Parameter.empty, (
+                f"{spec.name}: add a sample value for required hyperparameter {name!r} to the battery"
+            )
+    return values
+
+
+def make_inputs(spec, policy, reference, lengths=None, labels=None, requires_grad=False):
+    """Inputs of the right kind. policy, reference: (2, B) float tensors (row 0 chosen/desirable side)."""
+    B = policy.shape[1]
+    if lengths is None:
+        lengths = torch.arange(B * 2).reshape(2, B) % 7 + 1  # (2, B) token counts 1..7
+    if labels is None:
+        labels = torch.arange(B) % 2 == 0  # (B,) alternate desirable / undesirable
+    policy = policy.clone().requires_grad_(requires_grad)
+    if spec.data == "paired":
+        inputs = dict(policy_chosen_logps=policy[0], policy_rejected_logps=policy[1])
+        if spec.needs_reference:
+            inputs.update(reference_chosen_logps=reference[0], reference_rejected_logps=reference[1])
+        if spec.needs_lengths:
+            inputs.update(chosen_lengths=lengths[0], rejected_lengths=lengths[1])
+    elif spec.data == "unpaired":
+        inputs = dict(policy_logps=policy[0], labels=labels)
+        if spec.needs_reference:
+            inputs["reference_logps"] = reference[0]
+        if spec.needs_kl:
+            inputs["kl"] = torch.tensor(0.3)
+    else:
+        inputs = dict(policy_chosen_logps=policy[0])
+        if spec.needs_lengths:
+            inputs["chosen_lengths"] = lengths[0]
+    return inputs, policy
+
+
+def call(spec, inputs):
+    return spec.fn(**inputs, **hyperparameters(spec))
+
+
+def random_logps(B, seed, scale=20.0):
+    g = torch.Generator().manual_seed(seed)
+    return -scale * torch.rand(2, B, generator=g)  # (2, B) in (−scale, 0]
+
+
+# --- the registry and the spec ----------------------------------------------------------------------------
+
+
+def test_registry_holds_the_issue_losses():
+    wanted = {
+        "dpo", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+        "apo_zero", "apo_down", "discopop", "kto", "orpo", "simpo", "sft",
+    }  # fmt: skip
+    assert wanted <= set(SPECS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_spec_fields(name):
+    spec = SPECS[name]
+    assert spec.name == name
+    assert spec.data in ("paired", "unpaired", "sft")
+    assert spec.reduction in ("sum", "mean")
+    assert spec.description and "\n" not in spec.description
+    if spec.needs_kl:
+        assert spec.data == "unpaired"
+    doc = inspect.getdoc(spec.fn)
+    assert doc and "arXiv" in doc, f"{name}: docstring must cite the paper with its arXiv id"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_signature_matches_spec(name):
+    spec = SPECS[name]
+    params = inspect.signature(spec.fn).parameters.values()
+    keyword_only = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    inputs = tuple(p.name for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY)
+    assert keyword_only == spec.hyperparameters
+    assert inputs == expected_inputs(spec)
+
+
+# --- shapes, reduction, detached rewards ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B", [1, 3, 5, 8])
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_not_reduced_and_rewards_detached(name, B):
+    spec = SPECS[name]
+    inputs, _ = make_inputs(spec, random_logps(B, 0), random_logps(B, 1), requires_grad=True)
+    out = call(spec, inputs)
+    assert out.losses.shape == (B,)
+    assert out.losses.requires_grad
+    if spec.data == "paired":
+        assert out.chosen_rewards is not None and out.rejected_rewards is not None
+    if spec.data == "unpaired":
+        assert out.rewards is not None
+    for tensor in (out.chosen_rewards, out.rejected_rewards, out.rewards, *out.metrics.values()):
+        if tensor is not None:
+            assert tensor.shape == (B,)
+            assert not tensor.requires_grad
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - BATCH_COUPLED))
+def test_examples_do_not_interact(name):
+    # Changing example 0 leaves the losses of examples 1.. unchanged (per-example, not batch-coupled).
+    spec = SPECS[name]
+    policy, reference = random_logps(4, 2), random_logps(4, 3)
+    before = call(spec, make_inputs(spec, policy, reference)[0]).losses
+    policy[:, 0] -= 3.0
+    after = call(spec, make_inputs(spec, policy, reference)[0]).losses
+    assert torch.equal(before[1:], after[1:])
+
+
+# --- numerical stability ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_losses_and_gradients_at_extreme_logps(name):
+    spec = SPECS[name]
+    big = 1e4
+    # every sign pattern of (policy chosen, policy rejected, reference chosen, reference rejected) at ±1e4
+    signs = torch.tensor([[(i >> k) & 1 for k in range(4)] for i in range(16)], dtype=torch.float32) * 2 - 1
+    policy = (big * signs[:, :2]).T.contiguous()  # (2, 16)
+    reference = (big * signs[:, 2:]).T.contiguous()  # (2, 16)
+    for extra in (0.0, -big):  # also the realistic side: everything very negative
+        inputs, leaf = make_inputs(spec, policy + extra, reference + extra, requires_grad=True)
+        out = call(spec, inputs)
+        assert torch.isfinite(out.losses).all(), out.losses
+        out.losses.sum().backward()
+        assert torch.isfinite(leaf.grad).all(), leaf.grad
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_losses_for_random_inputs(name, seed):
+    spec = SPECS[name]
+    g = torch.Generator().manual_seed(seed)
+    policy = -torch.rand(2, 7, generator=g) * 10 ** torch.randint(0, 4, (2, 7), generator=g)
+    reference = -torch.rand(2, 7, generator=g) * 10 ** torch.randint(0, 4, (2, 7), generator=g)
+    lengths = torch.randint(1, 500, (2, 7), generator=g)
+    out = call(spec, make_inputs(spec, policy, reference, lengths=lengths)[0])
+    assert torch.isfinite(out.losses).all()
+
+
+# --- monotonicity sanity ----------------------------------------------------------------------------------
+
+
+def _start(B=3):
+    # A policy that currently prefers the rejected side a little: ρ_w = −1, ρ_l = +1 (β·h = −0.2 at β = 0.1).
+    reference = random_logps(B, 7) - 20.0
+    policy = reference + torch.tensor([[-1.0], [1.0]])
+    return policy, reference
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_widening_the_margin_lowers_the_loss(name):
+    # Raise the preferred side's policy log-prob and lower the other side's (for unpaired data: raise
+    # desirable completions, lower undesirable ones; for sft: raise the chosen one).
+    spec = SPECS[name]
+    policy, reference = _start()
+    labels = torch.tensor([True, False, True])
+    before = call(spec, make_inputs(spec, policy, reference, labels=labels)[0]).losses
+    step = 0.5
+    better = policy.clone()
+    if spec.data == "unpaired":
+        better[0] += torch.where(labels, step, -step)
+    else:
+        better[0] += step
+        better[1] -= step
+    after = call(spec, make_inputs(spec, better, reference, labels=labels)[0]).losses
+    assert after.sum() < before.sum()
+
+
+@pytest.mark.parametrize("name", sorted(n for n in NAMES if SPECS[n].data != "unpaired"))
+def test_raising_chosen_logp_alone_lowers_the_loss(name):
+    spec = SPECS[name]
+    policy, reference = _start()
+    before = call(spec, make_inputs(spec, policy, reference)[0]).losses
+    better = policy.clone()
+    better[0] += 0.5
+    after = call(spec, make_inputs(spec, better, reference)[0]).losses
+    if name in CHOSEN_UP_NOT_MONOTONE:
+        assert after.sum() > before.sum()  # apo_down: by design the chosen likelihood is pushed down
+    else:
+        assert after.sum() < before.sum()
