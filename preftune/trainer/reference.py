@@ -1,0 +1,101 @@
+"""Reference log-probs, computed once and cached on disk.
+
+The cache key covers everything the numbers depend on: the reference weights (hashed in full), the token ids
+of every example, the tokenization rules and the precision. A changed model or data gives a new key; a stale
+hit is impossible short of a hash collision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from preftune.data.tokenize import TokenizedPair
+
+CACHE_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune")) / "reference"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of every non-adapter weight's name, shape, dtype and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if "lora_" in name:
+            continue
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def examples_fingerprint(examples: list) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for e in examples:
+        if isinstance(e, TokenizedPair):
+            parts = (e.prompt_ids, e.chosen_ids, e.rejected_ids)
+        else:
+            parts = (e.prompt_ids, e.completion_ids)
+        for ids in parts:
+            h.update(len(ids).to_bytes(4, "little"))
+            h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(model_fp: str, examples: list, tokenization_fp: str, precision: str) -> str:
+    text = "|".join((CACHE_VERSION, model_fp, examples_fingerprint(examples), tokenization_fp, precision))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def compute_reference_logps(logp_fn, examples: list, batch_fn, batch_size: int,
+                            indices: list[int] | None = None) -> torch.Tensor:
+    """Reference log-probs for ``examples`` (or the given subset), longest first so that batches are tight.
+
+    ``logp_fn(batch) -> (logps (S,), lengths (S,))`` must already run in reference mode.
+    Returns (n, 2) [chosen, rejected] for pairs or (n,) for singles, rows in ``indices`` order.
+    """
+    idx = list(range(len(examples))) if indices is None else list(indices)
+    paired = bool(examples) and isinstance(examples[0], TokenizedPair)
+    out = torch.zeros((len(idx), 2) if paired else (len(idx),), dtype=torch.float32)
+    pos = {i: k for k, i in enumerate(idx)}
+
+    def size(i):
+        e = examples[i]
+        return len(e.prompt_ids) + (max(len(e.chosen_ids), len(e.rejected_ids)) if paired else len(e.completion_ids))
+
+    order = sorted(idx, key=size, reverse=True)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            logps, _ = logp_fn(batch_fn(chunk))
+            logps = logps.float().cpu()
+            rows = torch.tensor([pos[i] for i in chunk])
+            if paired:
+                out[rows] = torch.stack([logps[: len(chunk)], logps[len(chunk) :]], dim=1)
+            else:
+                out[rows] = logps[: len(chunk)]
+    return out
+
+
+def load_cached(cache_dir: Path, key: str, n: int) -> torch.Tensor | None:
+    path = cache_dir / f"{key}.pt"
+    if not path.exists():
+        return None
+    try:
+        data = torch.load(path)
+    except Exception:  # a corrupt file is a miss, never an error
+        return None
+    return data if data.shape[0] == n else None
+
+
+def store_cached(cache_dir: Path, key: str, logps: torch.Tensor) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
+    torch.save(logps, tmp)
+    os.replace(tmp, cache_dir / f"{key}.pt")
