@@ -45,8 +45,11 @@ def load_tokenizer(tokenizer, model_name):
         if not isinstance(model_name, (str, os.PathLike)):
             raise PreftuneError("a loaded model needs a tokenizer: pass `tokenizer=` or set `tokenizer:`")
         tokenizer = model_name
+        kind = "model"
+    else:
+        kind = "tokenizer"
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = _load("tokenizer", os.fspath(tokenizer), AutoTokenizer.from_pretrained)
+        tokenizer = _load(kind, os.fspath(tokenizer), AutoTokenizer.from_pretrained)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

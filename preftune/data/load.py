@@ -47,7 +47,7 @@ class RawRow:
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
-def _is_local_path(source: str) -> bool:
+def is_local_path(source: str) -> bool:
     return os.path.exists(source) or source.endswith(FILE_SUFFIXES) or source.startswith((".", "/", "~"))
 
 
@@ -77,7 +77,7 @@ def read_rows(source: Any, *, split: str = "train", collect_errors: bool = False
         if suffix not in reader:
             raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
         yield from reader[suffix](path, collect_errors)
-    elif _is_local_path(text):
+    elif is_local_path(text):
         raise DataError(f"{text}: no such file or directory")
     else:
         yield from _read_hub(text, split)

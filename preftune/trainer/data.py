@@ -73,6 +73,12 @@ def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out
         held = set(order[:n_eval])
         eval_records = [r for i, r in enumerate(train_records) if i in held]
         train_records = [r for i, r in enumerate(train_records) if i not in held]
+    from preftune.data.validate import validate_records
+
+    report = validate_records(train_records, drops, eval_records=eval_records or None, source=str(data_cfg.train))
+    for line in report.summary().splitlines():
+        log(f"data check: {line}")
+    report.require_usable(data_cfg.allow_unusable)
     train = ExampleSet(tokenization.all(train_records, drops))
     evals = ExampleSet(tokenization.all(eval_records, drops))
     log(f"data: {drops.summary()}; {tokenization.stats.summary()}; train {len(train)}, eval {len(evals)}")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from preftune.config import check_loss_params, to_config
+from preftune.data.load import is_local_path
 from preftune.data.tokenize import Tokenization
 from preftune.errors import PreftuneError
 from preftune.logprobs import LogpModel
@@ -80,6 +81,9 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # ---- data and models ---------------------------------------------------------------------------------
+    for source in (cfg.data.train, cfg.data.eval):  # fail on a missing file before loading any model
+        if isinstance(source, (str, Path)) and is_local_path(str(source)) and not Path(source).expanduser().exists():
+            raise PreftuneError(f"data file not found: {source}")
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     tokenization = Tokenization(tokenizer, max_length=tc.max_length, max_prompt_length=cfg.data.max_prompt_length,
                                 truncation_mode=cfg.data.truncation_mode)

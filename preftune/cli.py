@@ -1,0 +1,119 @@
+"""The `preftune` command line.
+
+    preftune quickstart [--out DIR]                      offline demo: toy task, SFT, DPO, before/after
+    preftune train CONFIG.yaml [--set k.sub=v ...]       train from a YAML config (--resume to continue)
+    preftune data validate|clean|convert|agreement ...   preference-data tooling
+    preftune losses                                      registered losses and what they need
+    preftune config-doc                                  every config field with its type, default and doc
+
+A user error prints one line and exits non-zero; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+
+def _cmd_quickstart(args) -> int:
+    from preftune.toy.quickstart import run_quickstart
+
+    report = run_quickstart(args.out, seed=args.seed)
+    return 0 if report.get("passed", True) else 1
+
+
+def _cmd_train(args) -> int:
+    from preftune.config import to_config
+    from preftune.trainer.loop import train
+
+    config = to_config(args.config, args.set or [])
+    resume = True if args.resume == "latest" else args.resume
+    summary = train(config, resume=resume)
+    keys = ("train_runtime_s", "samples_per_second", "tokens_per_second", "peak_rss_mb", "final_loss")
+    print("summary: " + ", ".join(f"{k}={summary[k]:.4g}" for k in keys if summary.get(k) is not None))
+    print(f"wrote {config.training.output_dir}/train_summary.json")
+    return 0
+
+
+def _cmd_losses(args) -> int:
+    from preftune.losses import registered_losses
+
+    print(f"{'name':<12} {'reference':<10} {'data':<9} {'hyperparameters':<36} description")
+    for name, spec in sorted(registered_losses().items()):
+        ref = "yes" if spec.needs_reference else "no"
+        print(f"{name:<12} {ref:<10} {spec.data:<9} {', '.join(spec.hyperparameters):<36} {spec.description}")
+    return 0
+
+
+def _cmd_config_doc(args) -> int:
+    from preftune.config import field_docs
+
+    print("| key | type | default | meaning |\n|---|---|---|---|")
+    for key, typ, default, doc in field_docs():
+        if typ == "section":
+            print(f"| **{key}** | section | | {doc} |")
+        else:
+            print(f"| `{key}` | {typ.replace('|', '/')} | {default.replace('|', '/')} | {doc} |")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="preftune", description="Preference tuning for language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="offline demo: toy task, SFT, DPO, before/after evaluation")
+    p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser("train", help="train from a YAML config")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from the newest checkpoint in output_dir, or from the given checkpoint dir")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("losses", help="list registered losses")
+    p.set_defaults(func=_cmd_losses)
+    p = sub.add_parser("config-doc", help="print the config reference (markdown)")
+    p.set_defaults(func=_cmd_config_doc)
+
+    for module in ("preftune.data.cli",):
+        __import__(module, fromlist=["register"]).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from preftune.errors import PreftuneError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.debug = debug
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one readable line; the traceback only on request
+        if args.debug:
+            traceback.print_exc()
+        known = isinstance(e, (PreftuneError, FileNotFoundError, PermissionError))
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        prefix = "error" if known else f"error ({type(e).__name__})"
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        print(f"{prefix}: {text}{hint if not known else ''}", file=sys.stderr)
+        return 2 if known else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
