@@ -67,7 +67,8 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
     objective = Objective.from_config(cfg.loss)
     tc = cfg.training
     run_dir = Path(tc.output_dir)
-    accelerator = Accelerator()
+    # cpu=True without CUDA: accelerate only forms a multi-process CPU group (gloo) when told it is on CPU.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, main = accelerator.device, accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     say = log if main else (lambda *_: None)
