@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-doc", help="print the config reference (markdown)")
     p.set_defaults(func=_cmd_config_doc)
 
-    for module in ("preftune.data.cli",):
+    for module in ("preftune.data.cli", "preftune.rollout.cli"):
         __import__(module, fromlist=["register"]).register(sub)
     return parser
 

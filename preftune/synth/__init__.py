@@ -1,0 +1,1 @@
+"""Synthetic preference pairs from judged generations (:mod:`preftune.synth.pairs`)."""
