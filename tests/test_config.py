@@ -64,10 +64,6 @@ def test_unknown_key_without_near_match_lists_valid_keys():
     assert "layout" in msg and "chunk_size" in msg
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "config.py:174-180 (_coerce, Union branch) tries each Union member and swallows its ConfigError, so an unknown key inside "
-    "`lora:` (type LoraConfig | None) reports 'lora: expected LoraConfig or null, got {...}' instead of the "
-    "nested suggestion"))
 def test_unknown_key_inside_optional_section_suggests_nearest():
     assert error_of(cfg_with(lora={"alpah": 16})) == "unknown key 'lora.alpah'. Did you mean 'lora.alpha'?"
 
@@ -241,10 +237,6 @@ def test_config_object_keeps_loaded_objects():
     assert cfg.model is model and cfg.tokenizer is tok
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "config.py:305 (to_config) calls dataclasses.asdict(source), which deep-copies every non-dataclass "
-    "value (the loaded model, tokenizer and datasets) before line 307 puts the originals back: a transient "
-    "second copy of the model"))
 def test_config_object_is_not_deep_copied():
     _NoCopy.copies = 0
     to_config(Config(model=_NoCopy(), tokenizer=_NoCopy(), training=to_config(cfg_with()).training))

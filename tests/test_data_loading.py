@@ -250,10 +250,6 @@ def test_malformed_line_stops_training_data_with_file_and_line(tmp_path, toy_tok
                      lambda *_: None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer/data.py prepare_data (line 78 at 304d543) passes source=str(data_cfg.train) to validate_records; for "
-    "in-memory rows (a list of dicts) the log line 'data check: <source>: N rows read' holds the repr of the whole "
-    "dataset (a datasets.Dataset prints a multi-line repr)"))
 def test_in_memory_rows_do_not_flood_the_log(toy_tok, train_pairs, quiet_log):
     prepare_data(DataConfig(train=train_pairs[:40]), "paired", Tokenization(toy_tok, max_length=64), 0, None,
                  quiet_log)

@@ -122,10 +122,6 @@ def test_cache_dir_setting_overrides_environment(dpo_config, make_model, train_p
     assert len(list((tmp_path / "mine").glob("*.pt"))) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer/reference.py:26 model_fingerprint hashes parameters only: the config (rope_theta / rope scaling, "
-    "norm eps, logit softcapping) and buffers are not in the key, so the same weights loaded with another rope "
-    "setting give different log-probs but a cache hit"))
 def test_same_weights_different_rope_is_not_a_cache_hit(saved_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -24,9 +24,17 @@ def default_cache_dir() -> Path:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Hash of every non-adapter weight's name, shape, dtype and bytes."""
+    """Hash of the model config and every non-adapter weight and buffer (name, shape, dtype, bytes).
+
+    The config matters as much as the weights: the same weights under another ``rope_theta`` give other
+    log-probs; buffers (rotary tables) likewise.
+    """
     h = hashlib.blake2b(digest_size=16)
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        h.update(config.to_json_string(use_diff=False).encode())
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, p in sorted(tensors, key=lambda kv: kv[0]):
         if "lora_" in name:
             continue
         t = p.detach().contiguous().cpu()
