@@ -3,6 +3,8 @@
     preftune quickstart [--out DIR]                      offline demo: toy task, SFT, DPO, before/after
     preftune train CONFIG.yaml [--set k.sub=v ...]       train from a YAML config (--resume to continue)
     preftune data validate|clean|convert|agreement ...   preference-data tooling
+    preftune eval MODEL --data PAIRS [--reference REF]   preference accuracy, KL, lengths, diversity, win rate
+    preftune report RUN_DIR                              RUN_DIR/report.html: curves, alarms, samples
     preftune losses                                      registered losses and what they need
     preftune config-doc                                  every config field with its type, default and doc
 
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-doc", help="print the config reference (markdown)")
     p.set_defaults(func=_cmd_config_doc)
 
-    for module in ("preftune.data.cli", "preftune.rollout.cli"):
+    for module in ("preftune.data.cli", "preftune.rollout.cli", "preftune.eval.cli", "preftune.report.cli"):
         __import__(module, fromlist=["register"]).register(sub)
     return parser
 

@@ -1,4 +1,9 @@
-"""PNG plots of a run, drawn from ``metrics.jsonl`` alone."""
+"""PNG plots of a run, drawn from ``metrics.jsonl`` alone.
+
+One panel per quantity: train curves as lines, eval (and monitor) points as markers. The monitor's alarms
+(records with split ``alarm``) are drawn on every panel as red dashed vertical lines at their steps, so a
+curve's turn can be read against the alarm it raised.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,18 @@ from pathlib import Path
 
 from preftune.trainer.metrics import read_metrics
 
+# panel -> (split, key, style) curves; splits "train" and "eval" are drawn for the training metrics.
 PANELS = {
     "loss": ["loss"],
     "margins": ["rewards/margins", "rewards/chosen", "rewards/rejected"],
     "accuracies": ["rewards/accuracies"],
     "logps": ["logps/chosen", "logps/rejected"],
+}
+MONITOR_PANELS = {
+    "kl": ["kl/k3_seq", "kl/k1_seq"],
+    "lengths": ["length/policy", "length/reference"],
+    "diversity": ["diversity/distinct_1", "diversity/distinct_2", "diversity/repetition",
+                  "diversity/reference_distinct_1", "diversity/reference_distinct_2"],
 }
 
 
@@ -19,8 +31,14 @@ def series(records: list[dict], split: str, key: str) -> tuple[list[int], list[f
     return [s for s, _ in pts], [v for _, v in pts]
 
 
+def _curves(panel: str) -> list[tuple[str, str, str]]:
+    if panel in PANELS:
+        return [(split, key, style) for key in PANELS[panel] for split, style in (("train", "-"), ("eval", "o--"))]
+    return [("monitor", key, "s:" if "reference" in key else "o-") for key in MONITOR_PANELS[panel]]
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """One PNG per panel with train and eval curves; returns the files written."""
+    """One PNG per panel that has data, under ``run_dir/plots``; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,21 +46,23 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
+    alarms = sorted({r["step"] for r in records if r.get("split") == "alarm"})
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for panel, keys in PANELS.items():
+    for panel in [*PANELS, *MONITOR_PANELS]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         drawn = False
-        for key in keys:
-            for split, style in (("train", "-"), ("eval", "o--")):
-                x, y = series(records, split, key)
-                if x:
-                    ax.plot(x, y, style, label=f"{split} {key}", markersize=3)
-                    drawn = True
+        for split, key, style in _curves(panel):
+            x, y = series(records, split, key)
+            if x:
+                ax.plot(x, y, style, label=f"{split} {key}", markersize=3)
+                drawn = True
         if not drawn:
             plt.close(fig)
             continue
+        for i, step in enumerate(alarms):
+            ax.axvline(step, color="red", linestyle="--", linewidth=0.8, alpha=0.7, label="alarm" if i == 0 else None)
         ax.set_xlabel("step")
         ax.set_title(panel)
         ax.grid(alpha=0.3)

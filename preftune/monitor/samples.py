@@ -1,0 +1,74 @@
+"""Periodic generations on fixed held-out prompts, side by side with the reference's.
+
+Each time, one line per prompt goes to ``samples.jsonl``::
+
+    {"step": 20, "index": 0, "prompt": "...", "policy": "...", "reference": "...",
+     "policy_tokens": 5, "reference_tokens": 10}
+
+the first few go to the console, and all of them to TensorBoard as one markdown table (tag ``samples``).
+Generations are greedy, so a change between two steps is a change of the model, not of the dice. The
+reference's side is generated once, before the first step, and reused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def held_out_prompts(examples: list, n: int) -> list[list[int]]:
+    """The first ``n`` distinct prompts (token ids) of the eval examples, in order: a fixed set for the run."""
+    seen, out = set(), []
+    for e in examples:
+        key = tuple(e.prompt_ids)
+        if key not in seen:
+            seen.add(key)
+            out.append(list(e.prompt_ids))
+            if len(out) == n:
+                break
+    return out
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def write_samples(run_dir: Path, step: int, prompts: list[str], policy: list[str], reference: list[str],
+                  policy_tokens: list[int], reference_tokens: list[int], writer=None, say=None,
+                  show: int = 2) -> list[dict]:
+    """Append one ``samples.jsonl`` row per prompt; echo ``show`` of them to ``say``; a TensorBoard table."""
+    rows = [{"step": step, "index": i, "prompt": p, "policy": a, "reference": b, "policy_tokens": na,
+             "reference_tokens": nb}
+            for i, (p, a, b, na, nb) in enumerate(zip(prompts, policy, reference, policy_tokens, reference_tokens))]
+    with open(Path(run_dir) / "samples.jsonl", "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    if say is not None:
+        for row in rows[:show]:
+            say(f"sample @ {step} [{row['index']}] {_clip(row['prompt'])!r}\n    policy:    {_clip(row['policy'])!r}"
+                f"\n    reference: {_clip(row['reference'])!r}")
+    if writer is not None:
+        cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        table = "| prompt | policy | reference |\n|---|---|---|\n" + "\n".join(
+            f"| {cell(r['prompt'])} | {cell(r['policy'])} | {cell(r['reference'])} |" for r in rows)
+        writer.text(step, "samples", table)
+    return rows
+
+
+def read_samples(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "samples.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_samples(run_dir: Path, upto: int) -> None:
+    """Drop rows past ``upto`` (a resumed run redoes those steps), as the loop does with metrics.jsonl."""
+    rows = read_samples(run_dir)
+    if rows:
+        kept = [r for r in rows if r["step"] <= upto]
+        (Path(run_dir) / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def _clip(text: str, n: int = 120) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
