@@ -339,6 +339,8 @@ def check_loss_params(config: Config) -> None:
             param = sig.parameters[p]
             if p in config.loss.params:
                 value = config.loss.params[p]
+                if value == "auto" and p in ("desirable_weight", "undesirable_weight"):
+                    continue  # chosen from the class counts by the trainer (steps.balanced_weights)
                 if isinstance(param.default, float) or p in ("beta", "gamma", "lam", "label_smoothing"):
                     config.loss.params[p] = _coerce(value, float, f"loss.{p}")
             elif param.default is inspect.Parameter.empty:

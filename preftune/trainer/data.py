@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from preftune.data.collate import LAYOUTS
-from preftune.data.formats import DropLog, normalize
+from preftune.data.formats import DropLog, PairRecord, UnpairedRecord, is_unpaired_row, normalize
 from preftune.data.load import DataError, read_rows
-from preftune.data.tokenize import Tokenization, TokenizedPair
+from preftune.data.tokenize import Tokenization, TokenizedPair, TokenizedSingle
 
 
 @dataclass
 class ExampleSet:
-    """Tokenized examples and, once computed, their reference log-probs ((n, 2) pairs or (n,) singles)."""
+    """Tokenized examples and, once computed, their reference log-probs.
+
+    Attributes:
+        examples: TokenizedPair or TokenizedSingle, one kind per set.
+        ref: (n, 2) [chosen, rejected] reference log-probs of pairs, or (n,) of singles.
+        kl_examples: for losses with a KL reference point (KTO): example i's prompt with the completion of
+            another example, ``mismatched(examples)``; None when the loss needs none.
+        kl_ref: (n,) reference log-probs of ``kl_examples``.
+    """
 
     examples: list
     ref: torch.Tensor | None = None
+    kl_examples: list | None = None
     kl_ref: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -30,7 +40,14 @@ class ExampleSet:
         return bool(self.examples) and isinstance(self.examples[0], TokenizedPair)
 
     def batch(self, indices: list[int], pad_id: int, layout: str = "padded", with_ref: bool = True):
-        """Collate the examples at ``indices``; attach cached reference log-probs and labels as extras."""
+        """Collate the examples at ``indices``; attach cached reference log-probs and labels as extras.
+
+        Extras: ``num_examples`` (B); ``ref_logps`` (2B,) or (B,) when cached; ``labels`` (B,) bool for singles
+        only (never for pairs, which is how a step tells them apart); ``kl_batch``, when the set has
+        ``kl_examples``: the B mismatched sequences as a batch of their own (with its own ``ref_logps``), scored
+        without gradients by the step. ``with_ref=False`` (the reference pass itself) attaches neither cached
+        log-probs nor the KL batch.
+        """
         chosen = [self.examples[i] for i in indices]
         batch = LAYOUTS[layout](chosen, pad_id)
         idx = torch.tensor(indices, dtype=torch.long)
@@ -40,6 +57,11 @@ class ExampleSet:
         if not self.paired:
             batch.extras["labels"] = torch.tensor([e.label for e in chosen], dtype=torch.bool)
         batch.extras["num_examples"] = torch.tensor(len(indices))
+        if self.kl_examples is not None and with_ref:
+            kl = LAYOUTS[layout]([self.kl_examples[i] for i in indices], pad_id)
+            if self.kl_ref is not None:
+                kl.extras["ref_logps"] = self.kl_ref[idx]
+            batch.extras["kl_batch"] = kl
         return batch
 
     def tokens(self) -> int:
@@ -48,17 +70,93 @@ class ExampleSet:
         return sum(len(e.prompt_ids) + len(e.completion_ids) for e in self.examples)
 
 
+def mismatched(examples: list, seed: int) -> list[TokenizedSingle]:
+    """Example i's prompt with the completion of example σ(i), for a fixed derangement σ: KTO's KL sequences.
+
+    σ never maps an example to one with the same prompt (paired rows given to KTO become two examples sharing
+    a prompt; pairing them would not be a mismatch): prompts are grouped, the groups shuffled and laid out in a
+    row, and each position takes the completion ``m`` places further on (cyclically), m the largest group size.
+    A group of size g ≤ m then never reaches itself when n ≥ 2m. Smaller sets fall back to a shift of one
+    (a same-prompt match is possible, but still never the example itself when n ≥ 2).
+    Fixed once per set rather than drawn per batch, so the reference log-probs of these sequences are
+    precomputed and cached like the others, and any batch size works, B = 1 included (TRL mismatches within the
+    micro-batch, which needs B ≥ 2). For pairs (held-out pairs scored by an unpaired loss) the completion is
+    the chosen one for even i and the rejected one for odd i, so both kinds enter the estimate.
+    """
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, e in enumerate(examples):
+        groups[tuple(e.prompt_ids)].append(i)
+    blocks = list(groups.values())
+    random.Random(seed).shuffle(blocks)
+    order = [i for block in blocks for i in block]
+    n, m = len(order), max((len(b) for b in blocks), default=1)
+    shift = m if n >= 2 * m else min(1, n - 1)
+    partner = {order[k]: order[(k + shift) % n] for k in range(n)}
+
+    def completion(e, i):
+        if isinstance(e, TokenizedPair):
+            return e.chosen_ids if i % 2 == 0 else e.rejected_ids
+        return e.completion_ids
+
+    return [TokenizedSingle(e.prompt_ids, completion(examples[partner[i]], i), source=e.source, line=e.line)
+            for i, e in enumerate(examples)]
+
+
+def _label(source) -> str:
+    """How a data source is named in messages: its path or id, or a short description of in-memory rows."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    try:
+        return f"<memory: {len(source)} rows>"
+    except TypeError:
+        return "<memory>"
+
+
 def _records(source, kind: str, drops: DropLog) -> list:
+    """Records for a loss of ``kind``. For unpaired and SFT losses a paired row stays a :class:`PairRecord`
+    (expanded by :func:`_expand` after the held-out split), so held-out pairs can still be ranked and a pair's
+    two halves never straddle train and eval. A paired row that does not make a usable pair gets the kind's
+    own treatment (``normalize``), so rows are kept or dropped exactly as before."""
     if source is None:
         return []
-    return list(normalize(read_rows(source), kind, drops))
+    if kind == "paired":
+        return list(normalize(read_rows(source), kind, drops))
+    out = []
+    for raw in read_rows(source):
+        row = raw.data
+        if isinstance(row, dict) and "chosen" in row and "rejected" in row and not is_unpaired_row(row):
+            pair = list(normalize([raw], "paired", DropLog()))
+            if pair:
+                drops.read += 1
+                out.extend(pair)
+                continue
+        out.extend(normalize([raw], kind, drops))
+    return out
+
+
+def _expand(records: list, kind: str) -> list:
+    """Pairs as the records an unpaired loss (chosen desirable, rejected undesirable: the KTO paper's recipe)
+    or an SFT loss (the chosen side) trains on; other records unchanged."""
+    out = []
+    for r in records:
+        if isinstance(r, PairRecord) and kind == "unpaired":
+            out += [UnpairedRecord(r.prompt, r.chosen, True, r.source, r.line),
+                    UnpairedRecord(r.prompt, r.rejected, False, r.source, r.line)]
+        elif isinstance(r, PairRecord) and kind == "sft":
+            out.append(UnpairedRecord(r.prompt, r.chosen, True, r.source, r.line))
+        else:
+            out.append(r)
+    return out
 
 
 def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out_dir: Path | None,
-                 log=print) -> tuple[ExampleSet, ExampleSet, DropLog]:
-    """Load, interpret, tokenize; hold out ``eval_fraction`` when no eval set is given.
+                 log=print, kl: bool = False) -> tuple[ExampleSet, ExampleSet, DropLog]:
+    """Load, interpret, tokenize; hold out ``eval_fraction`` of the rows when no eval set is given.
 
-    Dropped rows are counted by reason, printed, and written to ``out_dir/dropped.jsonl``.
+    ``kind`` is the loss's data kind. For unpaired and SFT losses, training pairs are expanded to the kind's
+    records, while an eval set made only of pairs stays paired, so evaluation can rank chosen against rejected
+    (``steps.unpaired_step`` / ``steps.sft_step``). ``kl``: also build each set's mismatched sequences
+    (:func:`mismatched`). Dropped rows are counted by reason, printed, and written to ``out_dir/dropped.jsonl``.
     """
     if data_cfg.train is None:
         raise DataError("data.train is not set")
@@ -75,12 +173,17 @@ def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out
         train_records = [r for i, r in enumerate(train_records) if i not in held]
     from preftune.data.validate import validate_records
 
-    report = validate_records(train_records, drops, eval_records=eval_records or None, source=str(data_cfg.train))
+    report = validate_records(train_records, drops, eval_records=eval_records or None, source=_label(data_cfg.train))
     for line in report.summary().splitlines():
         log(f"data check: {line}")
     report.require_usable(data_cfg.allow_unusable)
-    train = ExampleSet(tokenization.all(train_records, drops))
+    if not all(isinstance(r, PairRecord) for r in eval_records):
+        eval_records = _expand(eval_records, kind)
+    train = ExampleSet(tokenization.all(_expand(train_records, kind), drops))
     evals = ExampleSet(tokenization.all(eval_records, drops))
+    if kl:
+        for i, dataset in enumerate((train, evals)):
+            dataset.kl_examples = mismatched(dataset.examples, seed + i) if len(dataset) else None
     log(f"data: {drops.summary()}; {tokenization.stats.summary()}; train {len(train)}, eval {len(evals)}")
     if out_dir is not None and drops.dropped:
         drops.write(out_dir / "dropped.jsonl")

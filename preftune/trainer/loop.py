@@ -38,6 +38,7 @@ from preftune.trainer import reference as refcache
 from preftune.trainer.data import ExampleSet, prepare_data
 from preftune.trainer.metrics import MetricSums, MetricWriter
 from preftune.trainer.optim import build_optimizer, build_scheduler
+from preftune.trainer.sanity import check_hyperparameters
 from preftune.trainer.steps import STEPS, Objective
 
 
@@ -72,6 +73,8 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
     device, main = accelerator.device, accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     say = log if main else (lambda *_: None)
+    for warning in check_hyperparameters(cfg):
+        say(f"warning: {warning}")
     seed_everything(tc.seed)
     t_start = time.perf_counter()
     if main:
@@ -89,7 +92,9 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
     tokenization = Tokenization(tokenizer, max_length=tc.max_length, max_prompt_length=cfg.data.max_prompt_length,
                                 truncation_mode=cfg.data.truncation_mode)
     train_set, eval_set, drops = prepare_data(cfg.data, objective.data, tokenization, tc.seed,
-                                              run_dir if main else None, say)
+                                              run_dir if main else None, say, kl=objective.needs_kl)
+    for line in objective.setup(train_set.examples):  # data-dependent loss settings (e.g. auto class weights)
+        say(f"loss: {line}")
     policy = load_causal_lm(cfg.model).to(device)
     if cfg.engine.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -110,6 +115,9 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
             for name, dataset in (("train", train_set), ("eval", eval_set)):
                 dataset.ref = _reference_logps(source, dataset, tokenization, cfg, pad_id, autocast, accelerator, say,
                                                name)
+                if dataset.kl_examples is not None:  # mismatched sequences for the KL estimate
+                    dataset.kl_ref = _reference_logps(source, ExampleSet(dataset.kl_examples), tokenization, cfg,
+                                                      pad_id, autocast, accelerator, say, f"{name} KL")
             ref_model = None  # freed: the reference lives on as numbers
         else:
             if ref_model is None and cfg.lora is None:
@@ -137,6 +145,7 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler)
         start_step, nonfinite_total = state["step"], state.get("nonfinite_steps", 0)
+        objective.load_state_dict(state.get("objective", {}))
         say(f"resumed from {resume_from} at step {start_step}")
     writer = _open_writer(run_dir, start_step, resume_from is not None) if main else None
     step_fn = STEPS[objective.data]
@@ -197,7 +206,8 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
             if consecutive_bad >= tc.max_nonfinite_steps:
                 if main:
                     ckpt.save_checkpoint(run_dir, step, policy, optimizer, scheduler,
-                                         {"nonfinite_steps": nonfinite_total}, tc.save_total_limit)
+                                         {"nonfinite_steps": nonfinite_total, "objective": objective.state_dict()},
+                                         tc.save_total_limit)
                 raise PreftuneError(
                     f"{consecutive_bad} consecutive non-finite steps at step {step + 1}; stopped with a checkpoint. "
                     "Likely causes: learning rate too high, beta too large or too small, or rows with extreme "
@@ -229,7 +239,8 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
             eval_values = evaluate(done)
         if tc.save_every and done % tc.save_every == 0 and done != total_steps and main:
             ckpt.save_checkpoint(run_dir, done, policy, optimizer, scheduler,
-                                 {"nonfinite_steps": nonfinite_total}, tc.save_total_limit)
+                                 {"nonfinite_steps": nonfinite_total, "objective": objective.state_dict()},
+                                 tc.save_total_limit)
         accelerator.wait_for_everyone() if world > 1 and tc.save_every and done % tc.save_every == 0 else None
     if bar is not None:
         bar.close()

@@ -2,27 +2,92 @@
 
 The loop asks the :class:`Objective` what to compute; it never matches loss names. A step returns the
 per-example losses (B,) (the loop reduces) and a dict of per-example detached tensors for logging.
+
+Training and evaluation call the same steps; evaluation runs under ``torch.no_grad()`` (``loop.evaluate``), and
+that is how a step tells them apart: trainer state (BCO's δ) is updated, and KTO's KL reference point averaged
+across processes, only while gradients are enabled. Training runs the same number of micro-batches on every
+process; evaluation shards need not, so a collective there could hang.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from preftune.errors import ConfigError
 from preftune.losses import LossOutput, LossSpec, combine, get_loss
 
 LogpFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # batch -> (logps (S,), lengths (S,))
 
 
+def _mean_across_processes(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over processes (identity in a single process)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
+
+
+class RewardMean:
+    """BCO's reward shift δ: the running mean, over past training micro-batches, of each micro-batch's mean
+    reward mean(cat(β·ρ_w, β·ρ_l)), itself averaged across processes.
+
+    Cumulative (every batch weighs the same), as older TRL's ``RunningMoments``; Jung et al. (arXiv:2404.04656,
+    Sec. 4) describe a moving average of rewards. δ starts at 0 and a batch's rewards enter only after its own
+    loss, so δ is always a constant from past batches (``bco_pair`` detaches it again).
+    """
+
+    def __init__(self):
+        self.mean: torch.Tensor | float = 0.0
+        self.count = 0
+
+    @property
+    def value(self) -> torch.Tensor | float:
+        return self.mean
+
+    def update(self, out: LossOutput) -> None:
+        batch = torch.cat([out.chosen_rewards, out.rejected_rewards]).float().mean()  # ()
+        batch = _mean_across_processes(batch)
+        self.count += 1
+        self.mean = self.mean + (batch - self.mean) / self.count  # stays on the device: no sync per step
+
+    def state_dict(self) -> dict:
+        return {"mean": float(self.mean), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.count = float(state["mean"]), int(state["count"])
+
+
+# Loss inputs the trainer maintains itself, by keyword name, and their keepers. Found in the loss function's
+# signature (whether or not the spec also lists them as hyperparameters); the config may never set them.
+TRAINER_STATE: dict[str, type] = {"delta": RewardMean}
+# Unpaired class weights that accept "auto" (chosen from the class counts by :func:`balanced_weights`).
+CLASS_WEIGHTS = ("desirable_weight", "undesirable_weight")
+# Which token count turns a summed log-prob input into a per-token mean (specs with reduction="mean").
+_LENGTH_OF = {
+    "policy_chosen_logps": "chosen_lengths", "reference_chosen_logps": "chosen_lengths",
+    "policy_rejected_logps": "rejected_lengths", "reference_rejected_logps": "rejected_lengths",
+    "policy_logps": "lengths", "reference_logps": "lengths",
+}
+
+
 @dataclass
 class Objective:
-    """The configured loss: one registered spec or a weighted combination sharing one data kind."""
+    """The configured loss: one registered spec or a weighted combination sharing one data kind.
+
+    ``params`` are the config's hyperparameters (``auto`` class weights resolved by :meth:`setup`);
+    ``state`` holds trainer-maintained inputs, keyed ``"{loss}/{input}"`` (e.g. ``bco_pair/delta``).
+    """
 
     specs: list[LossSpec]
     weights: list[float]
     params: dict
+    state: dict[str, RewardMean] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, loss_cfg) -> Objective:
@@ -30,8 +95,19 @@ class Objective:
         specs = [get_loss(n) for n in names]
         kinds = {s.data for s in specs if s.data != "sft"} or {"sft"}
         if len(kinds) > 1:
-            raise ValueError(f"losses {names} mix data kinds {sorted(kinds)}; combine losses of one kind")
-        return cls(specs, list(loss_cfg.weights or [1.0] * len(specs)), dict(loss_cfg.params))
+            raise ConfigError(f"losses {names} mix data kinds {sorted(kinds)}; combine losses of one kind")
+        if kinds == {"unpaired"} and len(specs) > 1 and any(s.data == "sft" for s in specs):
+            raise ConfigError(f"losses {names}: the sft term combines with paired losses only (it trains the "
+                              "chosen side of a pair)")
+        params, state = dict(loss_cfg.params), {}
+        for spec in specs:
+            for name in inspect.signature(spec.fn).parameters:
+                if name in TRAINER_STATE:
+                    if name in params:
+                        raise ConfigError(f"loss.{name} is maintained by the trainer ({spec.name}: "
+                                          f"{TRAINER_STATE[name].__doc__.split(':')[0]}); remove it from the config")
+                    state[f"{spec.name}/{name}"] = TRAINER_STATE[name]()
+        return cls(specs, list(loss_cfg.weights or [1.0] * len(specs)), params, state)
 
     @property
     def data(self) -> str:
@@ -46,22 +122,93 @@ class Objective:
     def needs_kl(self) -> bool:
         return any(s.needs_kl for s in self.specs)
 
+    def setup(self, examples: list) -> list[str]:
+        """Settings that depend on the training examples; returns the lines to print.
+
+        Unpaired losses: the class balance of desirable and undesirable examples, ``auto`` class weights
+        resolved by :func:`balanced_weights` (a weight given as a number is kept).
+        """
+        if self.data != "unpaired" or not any(w in s.hyperparameters for s in self.specs for w in CLASS_WEIGHTS):
+            return []
+        n_d = sum(bool(e.label) for e in examples)
+        n_u = len(examples) - n_d
+        given = [self.params.get(w, 1.0) for w in CLASS_WEIGHTS]
+        auto = [g == "auto" for g in given]
+        d, u = (1.0 if a else float(g) for g, a in zip(given, auto))
+        lines = [f"class balance: {n_d} desirable, {n_u} undesirable"]
+        if n_d == 0 or n_u == 0:
+            lines[0] += "; only one class, so the weights cannot balance them (kept at 1.0 where auto)"
+        else:
+            ratio = d * n_d / (u * n_u)
+            if any(auto):
+                d, u = balanced_weights(n_d, n_u, *given)
+                lines.append(f"{'auto ' if all(auto) else ''}class weights: desirable_weight={d:g}, "
+                             f"undesirable_weight={u:g} (λ_D·n_D/(λ_U·n_U) = {d * n_d / (u * n_u):.3f}, "
+                             "in [1, 4/3] as the KTO paper advises)")
+            elif not 1.0 <= ratio <= 4.0 / 3.0:
+                bd, bu = balanced_weights(n_d, n_u, "auto", "auto")
+                lines.append(f"λ_D·n_D/(λ_U·n_U) = {ratio:.3f} is outside [1, 4/3] (the KTO paper's guidance); "
+                             f"desirable_weight={bd:g}, undesirable_weight={bu:g} bring it to "
+                             f"{bd * n_d / (bu * n_u):.3f} (set them, or `auto`, to use them)")
+        for name, value in zip(CLASS_WEIGHTS, (d, u)):
+            if self.params.get(name) == "auto":
+                self.params[name] = value
+        return lines
+
     def __call__(self, **inputs) -> LossOutput:
         outputs = []
         for spec in self.specs:
+            args = {k: inputs[k] for k in _input_names(spec)}
+            if spec.reduction == "mean":
+                args = {k: v / inputs[_LENGTH_OF[k]].clamp(min=1) if k in _LENGTH_OF else v for k, v in args.items()}
             hp = {k: v for k, v in self.params.items() if k in spec.hyperparameters}
-            names = _input_names(spec)
-            outputs.append(spec.fn(**{k: inputs[k] for k in names}, **hp))
+            keepers = {n: self.state[f"{spec.name}/{n}"] for n in TRAINER_STATE if f"{spec.name}/{n}" in self.state}
+            out = spec.fn(**args, **hp, **{n: k.value for n, k in keepers.items()})
+            if torch.is_grad_enabled():  # training: fold this batch in after its own loss
+                for keeper in keepers.values():
+                    keeper.update(out)
+            outputs.append(out)
         if len(outputs) == 1:
             return outputs[0]
         return combine(outputs, self.weights, [s.name for s in self.specs])
+
+    def state_dict(self) -> dict:
+        return {k: v.state_dict() for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            self.state[k].load_state_dict(v)
+
+
+def balanced_weights(n_d: int, n_u: int, desirable: float | str = "auto",
+                     undesirable: float | str = "auto") -> tuple[float, float]:
+    """Class weights λ_D, λ_U with λ_D·n_D / (λ_U·n_U) in [1, 4/3], the range Ethayarajh et al. advise
+    (arXiv:2402.01306v4, Sec. 4.2, "the ratio ... should be in [1, 4/3]").
+
+    A number is kept as given; an ``"auto"`` weight is 1.0 when the ratio is already in range, else it moves
+    the ratio to the middle of the range, 7/6 (not to an end, so the rounding to 4 decimals cannot leave the
+    range). Both ``"auto"``: the majority class keeps 1.0 and the minority's weight rises. Example: 30
+    desirable, 90 undesirable -> λ_D = 7/6 · 90/30 = 3.5, λ_U = 1.0 (ratio 3.5·30 / 90 = 7/6).
+    """
+    d = 1.0 if desirable == "auto" else float(desirable)
+    u = 1.0 if undesirable == "auto" else float(undesirable)
+    ratio = d * n_d / (u * n_u)
+    if 1.0 <= ratio <= 4.0 / 3.0:
+        return d, u
+    raise_d = desirable == "auto" and (undesirable != "auto" or ratio < 1.0)
+    if raise_d:
+        d = round(7.0 / 6.0 * u * n_u / n_d, 4)
+    elif undesirable == "auto":
+        u = round(d * n_d / (7.0 / 6.0 * n_u), 4)
+    return d, u
 
 
 def _input_names(spec: LossSpec) -> tuple[str, ...]:
     if spec.data == "sft":
         return ("policy_chosen_logps", "chosen_lengths")
     if spec.data == "unpaired":
-        return ("policy_logps", "reference_logps", "labels", "kl")
+        return (("policy_logps",) + (("reference_logps",) if spec.needs_reference else ()) + ("labels",)
+                + (("kl",) if spec.needs_kl else ()))
     names = ("policy_chosen_logps", "policy_rejected_logps")
     if spec.needs_reference:
         names += ("reference_chosen_logps", "reference_rejected_logps")
@@ -75,6 +222,23 @@ def preference_accuracy(margins: torch.Tensor) -> torch.Tensor:
     return (margins > 0).float() + 0.5 * (margins == 0).float()
 
 
+def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reward metrics of B pairs, each (B,): rewards, margins and preference accuracy."""
+    margins = chosen_rewards - rejected_rewards
+    return {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+            "rewards/margins": margins, "rewards/accuracies": preference_accuracy(margins)}
+
+
+def _is_paired(batch) -> bool:
+    """ExampleSet.batch attaches ``labels`` to every batch of singles and never to pairs."""
+    return "labels" not in batch.extras
+
+
+def _reference(batch, reference_fn: LogpFn | None) -> torch.Tensor:
+    """Reference log-probs of the batch's sequences (S,): cached in the batch, else computed now."""
+    return batch.extras["ref_logps"] if "ref_logps" in batch.extras else reference_fn(batch)[0]
+
+
 def paired_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: LogpFn | None):
     """Pairs: sequences 0..B-1 chosen, B..2B-1 rejected (the batch contract)."""
     logps, lengths = logp_fn(batch)  # (2B,), (2B,)
@@ -84,42 +248,84 @@ def paired_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: Logp
         "chosen_lengths": lengths[:n], "rejected_lengths": lengths[n:],
     }
     if objective.needs_reference:
-        if "ref_logps" in batch.extras:
-            ref = batch.extras["ref_logps"]  # (2B,) precomputed
-        else:
-            ref, _ = reference_fn(batch)
+        ref = _reference(batch, reference_fn)  # (2B,)
         inputs["reference_chosen_logps"], inputs["reference_rejected_logps"] = ref[:n], ref[n:]
     out = objective(**inputs)
     metrics = {"logps/chosen": logps[:n].detach(), "logps/rejected": logps[n:].detach()}
     if out.chosen_rewards is not None:
-        margins = out.chosen_rewards - out.rejected_rewards
-        metrics.update({
-            "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
-            "rewards/margins": margins, "rewards/accuracies": preference_accuracy(margins),
-        })
+        metrics.update(_pair_metrics(out.chosen_rewards, out.rejected_rewards))
     metrics.update({k: v.detach() for k, v in out.metrics.items()})
     return out.losses, metrics
 
 
 def sft_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: LogpFn | None):
-    """Single completions trained by likelihood (SFT); paired batches use their chosen side."""
+    """Single completions trained by likelihood (SFT); a paired batch trains on its chosen side.
+
+    A paired batch (held-out pairs) is also ranked by the SFT term's own implicit reward, the mean-token
+    log-prob π/|y| (its loss with the sign flipped): ``rewards/accuracies`` compares chosen with rejected.
+    """
     logps, lengths = logp_fn(batch)  # (S,), (S,)
-    n = batch.extras["num_examples"] if "num_examples" in batch.extras else batch.num_sequences
-    n = int(n)
+    n = int(batch.extras["num_examples"]) if "num_examples" in batch.extras else batch.num_sequences
     out = objective(policy_chosen_logps=logps[:n], chosen_lengths=lengths[:n])
-    return out.losses, {"logps/chosen": logps[:n].detach(), **{k: v.detach() for k, v in out.metrics.items()}}
+    metrics = {"logps/chosen": logps[:n].detach()}
+    if _is_paired(batch) and batch.num_sequences == 2 * n:
+        per_token = (logps / lengths.clamp(min=1)).detach()  # (2B,)
+        metrics.update(_pair_metrics(per_token[:n], per_token[n:]))
+    metrics.update({k: v.detach() for k, v in out.metrics.items()})
+    return out.losses, metrics
+
+
+def kl_reference_point(logp_fn: LogpFn, kl_batch, reference_fn: LogpFn | None, across_processes: bool):
+    """KTO's reference point z0, a detached 0-dim estimate of KL(π_θ ‖ π_ref) from mismatched sequences:
+
+        z0 = max(0, mean_i [log π_θ(y_σ(i)|x_i) − log π_ref(y_σ(i)|x_i)])
+
+    σ: the fixed derangement of ``data.mismatched``; log-probs summed over completion tokens. The mean is taken
+    over the micro-batch, then over processes (``across_processes``, training only), then clamped: Ethayarajh
+    et al., arXiv:2402.01306v4, Sec. 4.1 (z0 from mismatched pairs in the batch, not back-propagated), as TRL
+    gathers it. Departure: σ pairs across the whole dataset rather than within the micro-batch, which works for
+    B = 1 and lets the reference side be precomputed. The policy pass runs without gradients.
+    """
+    with torch.no_grad():
+        policy, _ = logp_fn(kl_batch)  # (B,)
+        z0 = (policy.float() - _reference(kl_batch, reference_fn).float()).mean()  # ()
+    if across_processes:
+        z0 = _mean_across_processes(z0)
+    return z0.clamp(min=0).detach()
 
 
 def unpaired_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: LogpFn | None):
-    """Unpaired completions with labels; the KL reference point comes in ``batch.extras['kl']``."""
-    logps, lengths = logp_fn(batch)  # (S,)
+    """Completions with desirable / undesirable labels (KTO); z0 from the batch's mismatched ``kl_batch``.
+
+    A paired batch (held-out pairs) is scored as its 2B completions, chosen desirable and rejected undesirable,
+    and ranked as pairs: ``rewards/accuracies`` compares each chosen reward β·ρ with its rejected one.
+    """
+    training = torch.is_grad_enabled()
+    logps, lengths = logp_fn(batch)  # (S,), (S,)
     n = int(batch.extras["num_examples"])
-    ref = batch.extras["ref_logps"] if "ref_logps" in batch.extras else reference_fn(batch)[0]
-    out = objective(policy_logps=logps[:n], reference_logps=ref[:n], labels=batch.extras["labels"],
-                    kl=batch.extras.get("kl", torch.zeros((), device=logps.device)))
-    metrics = {"logps": logps[:n].detach()}
-    if out.rewards is not None:
-        metrics["rewards"] = out.rewards
+    paired = _is_paired(batch)
+    if paired:
+        labels = torch.arange(2 * n, device=logps.device) < n  # (2B,) chosen desirable
+    else:
+        labels = batch.extras["labels"]  # (B,)
+    s = labels.shape[0]
+    inputs = {"policy_logps": logps[:s], "lengths": lengths[:s], "labels": labels}
+    metrics = {}
+    if objective.needs_reference:
+        inputs["reference_logps"] = _reference(batch, reference_fn)[:s]
+    if objective.needs_kl:
+        inputs["kl"] = kl_reference_point(logp_fn, batch.extras["kl_batch"], reference_fn, training)
+        metrics["kl"] = inputs["kl"].reshape(1)
+    out = objective(**inputs)
+    detached = logps[:s].detach()
+    if paired:
+        metrics.update({"logps/chosen": detached[:n], "logps/rejected": detached[n:]})
+        if out.rewards is not None:
+            metrics.update(_pair_metrics(out.rewards[:n], out.rewards[n:]))
+    else:  # every key on every batch, possibly empty, so that processes reduce the same keys
+        metrics.update({"logps/desirable": detached[labels], "logps/undesirable": detached[~labels]})
+        if out.rewards is not None:
+            metrics.update({"rewards/desirable": out.rewards[labels], "rewards/undesirable": out.rewards[~labels]})
     metrics.update({k: v.detach() for k, v in out.metrics.items()})
     return out.losses, metrics
 
