@@ -172,6 +172,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        sections = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and sections:  # a section: its own errors (unknown key, type) come through
+            return _coerce(value, sections[0], where)
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, where)
@@ -289,7 +292,8 @@ def load_yaml(path: str | Path) -> dict:
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        # An unclosed bracket is detected at the end of the file; the context mark says where it was opened.
+        mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}{at}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
     if tree is None:
@@ -299,13 +303,19 @@ def load_yaml(path: str | Path) -> dict:
     return tree
 
 
+def _shallow(obj: Any) -> Any:
+    """A config dataclass as nested dicts, leaving field values (models, datasets, lists) uncopied."""
+    if isinstance(obj, LossConfig):
+        return {"name": obj.name, "weights": obj.weights, **obj.params}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _shallow(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return obj
+
+
 def to_config(source: Config | dict | str | Path, overrides: list[str] | dict | None = None) -> Config:
     """Build a checked :class:`Config` from a Config, a dict or a YAML path, with optional overrides."""
     if isinstance(source, Config):
-        tree = dataclasses.asdict(source)
-        tree["loss"] = {"name": source.loss.name, "weights": source.loss.weights, **source.loss.params}
-        tree["model"], tree["tokenizer"] = source.model, source.tokenizer  # keep objects, asdict would copy
-        tree["data"]["train"], tree["data"]["eval"] = source.data.train, source.data.eval
+        tree = _shallow(source)  # not dataclasses.asdict: it would deep-copy a loaded model or dataset
     elif isinstance(source, dict):
         tree = source
     else:
