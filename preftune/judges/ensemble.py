@@ -8,36 +8,13 @@ those judges averages noise, which is worth knowing before training on its pairs
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from itertools import combinations
 from typing import Literal
 
+from preftune.data.agreement import cohen_kappa  # one definition of κ for annotators and judges
 from preftune.judges.base import Judge, PairItem, ScoreItem, Verdict, Winner
-
-
-def cohen_kappa(labels_a: Sequence[Hashable], labels_b: Sequence[Hashable]) -> float:
-    """Cohen's κ between two raters' labels of the same items.
-
-        κ = (p_o − p_e) / (1 − p_e),   p_o = (1/n)·Σ_i [a_i = b_i],   p_e = Σ_k (n_ak / n)·(n_bk / n)
-
-    p_o: observed agreement; p_e: agreement expected by chance from each rater's label frequencies n_ak, n_bk.
-    Cohen (1960), "A coefficient of agreement for nominal scales", Educ. Psychol. Meas. 20(1).
-    Returns nan when κ is undefined: no items, or p_e = 1 (both raters always give one and the same label),
-    the same convention as :func:`preftune.data.agreement.cohen_kappa` for annotators.
-    """
-    if len(labels_a) != len(labels_b):
-        raise ValueError(f"label lists differ in length: {len(labels_a)} vs {len(labels_b)}")
-    n = len(labels_a)
-    if n == 0:
-        return math.nan
-    p_o = sum(a == b for a, b in zip(labels_a, labels_b)) / n
-    count_a, count_b = Counter(labels_a), Counter(labels_b)
-    p_e = sum(count_a[k] * count_b[k] for k in count_a) / (n * n)
-    if p_e == 1.0:
-        return math.nan
-    return (p_o - p_e) / (1.0 - p_e)
 
 
 def pairwise_kappa(labels: Mapping[str, Sequence[Hashable]]) -> dict[tuple[str, str], float]:

@@ -286,29 +286,38 @@ class LLMJudge(Judge):
     def _complete(self, messages: list[dict[str, str]]) -> str:
         """The reply text of one chat completion, retried on rate limits, timeouts and server errors."""
         extra: dict[str, Any] = {} if self.max_tokens is None else {"max_tokens": self.max_tokens}
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                self._count("requests")
-                resp = self._client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.temperature, **extra
-                )
-                return resp.choices[0].message.content or ""
-            except openai.OpenAIError as err:
-                if not _is_retryable(err) or attempt == self.max_attempts:
-                    # `from None`: the client's exception text may quote the key (OpenAI's 401 message
-                    # shows it partly masked); ours carries the server's message with the key removed.
-                    after = f" after {attempt} attempts" if _is_retryable(err) else ""
-                    detail = str(getattr(err, "message", "")).replace(self._client.api_key, "***")
-                    raise JudgeRequestError(
-                        f"{self.name}: request failed{after}: {_describe(err)}: {detail}"
-                    ) from None
-                response = getattr(err, "response", None)
-                retry_after = parse_retry_after(response.headers if response is not None else None)
-                delay = backoff_delay(attempt, self.backoff_base, self.backoff_max, retry_after)
-                log.warning(
-                    "%s: %s; retry %d of %d in %.2fs",
-                    self.name, _describe(err), attempt, self.max_attempts - 1, delay,
-                )  # fmt: skip
-                self._count("retries")
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        resp = create_with_retries(
+            self._client, label=self.name, error_cls=JudgeRequestError, max_attempts=self.max_attempts,
+            backoff_base=self.backoff_base, backoff_max=self.backoff_max,
+            on_attempt=lambda: self._count("requests"), on_retry=lambda: self._count("retries"),
+            model=self.model, messages=messages, temperature=self.temperature, **extra,
+        )  # fmt: skip
+        return resp.choices[0].message.content or ""
+
+
+def create_with_retries(client, *, label: str, error_cls: type[Exception], max_attempts: int, backoff_base: float,
+                        backoff_max: float, on_attempt=None, on_retry=None, **request: Any):
+    """``client.chat.completions.create(**request)``, retried on rate limits, timeouts and server errors with
+    exponential backoff and jitter, honouring Retry-After; shared by the LLM judge and the generator.
+
+    A final failure raises ``error_cls`` with the server's message, the API key masked (`from None`: the
+    client's own exception text may quote the key; OpenAI's 401 message shows it partly masked).
+    """
+    for attempt in range(1, max_attempts + 1):
+        try:
+            if on_attempt is not None:
+                on_attempt()
+            return client.chat.completions.create(**request)
+        except openai.OpenAIError as err:
+            if not _is_retryable(err) or attempt == max_attempts:
+                after = f" after {attempt} attempts" if _is_retryable(err) else ""
+                detail = str(getattr(err, "message", "")).replace(client.api_key, "***")
+                raise error_cls(f"{label}: request failed{after}: {_describe(err)}: {detail}") from None
+            response = getattr(err, "response", None)
+            retry_after = parse_retry_after(response.headers if response is not None else None)
+            delay = backoff_delay(attempt, backoff_base, backoff_max, retry_after)
+            log.warning("%s: %s; retry %d of %d in %.2fs", label, _describe(err), attempt, max_attempts - 1, delay)
+            if on_retry is not None:
+                on_retry()
+            time.sleep(delay)
+    raise AssertionError("unreachable")

@@ -376,37 +376,23 @@ class OpenAIBackend:
             return list(pool.map(self._complete, jobs))
 
     def _complete(self, job: Job) -> Sample:
-        import openai
-
-        from preftune.judges.llm import _describe, _is_retryable, backoff_delay, parse_retry_after
+        from preftune.judges.llm import create_with_retries
 
         messages = job.prompt if isinstance(job.prompt, list) else [{"role": "user", "content": job.prompt}]
         extra: dict[str, Any] = {"top_p": self.top_p} if self.top_p < 1.0 and job.temperature > 0 else {}
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                resp = self._client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=job.temperature,
-                    max_tokens=self.max_new_tokens, seed=job.seed, **extra,
-                )  # fmt: skip
-                choice = resp.choices[0]
-                usage = getattr(resp, "usage", None)
-                return Sample((choice.message.content or "").strip(), choice.finish_reason,
-                              getattr(usage, "completion_tokens", None))
-            except openai.OpenAIError as err:
-                if not _is_retryable(err) or attempt == self.max_attempts:
-                    after = f" after {attempt} attempts" if _is_retryable(err) else ""
-                    detail = str(getattr(err, "message", "")).replace(self._client.api_key, "***")
-                    raise GenerationRequestError(
-                        f"generation request failed{after}: {_describe(err)}: {detail}"
-                    ) from None
-                response = getattr(err, "response", None)
-                delay = backoff_delay(attempt, self.backoff_base, self.backoff_max,
-                                      parse_retry_after(response.headers if response is not None else None))
-                log.warning("generate: %s; retry %d of %d in %.2fs", _describe(err), attempt,
-                            self.max_attempts - 1, delay)
-                self.retries += 1
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        resp = create_with_retries(
+            self._client, label="generate", error_cls=GenerationRequestError, max_attempts=self.max_attempts,
+            backoff_base=self.backoff_base, backoff_max=self.backoff_max, on_retry=self._count_retry,
+            model=self.model, messages=messages, temperature=job.temperature, max_tokens=self.max_new_tokens,
+            seed=job.seed, **extra,
+        )  # fmt: skip
+        choice = resp.choices[0]
+        usage = getattr(resp, "usage", None)
+        return Sample((choice.message.content or "").strip(), choice.finish_reason,
+                      getattr(usage, "completion_tokens", None))
+
+    def _count_retry(self) -> None:
+        self.retries += 1
 
 
 # ---- rows -----------------------------------------------------------------------------------------------------
