@@ -130,6 +130,47 @@ class TrainingConfig:
 
 
 @dataclass
+class MonitorConfig:
+    enabled: bool = True
+    """Watch the run at every evaluation: margin health, KL to the reference, reward-hacking alarms, samples,
+    early stopping and the best model (needs held-out data; see docs/monitoring.md)."""
+    num_prompts: int = 16
+    """Held-out prompts (the first distinct ones of the eval set) generated for at each evaluation (0: none)."""
+    max_new_tokens: int = 32
+    """Tokens per monitor generation at most."""
+    max_kl: float | None = None
+    """Stop the run (the best model is kept) when KL to the reference, k3 estimate in nats per sequence,
+    exceeds this (e.g. 10); None: never."""
+    kl_spike_factor: float = 10.0
+    """Alarm when KL exceeds this multiple of its first measured value (or of 0.1 nats, if larger)."""
+    reward_max_fraction: float = 0.99
+    """Alarm when σ(mean eval implicit-reward margin) exceeds this: the implicit reward is saturated."""
+    min_distinct_ratio: float = 0.5
+    """Alarm when distinct-1 or distinct-2 of the policy's generations falls below this fraction of the
+    reference's."""
+    max_repetition: float = 0.5
+    """Alarm when the self-repetition of the policy's generations (share of repeated bigrams) exceeds this."""
+    max_length_ratio: float = 1.5
+    """Alarm when the mean generation length exceeds this multiple of the reference's."""
+    min_length_ratio: float = 0.5
+    """Alarm when the mean generation length falls below this multiple of the reference's."""
+    sample_every: int | None = None
+    """Write greedy samples every N optimizer steps; None: at every evaluation."""
+    print_samples: int = 2
+    """Samples echoed to the console each time (all go to samples.jsonl and TensorBoard)."""
+    early_stopping_metric: str = "eval/loss"
+    """Metric for the best model and early stopping, `split/key` from metrics.jsonl (e.g.
+    `eval/rewards/accuracies`, `monitor/kl/k3_seq`)."""
+    early_stopping_mode: Literal["auto", "min", "max"] = "auto"
+    """Whether lower or higher is better; auto: higher for accuracies, margins, rewards and win rates."""
+    patience: int | None = None
+    """Stop after this many evaluations without improvement of `early_stopping_metric`; None: never."""
+    save_best: bool = True
+    """Keep the model at the best `early_stopping_metric` in `output_dir/best` (rewritten when it improves;
+    only when `training.save_model`)."""
+
+
+@dataclass
 class Config:
     model: Any = REQUIRED
     """Policy to tune: hub id or local path (or, from Python, a loaded `PreTrainedModel`)."""
@@ -147,6 +188,8 @@ class Config:
     """Speed and memory options of the log-prob engine."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Optimisation, schedule, checkpoints."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """Health checks, KL, alarms, samples and early stopping during training."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

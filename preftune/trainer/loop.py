@@ -33,6 +33,7 @@ from preftune.models import (
     reference_mode,
     save_pretrained,
 )
+from preftune.monitor.monitor import Monitor
 from preftune.trainer import checkpoint as ckpt
 from preftune.trainer import reference as refcache
 from preftune.trainer.data import ExampleSet, prepare_data
@@ -107,7 +108,7 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
     # ---- reference log-probs -----------------------------------------------------------------------------
     # Precomputed: once, before the first step (the policy *is* the reference then), cached on disk.
     # Otherwise: a frozen separate model, or the adapter-disabled policy, or (full FT) a frozen copy.
-    reference_fn = None
+    reference_fn, ref_model = None, None
     if objective.needs_reference:
         ref_model = freeze(load_causal_lm(cfg.reference.model).to(device)) if cfg.reference.model else None
         if cfg.reference.precompute:
@@ -129,6 +130,9 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
                     return ref_logp(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index,
                                     batch.target_ids, batch.target_seq, batch.num_sequences)
 
+    # ---- monitor: fixed held-out prompts and the reference's outputs on them (before any step) -------------
+    monitor = Monitor(cfg, policy, tokenizer, eval_set, ref_model, accelerator, say)
+
     # ---- optimizer, schedule, resume ---------------------------------------------------------------------
     model = accelerator.prepare_model(LogpModel(policy, chunk))
     optimizer = build_optimizer(policy, tc)
@@ -140,7 +144,7 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
                             f"({micro} per device x {world} processes x {accum} accumulation)")
     total_steps = tc.max_steps or max(1, math.ceil(tc.num_epochs * steps_per_epoch))
     scheduler = build_scheduler(optimizer, tc, total_steps)
-    start_step, nonfinite_total, best = 0, 0, None
+    start_step, nonfinite_total = 0, 0
     resume_from = ckpt.resolve_resume(resume, run_dir)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler)
@@ -169,6 +173,7 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
         values = sums.means(accelerator)
         if writer:
             writer.write(step, "eval", values)
+        monitor.after_eval(step, values, writer)  # health, KL, alarms, samples, best model, early stopping
         return values
 
     # ---- the steps ---------------------------------------------------------------------------------------
@@ -231,6 +236,7 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
         done = step + 1
         if writer and (done % tc.logging_every == 0 or done == total_steps):
             writer.write(done, "train", last_train)
+        monitor.after_step(done, last_train, writer)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{last_train['loss']:.4f}", margin=f"{last_train.get('rewards/margins', 0):.3f}",
@@ -242,11 +248,14 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
                                  {"nonfinite_steps": nonfinite_total, "objective": objective.state_dict()},
                                  tc.save_total_limit)
         accelerator.wait_for_everyone() if world > 1 and tc.save_every and done % tc.save_every == 0 else None
+        if monitor.stop_reason:  # monitor.max_kl or early stopping; the eval of this step was the last
+            break
     if bar is not None:
         bar.close()
 
     # ---- finish ------------------------------------------------------------------------------------------
-    eval_values = evaluate(total_steps) or eval_values
+    if not monitor.stop_reason:
+        eval_values = evaluate(total_steps) or eval_values
     model_dir = run_dir / "final"
     if main and tc.save_model:
         save_pretrained(policy, tokenizer, model_dir)
@@ -258,7 +267,8 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
         "tokens_per_second": tokens_seen / runtime if runtime else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_loss": last_train.get("loss"),
-        "steps": total_steps,
+        "steps": monitor.stopped_at or total_steps,
+        "stopped": monitor.stop_reason,
         "nonfinite_steps": nonfinite_total,
         "train_examples": len(train_set),
         "eval_examples": len(eval_set),
@@ -266,7 +276,7 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
         "final_train_metrics": last_train,
         "final_eval_metrics": eval_values,
         "model_dir": str(model_dir) if tc.save_model else None,
-        "best": best,
+        "best": monitor.best,
     }
     if torch.cuda.is_available():
         summary["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -339,10 +349,12 @@ def _progress(enabled: bool, total: int, initial: int):
 
 
 def _plots(run_dir: Path, say) -> None:
+    from preftune.report.html import write_report
     from preftune.report.plots import plot_run
 
     try:
         paths = plot_run(run_dir)
         say(f"plots: {', '.join(p.name for p in paths)}")
+        say(f"report: {write_report(run_dir, paths)}")
     except Exception as e:  # a plot failure must never lose a finished run
         say(f"plots skipped: {type(e).__name__}: {e}")
