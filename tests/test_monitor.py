@@ -197,10 +197,11 @@ def toy(toy_tok, tmp_path_factory):
     }, log=lambda *_: None)
     state = copy.deepcopy(model.state_dict())
 
-    def run(name, *, train=None, eval=None, loss=None, training=None, monitor=None, **sections):
+    def run(name, *, train=None, eval=None, loss=None, training=None, monitor=None, resume=None, out=None,
+            **sections):
         policy = toy_task.build_model(toy_tok, seed=0, hidden=64)
         policy.load_state_dict(state)
-        out = tmp_path_factory.mktemp(name)
+        out = out or tmp_path_factory.mktemp(name)
         lines: list[str] = []
         cfg = {
             "model": policy, "tokenizer": toy_tok,
@@ -214,7 +215,7 @@ def toy(toy_tok, tmp_path_factory):
                          **(training or {})},
             **sections,
         }
-        summary = preftune.train(cfg, log=lines.append)
+        summary = preftune.train(cfg, log=lines.append, resume=resume)
         records = read_metrics(out)
         split = lambda s: [r for r in records if r["split"] == s]  # noqa: E731
         return SimpleNamespace(summary=summary, dir=out, lines=lines, records=records, split=split,
@@ -335,3 +336,26 @@ def test_monitor_off_and_bad_metric(toy, dpo_config, make_model, train_pairs, ev
     bad = dpo_config(make_model(0), train_pairs[:8], monitor={"early_stopping_metric": "loss"})
     with pytest.raises(ConfigError, match="early_stopping_metric"):
         preftune.train(bad, log=lambda *_: None)
+
+
+def test_resumed_run_keeps_the_monitor_history(toy):
+    """Resuming from the step-20 checkpoint of a 30-step run redoes steps 21-30 with the history rebuilt from
+    metrics.jsonl: the same monitor, health, alarm and event records as the uninterrupted run, no repeated
+    announcement of a state or alarm, and samples.jsonl cut back to the checkpoint before being appended to."""
+    settings = dict(loss={"beta": 0.001}, training={"learning_rate": 1e-3, "max_steps": 30, "save_every": 20},
+                    monitor={"max_kl": None, "early_stopping_metric": "eval/rewards/accuracies"})
+    whole = toy.run("whole", **settings)
+    watched = ("monitor", "health", "alarm", "event")
+    assert whole.split("alarm")[0]["step"] < 20 and whole.split("health")[0]["step"] < 20  # carried over
+    resumed = toy.run("resumed", out=whole.dir, resume=str(whole.dir / "checkpoints" / "step-00000020"),
+                      **settings)
+    for split in watched:
+        a, b = resumed.split(split), whole.split(split)
+        assert [sorted(r) for r in a] == [sorted(r) for r in b], split
+        for x, y in zip(a, b):  # floats up to the last bits (a resumed run is reproduced to ~1e-7, not bitwise)
+            assert all(x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6) if isinstance(y[k], float) else x[k] == y[k]
+                       for k in y), (split, x, y)
+    assert not any(line.startswith("monitor: ALARM") for line in resumed.lines)  # active ones stay quiet
+    assert resumed.summary["best"] == whole.summary["best"]
+    steps = [json.loads(line)["step"] for line in (whole.dir / "samples.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(20) == steps.count(30) == 16
