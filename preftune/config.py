@@ -142,7 +142,7 @@ class MonitorConfig:
     """Stop the run (the best model is kept) when KL to the reference, k3 estimate in nats per sequence,
     exceeds this (e.g. 10); None: never."""
     kl_spike_factor: float = 10.0
-    """Alarm when KL exceeds this multiple of its first measured value (or of 0.1 nats, if larger)."""
+    """Alarm when KL exceeds this multiple of its first measured value (or of 0.5 nats per sequence, if larger)."""
     reward_max_fraction: float = 0.99
     """Alarm when σ(mean eval implicit-reward margin) exceeds this: the implicit reward is saturated."""
     min_distinct_ratio: float = 0.5
