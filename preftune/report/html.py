@@ -79,6 +79,8 @@ def _final_table(records: list[dict]) -> str:
 def _timeline(records: list[dict]) -> str:
     """Alarms, health changes and events: an SVG strip over the step axis, then a table."""
     marks = [r for r in records if r.get("split") in ("alarm", "health", "event")]
+    bests = [r for r in marks if r["split"] == "event" and r.get("name") == "best"]
+    marks = [r for r in marks if r not in bests[:-1]]  # every improvement is an event; the last one is the news
     steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
     if not marks:
         return "<p class=muted>No alarms, diagnoses or events were recorded.</p>"
