@@ -4,8 +4,6 @@
     preftune train CONFIG.yaml [--set k.sub=v ...]       train from a YAML config (--resume to continue)
     preftune data validate|clean|convert|agreement ...   preference-data tooling
     preftune generate / judge ...                        sample responses; judge them into pairs
-    preftune eval MODEL --data PAIRS ...                 accuracy, KL, lengths, diversity, win rate
-    preftune report RUN_DIR                              report.html from metrics.jsonl
     preftune eval MODEL --data PAIRS [--reference REF]   preference accuracy, KL, lengths, diversity, win rate
     preftune report RUN_DIR                              RUN_DIR/report.html: curves, alarms, samples
     preftune losses                                      registered losses and what they need
