@@ -39,12 +39,23 @@ class DataConfig:
     """Which end of an over-long prompt to keep; `keep_end` keeps the last turn next to the response."""
     allow_unusable: bool = False
     """Train even when the data check finds the data unusable (errors dominate)."""
+    split_seed: int | None = None
+    """Seed of the held-out rows drawn by `eval_fraction`; None: `training.seed` (a reward-model ensemble varies
+    one and keeps the other)."""
+    reward_margin: Literal["auto", "margin", "ratings", "none"] = "auto"
+    """Reward models (`task: reward`): where each pair's margin m in −log σ(r_w − r_l − m) comes from.
+    `margin`: the row's `margin` number; `ratings`: `ratings_scale` × (`score_chosen` − `score_rejected`), the
+    rating columns `preftune data convert` keeps; `auto`: `margin` when any row has one, else none; `none`: m = 0.
+    A row without the column(s) is dropped with its reason."""
+    ratings_scale: float = 1.0
+    """With `reward_margin: ratings`, m = ratings_scale × (score_chosen − score_rejected)."""
 
 
 @dataclass
 class LossConfig:
-    name: str | list[str] = "dpo"
-    """Registered loss name (`preftune losses` lists them), or a list for a weighted combination (e.g. MPO)."""
+    name: str | list[str] | None = None
+    """Registered loss name (`preftune losses` lists them), or a list for a weighted combination (e.g. MPO);
+    None: `dpo`, or `bradley_terry` with `task: reward`."""
     weights: list[float] | None = None
     """Weight per loss when `name` is a list (default 1.0 each)."""
     params: dict[str, Any] = field(default_factory=dict)
@@ -173,7 +184,11 @@ class MonitorConfig:
 @dataclass
 class Config:
     model: Any = REQUIRED
-    """Policy to tune: hub id or local path (or, from Python, a loaded `PreTrainedModel`)."""
+    """Policy to tune, or the base of a reward model: hub id or local path (or, from Python, a loaded
+    `PreTrainedModel`)."""
+    task: Literal["policy", "reward"] = "policy"
+    """`policy`: tune a causal LM on preferences; `reward`: train a reward model (a one-output
+    sequence-classification head on any causal LM or encoder; loss `bradley_terry`; see docs/reward_models.md)."""
     tokenizer: Any = None
     """Tokenizer id or path (default: the model's); from Python, a loaded tokenizer."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -366,13 +381,22 @@ def to_config(source: Config | dict | str | Path, overrides: list[str] | dict | 
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
         tree = _merge(tree, extra)
-    return _build(Config, tree, "")
+    config = _build(Config, tree, "")
+    if config.loss.name is None:
+        config.loss.name = DEFAULT_LOSS[config.task]
+    return config
+
+
+DEFAULT_LOSS = {"policy": "dpo", "reward": "bradley_terry"}
+"""``loss.name`` when the config leaves it out, by ``task``."""
 
 
 def check_loss_params(config: Config) -> None:
     """Reject loss hyperparameters that the chosen loss(es) do not take, with a suggestion; fill defaults."""
     from preftune.losses import get_loss
 
+    if config.loss.name is None:
+        config.loss.name = DEFAULT_LOSS[config.task]
     names = config.loss.name if isinstance(config.loss.name, list) else [config.loss.name]
     specs = []
     for n in names:
@@ -380,6 +404,7 @@ def check_loss_params(config: Config) -> None:
             specs.append(get_loss(n))
         except KeyError as e:
             raise ConfigError(f"loss.name: {e.args[0]}") from None
+    _check_task(config, names, specs)
     accepted = sorted({p for s in specs for p in s.hyperparameters})
     for key in config.loss.params:
         if key not in accepted:
@@ -400,6 +425,21 @@ def check_loss_params(config: Config) -> None:
                 raise ConfigError(f"missing required key 'loss.{p}' (no safe default for {spec.name})")
     if config.loss.weights is not None and len(config.loss.weights) != len(names):
         raise ConfigError(f"loss.weights has {len(config.loss.weights)} values for {len(names)} losses")
+
+
+def _check_task(config: Config, names: list[str], specs: list) -> None:
+    """A reward model trains with reward losses only (scores, not log-probs), and a policy never does."""
+    from preftune.losses import registered_losses
+
+    reward = [s.data == "reward" for s in specs]
+    if config.task == "reward" and not all(reward):
+        kinds = ", ".join(sorted(n for n, s in registered_losses().items() if s.data == "reward"))
+        raise ConfigError(f"task: reward trains a reward model, which has scores, not log-probs; loss.name "
+                          f"{'/'.join(names)} is a policy loss (reward-model losses: {kinds})")
+    if config.task == "policy" and any(reward):
+        raise ConfigError(f"loss {'/'.join(names)} trains a reward model: set `task: reward`")
+    if config.task == "policy" and config.data.reward_margin in ("margin", "ratings"):
+        raise ConfigError(f"data.reward_margin: {config.data.reward_margin} is for reward models (`task: reward`)")
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -1,21 +1,36 @@
-"""Loading the policy, tokenizer and reference; LoRA; freezing.
+"""Loading the policy, tokenizer, reference and reward models; LoRA; freezing; the two model kinds.
 
 The reference is never a second copy when it need not be: with LoRA it is the same weights with the adapter
 disabled; with full fine-tuning and precomputed reference log-probs it is the policy before its first step.
 Only a separate ``reference.model``, or full fine-tuning without precompute, loads another model, and that
 one is frozen by construction (no grad, eval mode).
+
+The loop trains one of two model kinds (``task`` in the config, :data:`MODEL_KINDS`): a policy, whose forward
+gives sequence log-probs (``LogpModel``), or a reward model, a sequence-classification head with one output on
+any causal LM or encoder, whose forward gives one score per sequence (:class:`ScoreModel`). Both take the same
+batch tensors and return ``(values (S,), completion token counts (S,))``, so the loop and the steps call them
+alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from preftune.errors import PreftuneError
+from preftune.logprobs import LogpModel
+
+# Written into a trained reward model's config: ``RewardModelJudge`` (input_format "auto") then tokenizes
+# (prompt, response) exactly as training did (``data.tokenize``), so scores at judging time match training.
+INPUT_FORMAT_KEY = "preftune_input_format"
 
 
 def _looks_local(name: str) -> bool:
@@ -38,7 +53,8 @@ def _load(kind: str, name: str, loader):
 
 
 def load_tokenizer(tokenizer, model_name):
-    """A loaded tokenizer is used as is; a name or path is loaded. A missing pad token falls back to EOS."""
+    """A loaded tokenizer is used as is; a name or path is loaded. A missing pad token falls back to EOS, a
+    missing EOS (encoders such as BERT) to the separator token."""
     from transformers import AutoTokenizer
 
     if tokenizer is None:
@@ -50,6 +66,8 @@ def load_tokenizer(tokenizer, model_name):
         kind = "tokenizer"
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = _load(kind, os.fspath(tokenizer), AutoTokenizer.from_pretrained)
+    if tokenizer.eos_token_id is None and getattr(tokenizer, "sep_token", None) is not None:
+        tokenizer.eos_token = tokenizer.sep_token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -64,13 +82,112 @@ def load_causal_lm(model, dtype: torch.dtype = torch.float32) -> nn.Module:
     return _load("model", os.fspath(model), lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=dtype))
 
 
-def apply_lora(model: nn.Module, lora, seed: int) -> nn.Module:
-    """Wrap ``model`` with a fresh LoRA adapter (peft); only adapter weights train."""
+def load_reward_model(model, tokenizer, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A sequence-classification model with one output (the reward r(x, y)) on any causal LM or encoder.
+
+    A hub id or path loads with ``AutoModelForSequenceClassification.from_pretrained(name, num_labels=1)``: the
+    pretrained body and a freshly initialised head (``score`` or ``classifier``), unless the checkpoint is
+    already a one-output reward model. A loaded ``...ForSequenceClassification`` is used as is; a loaded causal
+    LM gets a new head on its body (same weights, the LM head dropped). ``config.pad_token_id`` is set to the
+    tokenizer's pad id, since the model finds each sequence's last real token by looking for pad ids.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if isinstance(model, nn.Module):
+        if model.config.num_labels != 1 or "ForSequenceClassification" not in type(model).__name__:
+            model = _with_score_head(model)
+    else:
+        model = _load("model", os.fspath(model), lambda n: AutoModelForSequenceClassification.from_pretrained(
+            n, num_labels=1, dtype=dtype))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    setattr(model.config, INPUT_FORMAT_KEY, "preftune")
+    return model
+
+
+def _with_score_head(lm: nn.Module) -> nn.Module:
+    """The sequence-classification twin of a loaded model (one output), sharing nothing: body weights copied."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(config).to(next(lm.parameters()).dtype)
+    missing, _ = model.load_state_dict(lm.state_dict(), strict=False)
+    body = [k for k in missing if not k.startswith(_head_name(model) + ".")]
+    if body:
+        raise PreftuneError(f"cannot put a reward head on {type(lm).__name__}: its weights do not match "
+                            f"{type(model).__name__} (missing {body[:3]}); pass a hub id or path instead")
+    return model
+
+
+def _head_name(model: nn.Module) -> str:
+    """The attribute holding a sequence-classification model's output layer."""
+    for name in ("score", "classifier"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise PreftuneError(f"{type(model).__name__} has no `score` or `classifier` head to train as a reward model")
+
+
+class ScoreModel(nn.Module):
+    """Wraps a one-output sequence-classification model so that ``forward(batch) -> (scores (S,), lengths (S,))``.
+
+    Takes the trainer's batch tensors (the padded layout: one right-padded row per sequence) and returns the
+    model's own pooled logit per row, the same forward ``RewardModelJudge`` runs: the last non-pad token for
+    causal LMs, the first token's pooled state for BERT-style encoders. ``lengths`` counts completion tokens.
+    Naive equivalent, one sequence at a time::
+
+        score = model(input_ids=torch.tensor([prompt + completion])).logits[0, 0]
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, target_index, target_ids, target_seq,
+                num_sequences: int):
+        if attention_mask.dim() != 2 or input_ids.shape[0] != num_sequences:
+            raise PreftuneError("a reward model scores the padded layout (one row per sequence)")
+        scores = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]  # (S,)
+        lengths = torch.bincount(target_seq, minlength=num_sequences)  # (S,)
+        return scores.float(), lengths
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What the loop needs to know about the model it trains.
+
+    Attributes:
+        load: (config.model, tokenizer) -> the model to train.
+        forward: (model, chunk_size) -> a module from batch tensors to (values (S,), token counts (S,)):
+            sequence log-probs for a policy, scores for a reward model.
+        lora_task: peft ``task_type`` of the adapter.
+        layout: a layout the model requires (None: ``engine.layout``).
+        generates: whether the model generates text (monitor samples, KL, length and diversity checks).
+    """
+
+    load: Callable[[Any, Any], nn.Module]
+    forward: Callable[[nn.Module, int], nn.Module]
+    lora_task: str
+    layout: str | None
+    generates: bool
+
+
+MODEL_KINDS = {
+    "policy": ModelKind(lambda model, tok: load_causal_lm(model), LogpModel, "CAUSAL_LM", None, True),
+    "reward": ModelKind(load_reward_model, lambda model, _: ScoreModel(model), "SEQ_CLS", "padded", False),
+}
+
+
+def apply_lora(model: nn.Module, lora, seed: int, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Wrap ``model`` with a fresh LoRA adapter (peft); only adapter weights train.
+
+    ``task_type="SEQ_CLS"`` (reward models): the new head trains in full beside the adapter (modules_to_save).
+    """
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
+    head = [_head_name(model)] if task_type == "SEQ_CLS" else None
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                     target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                     target_modules=lora.target_modules, task_type=task_type, modules_to_save=head)
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:
@@ -108,8 +225,40 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: nn.Module, tokenizer, out: Path) -> None:
-    """Hugging Face format: the full model, or the adapter (``PeftModel.from_pretrained``), plus tokenizer."""
+    """Hugging Face format: the full model, or the adapter (``PeftModel.from_pretrained``), plus tokenizer.
+
+    A LoRA reward model is saved merged, as a full model: ``AutoModelForSequenceClassification.from_pretrained``
+    cannot load a classification adapter on its own (the base checkpoint would get a fresh head of the wrong
+    shape), and a reward model is used as one standalone scorer.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
+    if is_peft(model) and model.peft_config[model.active_adapter].task_type == "SEQ_CLS":
+        model.get_base_model().save_pretrained(str(out), state_dict=merged_state_dict(model))
+    else:
+        model.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with the active LoRA adapter folded in, under the base model's own names;
+    the model itself is left untouched (training continues after a best-model save).
+
+    Per adapted layer W' = W + ΔW (``get_delta_weight``: B·A·alpha/r); trained ``modules_to_save`` copies
+    replace their originals. Naive equivalent (destructive): ``model.merge_and_unload().state_dict()``.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    adapter = model.active_adapter
+    base = model.get_base_model()
+    deltas = {f"{name}.base_layer.weight": module.get_delta_weight(adapter)
+              for name, module in base.named_modules() if isinstance(module, LoraLayer) and adapter in module.lora_A}
+    out = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key or ".original_module." in key or (".modules_to_save." in key
+                                                             and f".modules_to_save.{adapter}." not in key):
+            continue
+        if key in deltas:
+            value = value + deltas[key].to(value.dtype)
+        out[key.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")] = value.detach().clone()
+    return out

@@ -52,6 +52,18 @@ default). Schema, one block per type (defaults shown; see each class for the mea
     weights: null
     tie_margin: 0.0
 
+    type: reward_ensemble           # preftune.reward.RewardEnsemble: score = mean - penalty * std
+    members: [path/rm-0, {type: reward_model, model: path/rm-1, device: cuda}]   # required: reward-model
+                                    # paths / judge configs, or the directory train_ensemble wrote
+    penalty: 1.0
+    tie_margin: 0.0
+
+    type: multi_axis                # preftune.reward.MultiAxisReward: score = sum of weight * axis score
+    axes:                           # required: axis -> judge (a reward-model path or a judge config) and weight
+      helpful: {judge: path/rm-helpful, weight: 1.0}
+      harmless: {judge: {type: reward_model, model: path/rm-harmless}, weight: 0.5}
+    tie_margin: 0.0
+
 Every type also takes ``name``. Relative paths are relative to the working directory.
 """
 
@@ -145,6 +157,41 @@ def _build_ensemble(judges: list[Mapping[str, Any]], **kwargs: Any) -> EnsembleJ
     return EnsembleJudge([build_judge(j) for j in judges], **kwargs)
 
 
+def _member(spec: Any, where: str) -> Any:
+    """A member judge from a judge config, or a reward-model path / hub id (loaded by the reward builder)."""
+    if isinstance(spec, Mapping):
+        return build_judge(spec)
+    if isinstance(spec, str | Path):
+        return str(spec)
+    raise ValueError(f"{where}: expected a reward-model path or a judge config, got {spec!r}")
+
+
+def _build_reward_ensemble(members: Any, penalty: float = 1.0, tie_margin: float = 0.0,
+                           name: str | None = None) -> Judge:
+    """A reward-model ensemble (mean − penalty·std) from paths, judge configs or a train_ensemble directory."""
+    from preftune.reward.ensemble import RewardEnsemble  # lazily: preftune.reward imports the judges
+
+    if isinstance(members, list):
+        members = [_member(m, "reward_ensemble members") for m in members]
+    elif not isinstance(members, str | Path):
+        raise ValueError("reward_ensemble 'members' must be a list of reward models or a train_ensemble directory")
+    return RewardEnsemble(members, penalty=penalty, tie_margin=tie_margin, name=name)
+
+
+def _build_multi_axis(axes: Mapping[str, Any], tie_margin: float = 0.0, name: str | None = None) -> Judge:
+    """A weighted composite of per-axis judges: ``axes: {axis: {judge: ..., weight: w}}``."""
+    from preftune.reward.ensemble import MultiAxisReward  # lazily: preftune.reward imports the judges
+
+    if not isinstance(axes, Mapping) or not axes:
+        raise ValueError("multi_axis 'axes' must map each axis name to {judge: ..., weight: w}")
+    built = {}
+    for axis, spec in axes.items():
+        if not isinstance(spec, Mapping) or "judge" not in spec or set(spec) - {"judge", "weight"}:
+            raise ValueError(f"multi_axis axis {axis!r}: expected {{judge: <path or config>, weight: w}}, got {spec!r}")
+        built[axis] = (_member(spec["judge"], f"multi_axis axis {axis!r}"), float(spec.get("weight", 1.0)))
+    return MultiAxisReward(built, tie_margin=tie_margin, name=name)
+
+
 def _load_references(path: str | Path) -> dict[str, Any]:
     """``{prompt: reference}`` from a JSONL file of ``{"prompt": ..., "reference": ...}`` objects."""
     refs: dict[str, Any] = {}
@@ -224,3 +271,5 @@ register_judge("reward_model", RewardModelJudge)
 register_judge("lm", LMJudge)
 register_judge("verifier", _build_verifier)
 register_judge("ensemble", _build_ensemble)
+register_judge("reward_ensemble", _build_reward_ensemble)
+register_judge("multi_axis", _build_multi_axis)

@@ -11,6 +11,7 @@ the winner is the better response. Each response is scored alone, so the verdict
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ import torch
 
 from preftune.judges._hf import encode, length_sorted_batches, load_model_and_tokenizer, model_device, pad
 from preftune.judges.base import ScoreBasedJudge, ScoreItem
+from preftune.models import INPUT_FORMAT_KEY  # what `preftune train` (task: reward) records in the config
+
+INPUT_FORMATS = ("chat", "plain", "preftune")
 
 
 class RewardModelJudge(ScoreBasedJudge):
@@ -30,11 +34,17 @@ class RewardModelJudge(ScoreBasedJudge):
         max_length: longest input in tokens; longer inputs keep their LAST ``max_length`` tokens, because the
             response (at the end) is what is being scored.
         device / dtype: where and in what precision to run (e.g. ``"cuda"``, ``"bfloat16"``).
-        separator: between prompt and response when the tokenizer has no chat template.
+        separator: between prompt and response in the ``plain`` format.
         tie_margin: |r_a − r_b| at or below this is a tie.
         name: label in reports and ensembles.
+        input_format: how (prompt, response) becomes tokens:
+            ``chat``      the tokenizer's chat template (user turn = prompt, assistant turn = response);
+            ``plain``     prompt + separator + response, with the tokenizer's special tokens;
+            ``preftune``  as ``preftune train`` tokenizes a text row (``data.tokenize``): ``tok(prompt)`` with
+                          its special tokens, then ``tok(response)`` without, then EOS;
+            ``auto``      ``preftune`` for a reward model trained by ``preftune train`` (its config records
+                          it), else ``chat`` when the tokenizer has a template, else ``plain``.
 
-    Inputs use the tokenizer's chat template (user turn = prompt, assistant turn = response) when it has one.
     If the model config has no ``pad_token_id`` it is set to the tokenizer's (pad, else EOS): the model finds
     each sequence's last token by looking for pad ids, so batching needs one.
     """
@@ -50,6 +60,7 @@ class RewardModelJudge(ScoreBasedJudge):
         separator: str = "\n",
         tie_margin: float = 0.0,
         name: str | None = None,
+        input_format: str = "auto",
     ) -> None:
         label = name or (Path(str(model)).name if isinstance(model, str | Path) else type(model).__name__)
         super().__init__(label, tie_margin)
@@ -72,6 +83,13 @@ class RewardModelJudge(ScoreBasedJudge):
         self.batch_size = batch_size
         self.max_length = max_length
         self.separator = separator
+        if input_format == "auto":
+            trained = getattr(self.model.config, INPUT_FORMAT_KEY, None)
+            input_format = trained or ("chat" if getattr(self.tokenizer, "chat_template", None) else "plain")
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of auto, {', '.join(INPUT_FORMATS)}; got {input_format!r}")
+        self.input_format = input_format
+        self._tokenization = None
 
     def confidence_from_margin(self, margin: float) -> float:
         """σ(|r_a − r_b|): the Bradley–Terry probability that the higher-scored response is better."""
@@ -79,9 +97,24 @@ class RewardModelJudge(ScoreBasedJudge):
 
     def encode(self, prompt: str, response: str) -> list[int]:
         """Token ids the model scores for one (prompt, response), truncated from the left to ``max_length``."""
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        ids = encode(self.tokenizer, messages, prompt + self.separator + response, generation_prompt=False)
+        if self.input_format == "preftune":
+            ids = self._train_ids(prompt, response)
+        elif self.input_format == "chat":
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            ids = encode(self.tokenizer, messages, prompt + self.separator + response, generation_prompt=False)
+        else:
+            ids = list(self.tokenizer(prompt + self.separator + response)["input_ids"])
         return ids[-self.max_length :] if self.max_length else ids
+
+    def _train_ids(self, prompt: str, response: str) -> list[int]:
+        """prompt + completion ids exactly as the trainer builds them for a text row (no truncation here)."""
+        from preftune.data.formats import UnpairedRecord
+        from preftune.data.tokenize import Tokenization
+
+        if self._tokenization is None:
+            self._tokenization = Tokenization(self.tokenizer, max_length=sys.maxsize)
+        single = self._tokenization.single(UnpairedRecord(prompt, response, True))
+        return single.prompt_ids + single.completion_ids
 
     @torch.inference_mode()
     def _score_many(self, items: list[ScoreItem]) -> list[float]:

@@ -23,6 +23,7 @@ from preftune.losses.dpo import (
 )
 from preftune.losses.kto import kto
 from preftune.losses.orpo import orpo
+from preftune.losses.reward import bradley_terry  # noqa: F401  (registers the reward-model loss)
 from preftune.losses.sft import sft
 from preftune.losses.simpo import simpo
 

@@ -6,6 +6,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,12 +26,14 @@ class ExampleSet:
         kl_examples: for losses with a KL reference point (KTO): example i's prompt with the completion of
             another example, ``mismatched(examples)``; None when the loss needs none.
         kl_ref: (n,) reference log-probs of ``kl_examples``.
+        margins: (n,) per-pair margins of a reward model's Bradley–Terry loss (``data.reward_margin``), or None.
     """
 
     examples: list
     ref: torch.Tensor | None = None
     kl_examples: list | None = None
     kl_ref: torch.Tensor | None = None
+    margins: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -43,7 +46,8 @@ class ExampleSet:
         """Collate the examples at ``indices``; attach cached reference log-probs and labels as extras.
 
         Extras: ``num_examples`` (B); ``ref_logps`` (2B,) or (B,) when cached; ``labels`` (B,) bool for singles
-        only (never for pairs, which is how a step tells them apart); ``kl_batch``, when the set has
+        only (never for pairs, which is how a step tells them apart); ``margin`` (B,) when the set has margins;
+        ``kl_batch``, when the set has
         ``kl_examples``: the B mismatched sequences as a batch of their own (with its own ``ref_logps``), scored
         without gradients by the step. ``with_ref=False`` (the reference pass itself) attaches neither cached
         log-probs nor the KL batch.
@@ -57,6 +61,8 @@ class ExampleSet:
         if not self.paired:
             batch.extras["labels"] = torch.tensor([e.label for e in chosen], dtype=torch.bool)
         batch.extras["num_examples"] = torch.tensor(len(indices))
+        if self.margins is not None:
+            batch.extras["margin"] = self.margins[idx]
         if self.kl_examples is not None and with_ref:
             kl = LAYOUTS[layout]([self.kl_examples[i] for i in indices], pad_id)
             if self.kl_ref is not None:
@@ -112,13 +118,55 @@ def _label(source) -> str:
         return "<memory>"
 
 
-def _records(source, kind: str, drops: DropLog) -> list:
+@dataclass
+class RatedPair(PairRecord):
+    """A pair with the margin m of a reward model's Bradley–Terry loss, −log σ(r_w − r_l − m)."""
+
+    margin: float = 0.0
+
+
+def _margin(row: dict, mode: str, scale: float) -> float | None:
+    """The margin of one row: its ``margin`` (mode "margin"), or scale × (score_chosen − score_rejected)."""
+    def number(key):
+        value = row.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    if mode == "margin":
+        return number("margin")
+    sc, sr = number("score_chosen"), number("score_rejected")
+    return None if sc is None or sr is None else scale * (sc - sr)
+
+
+def _rated(source, data_cfg, drops: DropLog) -> list:
+    """Pairs for a reward model: :class:`RatedPair` when ``data.reward_margin`` gives margins (a row without
+    one is dropped as ``missing_margin`` / ``missing_ratings``), else plain pairs."""
+    mode = data_cfg.reward_margin
+    rows = list(read_rows(source))
+    if mode == "auto":
+        mode = "margin" if any(isinstance(r.data, dict) and "margin" in r.data for r in rows) else "none"
+    if mode == "none":
+        return list(normalize(rows, "paired", drops))
+    out = []
+    for raw in rows:
+        for rec in normalize([raw], "paired", drops):
+            m = _margin(raw.data, mode, data_cfg.ratings_scale)
+            if m is None:
+                drops.drop(raw.source, raw.line, f"missing_{'margin' if mode == 'margin' else 'ratings'}", raw.data)
+            else:
+                out.append(RatedPair(rec.prompt, rec.chosen, rec.rejected, rec.source, rec.line, m))
+    return out
+
+
+def _records(source, kind: str, drops: DropLog, data_cfg: Any = None) -> list:
     """Records for a loss of ``kind``. For unpaired and SFT losses a paired row stays a :class:`PairRecord`
     (expanded by :func:`_expand` after the held-out split), so held-out pairs can still be ranked and a pair's
     two halves never straddle train and eval. A paired row that does not make a usable pair gets the kind's
-    own treatment (``normalize``), so rows are kept or dropped exactly as before."""
+    own treatment (``normalize``), so rows are kept or dropped exactly as before. Reward models take pairs,
+    with margins (:func:`_rated`)."""
     if source is None:
         return []
+    if kind == "reward":
+        return _rated(source, data_cfg, drops)
     if kind == "paired":
         return list(normalize(read_rows(source), kind, drops))
     out = []
@@ -149,22 +197,36 @@ def _expand(records: list, kind: str) -> list:
     return out
 
 
+def _tokenized(records: list, tokenization: Tokenization, drops: DropLog) -> ExampleSet:
+    """An example set of the records that tokenize; rated pairs keep their margins beside them."""
+    if not any(isinstance(r, RatedPair) for r in records):
+        return ExampleSet(tokenization.all(records, drops))
+    examples, margins = [], []
+    for rec in records:
+        done = tokenization.all([rec], drops)  # [] when the row is dropped (counted in drops)
+        examples += done
+        margins += [rec.margin] * len(done)
+    return ExampleSet(examples, margins=torch.tensor(margins, dtype=torch.float32))
+
+
 def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out_dir: Path | None,
                  log=print, kl: bool = False) -> tuple[ExampleSet, ExampleSet, DropLog]:
     """Load, interpret, tokenize; hold out ``eval_fraction`` of the rows when no eval set is given.
 
     ``kind`` is the loss's data kind. For unpaired and SFT losses, training pairs are expanded to the kind's
     records, while an eval set made only of pairs stays paired, so evaluation can rank chosen against rejected
-    (``steps.unpaired_step`` / ``steps.sft_step``). ``kl``: also build each set's mismatched sequences
-    (:func:`mismatched`). Dropped rows are counted by reason, printed, and written to ``out_dir/dropped.jsonl``.
+    (``steps.unpaired_step`` / ``steps.sft_step``). Reward models (``"reward"``) take pairs, with per-pair
+    margins when ``data.reward_margin`` gives them (``ExampleSet.margins``). ``kl``: also build each set's
+    mismatched sequences (:func:`mismatched`). Dropped rows are counted by reason, printed, and written to
+    ``out_dir/dropped.jsonl``. The held-out rows are drawn with ``data.split_seed`` (default ``seed``).
     """
     if data_cfg.train is None:
         raise DataError("data.train is not set")
     drops = DropLog()
-    train_records = _records(data_cfg.train, kind, drops)
-    eval_records = _records(data_cfg.eval, kind, drops)
+    train_records = _records(data_cfg.train, kind, drops, data_cfg)
+    eval_records = _records(data_cfg.eval, kind, drops, data_cfg)
     if not eval_records and data_cfg.eval_fraction > 0:
-        rng = random.Random(seed)
+        rng = random.Random(seed if data_cfg.split_seed is None else data_cfg.split_seed)
         order = list(range(len(train_records)))
         rng.shuffle(order)
         n_eval = max(1, int(round(len(order) * data_cfg.eval_fraction)))
@@ -179,8 +241,8 @@ def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out
     report.require_usable(data_cfg.allow_unusable)
     if not all(isinstance(r, PairRecord) for r in eval_records):
         eval_records = _expand(eval_records, kind)
-    train = ExampleSet(tokenization.all(_expand(train_records, kind), drops))
-    evals = ExampleSet(tokenization.all(eval_records, drops))
+    train = _tokenized(_expand(train_records, kind), tokenization, drops)
+    evals = _tokenized(eval_records, tokenization, drops)
     if kl:
         for i, dataset in enumerate((train, evals)):
             dataset.kl_examples = mismatched(dataset.examples, seed + i) if len(dataset) else None

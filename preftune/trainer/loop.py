@@ -3,13 +3,16 @@
     setup -> data -> models -> reference log-probs -> optimizer -> (resume) -> steps -> final eval and save
 
 Method differences live in ``steps.py`` (one step function per data kind) and in the loss registry; the
-loop asks the :class:`Objective` what it needs and never matches loss names.
+loop asks the :class:`Objective` what it needs and never matches loss names. What differs between training a
+policy and a reward model (``task``) is the model kind (``models.MODEL_KINDS``): how it loads and what its
+forward returns (sequence log-probs or scores); the steps below are the same.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -26,6 +29,7 @@ from preftune.data.tokenize import Tokenization
 from preftune.errors import PreftuneError
 from preftune.logprobs import LogpModel
 from preftune.models import (
+    MODEL_KINDS,
     apply_lora,
     freeze,
     load_causal_lm,
@@ -67,6 +71,7 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
     cfg = to_config(config)
     check_loss_params(cfg)
     objective = Objective.from_config(cfg.loss)
+    kind = MODEL_KINDS[cfg.task]  # a policy (log-probs) or a reward model (scores)
     tc = cfg.training
     run_dir = Path(tc.output_dir)
     # cpu=True without CUDA: accelerate only forms a multi-process CPU group (gloo) when told it is on CPU.
@@ -96,14 +101,14 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
                                               run_dir if main else None, say, kl=objective.needs_kl)
     for line in objective.setup(train_set.examples):  # data-dependent loss settings (e.g. auto class weights)
         say(f"loss: {line}")
-    policy = load_causal_lm(cfg.model).to(device)
+    policy = kind.load(cfg.model, tokenizer).to(device)  # the model that trains: policy or reward model
     if cfg.engine.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
-        policy = apply_lora(policy, cfg.lora, tc.seed)
+        policy = apply_lora(policy, cfg.lora, tc.seed, kind.lora_task)
     policy.train()
     pad_id = tokenizer.pad_token_id
-    layout, chunk = cfg.engine.layout, cfg.engine.chunk_size
+    layout, chunk = kind.layout or cfg.engine.layout, cfg.engine.chunk_size
 
     # ---- reference log-probs -----------------------------------------------------------------------------
     # Precomputed: once, before the first step (the policy *is* the reference then), cached on disk.
@@ -131,10 +136,15 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
                                     batch.target_ids, batch.target_seq, batch.num_sequences)
 
     # ---- monitor: fixed held-out prompts and the reference's outputs on them (before any step) -------------
-    monitor = Monitor(cfg, policy, tokenizer, eval_set, ref_model, accelerator, say)
+    # A reward model does not generate: it keeps the health checks, alarms, early stopping and the best model.
+    watched = cfg if kind.generates else dataclasses.replace(
+        cfg, monitor=dataclasses.replace(cfg.monitor, num_prompts=0))
+    monitor = Monitor(watched, policy, tokenizer, eval_set, ref_model, accelerator, say)
+    if not kind.generates:
+        monitor.prompts = []  # samples.held_out_prompts(examples, 0) returns every prompt rather than none
 
     # ---- optimizer, schedule, resume ---------------------------------------------------------------------
-    model = accelerator.prepare_model(LogpModel(policy, chunk))
+    model = accelerator.prepare_model(kind.forward(policy, chunk))
     optimizer = build_optimizer(policy, tc)
     micro, accum = tc.per_device_batch_size, tc.gradient_accumulation_steps
     per_step = micro * world * accum
@@ -275,6 +285,7 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
         "dropped_rows": dict(drops.counts),
         "final_train_metrics": last_train,
         "final_eval_metrics": eval_values,
+        "task": cfg.task,
         "model_dir": str(model_dir) if tc.save_model else None,
         "best": monitor.best,
     }

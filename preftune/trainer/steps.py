@@ -1,4 +1,5 @@
-"""One step function per data kind: log-probs for a batch -> per-example losses and detached metrics.
+"""One step function per data kind: log-probs (or, for a reward model, scores) for a batch -> per-example losses
+and detached metrics.
 
 The loop asks the :class:`Objective` what to compute; it never matches loss names. A step returns the
 per-example losses (B,) (the loop reduces) and a dict of per-example detached tensors for logging.
@@ -96,9 +97,9 @@ class Objective:
         kinds = {s.data for s in specs if s.data != "sft"} or {"sft"}
         if len(kinds) > 1:
             raise ConfigError(f"losses {names} mix data kinds {sorted(kinds)}; combine losses of one kind")
-        if kinds == {"unpaired"} and len(specs) > 1 and any(s.data == "sft" for s in specs):
+        if kinds & {"unpaired", "reward"} and len(specs) > 1 and any(s.data == "sft" for s in specs):
             raise ConfigError(f"losses {names}: the sft term combines with paired losses only (it trains the "
-                              "chosen side of a pair)")
+                              "chosen side of a pair with the policy's log-probs)")
         params, state = dict(loss_cfg.params), {}
         for spec in specs:
             for name in inspect.signature(spec.fn).parameters:
@@ -204,6 +205,8 @@ def balanced_weights(n_d: int, n_u: int, desirable: float | str = "auto",
 
 
 def _input_names(spec: LossSpec) -> tuple[str, ...]:
+    if spec.data == "reward":
+        return ("chosen_scores", "rejected_scores", "margin")
     if spec.data == "sft":
         return ("policy_chosen_logps", "chosen_lengths")
     if spec.data == "unpaired":
@@ -330,4 +333,20 @@ def unpaired_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: Lo
     return out.losses, metrics
 
 
-STEPS = {"paired": paired_step, "sft": sft_step, "unpaired": unpaired_step}
+def reward_step(objective: Objective, score_fn: LogpFn, batch, reference_fn: LogpFn | None):
+    """Pairs scored by a reward model (``models.ScoreModel``): sequences 0..B-1 chosen, B..2B-1 rejected.
+
+    ``score_fn`` returns one score per sequence in place of a log-prob; the batch's ``margin`` extra (B,), when
+    the data gives margins, goes to the loss. Metrics are the pair metrics of the raw scores, so
+    ``rewards/accuracies`` is the reward model's preference accuracy (eval: held-out accuracy, the usual
+    early-stopping metric). There is never a reference.
+    """
+    scores, _ = score_fn(batch)  # (2B,)
+    n = batch.num_sequences // 2
+    out = objective(chosen_scores=scores[:n], rejected_scores=scores[n:], margin=batch.extras.get("margin"))
+    metrics = _pair_metrics(out.chosen_rewards, out.rejected_rewards)
+    metrics.update({k: v.detach() for k, v in out.metrics.items()})
+    return out.losses, metrics
+
+
+STEPS = {"paired": paired_step, "sft": sft_step, "unpaired": unpaired_step, "reward": reward_step}
