@@ -17,7 +17,7 @@ import preftune
 from preftune.data.tokenize import Tokenization
 from preftune.errors import PreftuneError
 from preftune.logprobs import naive_sequence_logps, sequence_logps
-from preftune.losses import LossOutput, LossSpec, register_loss
+from preftune.losses import LossOutput, LossSpec
 from preftune.trainer import steps as steps_mod
 from preftune.trainer.metrics import read_metrics
 from preftune.trainer.optim import build_scheduler
@@ -344,7 +344,13 @@ def _nan_loss(policy_chosen_logps, policy_rejected_logps) -> LossOutput:
     return LossOutput(losses=losses)
 
 
-register_loss(LossSpec(name=NAN_LOSS, fn=_nan_loss, needs_reference=False, description="test: NaN on demand"))
+@pytest.fixture(autouse=True)
+def _nan_loss_registered(monkeypatch):
+    """The NaN-on-demand loss exists only while a test of this file runs: registry-wide tests never see it."""
+    from preftune.losses import base
+
+    monkeypatch.setitem(base._REGISTRY, NAN_LOSS, LossSpec(name=NAN_LOSS, fn=_nan_loss, needs_reference=False,
+                                                           description="test: NaN on demand"))
 
 
 def test_single_nonfinite_step_is_skipped_and_counted(dpo_config, make_model, train_pairs, tmp_path):

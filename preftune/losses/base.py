@@ -42,8 +42,9 @@ class LossSpec:
         name: registry name (``loss.name`` in the config).
         fn: the pure loss function.
         needs_reference: whether reference log-probs are inputs; when False no reference model is ever loaded.
-        data: ``"paired"`` (prompt, chosen, rejected), ``"unpaired"`` (prompt, completion, label) or ``"sft"``
-            (prompt, completion; the chosen side of paired data also works).
+        data: ``"paired"`` (prompt, chosen, rejected), ``"unpaired"`` (prompt, completion, label), ``"sft"``
+            (prompt, completion; the chosen side of paired data also works) or ``"reward"`` (pairs scored by a
+            sequence-classification head: the function takes scores, not log-probs).
         reduction: how token log-probs become a sequence log-prob: ``"sum"`` or ``"mean"`` over completion tokens.
             Losses that length-normalize inside (SimPO, ORPO) take ``"sum"`` plus lengths and say so.
         needs_lengths: whether the function takes ``chosen_lengths`` / ``rejected_lengths`` (token counts).
@@ -55,7 +56,7 @@ class LossSpec:
     name: str
     fn: Callable[..., LossOutput]
     needs_reference: bool
-    data: Literal["paired", "unpaired", "sft"] = "paired"
+    data: Literal["paired", "unpaired", "sft", "reward"] = "paired"
     reduction: Literal["sum", "mean"] = "sum"
     needs_lengths: bool = False
     hyperparameters: tuple[str, ...] = ()

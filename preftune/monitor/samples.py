@@ -19,6 +19,8 @@ from pathlib import Path
 def held_out_prompts(examples: list, n: int) -> list[list[int]]:
     """The first ``n`` distinct prompts (token ids) of the eval examples, in order: a fixed set for the run."""
     seen, out = set(), []
+    if n <= 0:
+        return out
     for e in examples:
         key = tuple(e.prompt_ids)
         if key not in seen:

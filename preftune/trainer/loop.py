@@ -140,8 +140,6 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
     watched = cfg if kind.generates else dataclasses.replace(
         cfg, monitor=dataclasses.replace(cfg.monitor, num_prompts=0))
     monitor = Monitor(watched, policy, tokenizer, eval_set, ref_model, accelerator, say)
-    if not kind.generates:
-        monitor.prompts = []  # samples.held_out_prompts(examples, 0) returns every prompt rather than none
 
     # ---- optimizer, schedule, resume ---------------------------------------------------------------------
     model = accelerator.prepare_model(kind.forward(policy, chunk))

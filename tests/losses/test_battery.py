@@ -43,6 +43,8 @@ def expected_inputs(spec):
     elif spec.data == "unpaired":
         names = ("policy_logps",) + (("reference_logps",) if spec.needs_reference else ()) + ("labels",)
         names += ("kl",) if spec.needs_kl else ()
+    elif spec.data == "reward":  # reward-model losses take scores (one per sequence), not log-probs
+        names = ("chosen_scores", "rejected_scores", "margin")
     else:
         names = ("policy_chosen_logps",) + (("chosen_lengths",) if spec.needs_lengths else ())
     return names
@@ -75,6 +77,8 @@ def make_inputs(spec, policy, reference, lengths=None, labels=None, requires_gra
             inputs.update(reference_chosen_logps=reference[0], reference_rejected_logps=reference[1])
         if spec.needs_lengths:
             inputs.update(chosen_lengths=lengths[0], rejected_lengths=lengths[1])
+    elif spec.data == "reward":  # the policy rows stand in for the chosen and rejected scores
+        inputs = dict(chosen_scores=policy[0], rejected_scores=policy[1])
     elif spec.data == "unpaired":
         inputs = dict(policy_logps=policy[0], labels=labels)
         if spec.needs_reference:
@@ -112,7 +116,7 @@ def test_registry_holds_the_issue_losses():
 def test_spec_fields(name):
     spec = SPECS[name]
     assert spec.name == name
-    assert spec.data in ("paired", "unpaired", "sft")
+    assert spec.data in ("paired", "unpaired", "sft", "reward")
     assert spec.reduction in ("sum", "mean")
     assert spec.description and "\n" not in spec.description
     if spec.needs_kl:
@@ -142,7 +146,7 @@ def test_shapes_not_reduced_and_rewards_detached(name, B):
     out = call(spec, inputs)
     assert out.losses.shape == (B,)
     assert out.losses.requires_grad
-    if spec.data == "paired":
+    if spec.data in ("paired", "reward"):
         assert out.chosen_rewards is not None and out.rejected_rewards is not None
     if spec.data == "unpaired":
         assert out.rewards is not None
