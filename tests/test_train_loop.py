@@ -192,7 +192,8 @@ def test_lora_reference_is_adapter_disabled_without_a_copy(dpo_config, make_mode
         return real_step(objective, logp_fn, batch, reference_fn)
 
     monkeypatch.setitem(steps_mod.STEPS, "paired", spy_step)
-    cfg = dpo_config(model, rows, lora=LORA, reference={"precompute": False},
+    # The padded layout: _sequences_of_batch reads sequences back from one row each.
+    cfg = dpo_config(model, rows, lora=LORA, reference={"precompute": False}, engine={"layout": "padded"},
                      training={"learning_rate": 1e-2, "max_steps": 4})
     existing = _llamas()  # this test's model, and any another test still holds
     assert id(model) in existing
