@@ -2,15 +2,19 @@
 
     log π(y|x) = Σ_{j < |y|} log softmax(f(x, y_<j))[y_j]        (a SUM over completion tokens)
 
-The engine runs the decoder once over any layout (see ``preftune.data.collate``), then sends only the hidden
-states of positions that predict completion tokens through the LM head, ``chunk_size`` tokens at a time, with
-the logits recomputed in backward. The [tokens x vocabulary] logits are never held for the whole batch.
+The engine runs the decoder once over any layout (see ``preftune.data.collate`` and ``preftune.data.packing``),
+then sends only the hidden states of positions that predict completion tokens through the LM head,
+``chunk_size`` tokens at a time, with the logits recomputed in backward (:class:`_ChunkedTokenLogps`). At most
+``chunk_size x V`` logits exist at once; the [tokens x vocabulary] logits are never held for the whole batch.
 Naive equivalent (what ``naive_sequence_logps`` does, one sequence at a time)::
 
     logits = model(prompt + completion).logits[0, len(prompt) - 1 : -1]    # (|y|, V)
     logp = logits.float().log_softmax(-1).gather(-1, completion[:, None]).sum()
 
-Torch and transformers' model interface only; no other preftune imports beyond the batch type.
+Masks: the shared-prompt and packed layouts hand over a (R, 1, T, T) bool mask, which transformers passes to
+the attention as-is; ``attention_mask_for`` turns it into what each attention implementation expects.
+
+Torch and transformers' model interface only; no preftune imports.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -42,33 +45,127 @@ def _head_of(model: nn.Module):
     return decoder, head, softcap, scale
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 softcap: float | None, scale: float | None) -> torch.Tensor:
-    """log softmax(h W^T + b)[target] for one chunk; hidden (C, H), weight (V, H), targets (C,) -> (C,)."""
-    logits = nn.functional.linear(hidden, weight, bias).float()  # (C, V)
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
+            scale: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits z (C, V) of one chunk, and tanh(s / softcap) (C, V) when softcapped (backward needs it).
+
+    hidden (C, H) and weight (V, H) arrive already in the compute dtype (bf16 under autocast); the product is
+    taken in that dtype and upcast, as the model's own head would under autocast.
+    """
+    z = nn.functional.linear(hidden, weight, bias).float()  # (C, V)
     if scale is not None:
-        logits = logits * scale
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (C,)
+        z.mul_(scale)
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)  # (C, V)
+    return t * softcap, t
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] over chunks of tokens, logits recomputed in backward.
+
+    Keeps only ``hidden`` (N, H), ``targets`` (N,) and the log-normalizer ``lse`` (N,) between forward and
+    backward. Backward rebuilds one chunk's logits at a time and turns them into the logits' gradient in place,
+    ``dz = g * (onehot(target) - exp(z - lse))``, then ``dh = dz W`` and, only when the head trains (not LoRA),
+    ``dW += dz^T h``, accumulated in fp32 over chunks. Naive equivalent (what autograd does with full logits)::
+
+        logits = (hidden @ weight.T + bias).float()                                # (N, V)
+        return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)     # (N,)
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, softcap, scale):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
+        lse = torch.empty_like(out)  # (N,)
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for s in range(0, hidden.shape[0], chunk_size):
+                z, _ = _logits(hidden[s : s + chunk_size].to(dtype), w, b, softcap, scale)  # (C, V) fp32
+                target = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1)  # (C,)
+                m = z.amax(1, keepdim=True)  # (C, 1)
+                norm = z.sub_(m).exp_().sum(1).log_().add_(m.squeeze(1))  # (C,) in-place: z is spent
+                lse[s : s + chunk_size] = norm
+                out[s : s + chunk_size] = target - norm
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.softcap, ctx.scale, ctx.dtype = chunk_size, softcap, scale, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype, softcap, scale, chunk = ctx.dtype, ctx.softcap, ctx.scale, ctx.chunk_size
+        grad_out = grad_out.float()
+        grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s : s + chunk].to(dtype)  # (C, H)
+                g = grad_out[s : s + chunk, None]  # (C, 1)
+                z, t = _logits(h, w, b, softcap, scale)  # (C, V) fp32
+                dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)  # (C, V) = -g * softmax
+                dz.scatter_add_(1, targets[s : s + chunk, None], g)  # + g at the target
+                if softcap is not None:
+                    dz.mul_(1 - t * t)
+                if scale is not None:
+                    dz.mul_(scale)
+                dz = dz.to(dtype)
+                if need_h:
+                    grad_h[s : s + chunk] = (dz @ w).to(hidden.dtype)  # (C, H)
+                if need_w:
+                    grad_w.add_(dz.t() @ h)  # (V, H), accumulated in fp32
+                if need_b:
+                    grad_b.add_(dz.sum(0))
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
 def token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int,
                 softcap: float | None = None, scale: float | None = None) -> torch.Tensor:
     """Log-prob of each target under the LM head, chunked; hidden (N, H), targets (N,) -> (N,) fp32.
 
-    With gradients enabled each chunk is checkpointed, so backward recomputes that chunk's logits instead of
-    keeping (N, V) of them alive between forward and backward.
+    At most ``chunk_size`` x V logits exist at any time, in forward and in backward (which recomputes them);
+    see :class:`_ChunkedTokenLogps` for the naive equivalent.
     """
-    weight, bias = head.weight, getattr(head, "bias", None)
-    out = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_logps, h, weight, bias, t, softcap, scale, use_reentrant=False))
-        else:
-            out.append(_chunk_logps(h, weight, bias, t, softcap, scale))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return _ChunkedTokenLogps.apply(hidden, head.weight, getattr(head, "bias", None), targets, max(1, chunk_size),
+                                    softcap, scale)
+
+
+def attention_mask_for(model: nn.Module, mask: torch.Tensor):
+    """The layout's mask in the form the model's attention implementation reads.
+
+    A (R, T) padding mask passes through. A (R, 1, T, T) bool mask (True = may attend; transformers returns 4-D
+    masks as-is) passes through for ``sdpa``; ``eager`` *adds* its mask to the scores, so it gets 0 / -inf-like
+    floats; ``flex_attention`` adds a tensor mask too, so it gets a BlockMask built from the bool mask.
+    """
+    if mask.dim() != 4 or mask.dtype != torch.bool:
+        return mask
+    impl = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return mask
+    if impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        rows, _, length, _ = mask.shape
+        allowed = mask[:, 0]  # (R, T, T)
+
+        def mask_mod(b, h, q, kv):
+            return allowed[b, q, kv]
+
+        return create_block_mask(mask_mod, rows, None, length, length, device=mask.device)
+    if impl == "eager":
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"attention implementation {impl!r} takes no per-token 4-D mask; the shared_prompt and packed "
+                     "layouts need sdpa, eager or flex_attention (or set engine.layout: padded)")
 
 
 class LogpModel(nn.Module):
@@ -87,7 +184,8 @@ class LogpModel(nn.Module):
                 num_sequences: int):
         decoder, head, softcap, scale = _head_of(self.model)
         hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask_for(self.model, attention_mask),
+            position_ids=position_ids, use_cache=False,
         ).last_hidden_state  # (R, T, H)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)  # (N, H)
         tok = token_logps(picked, head, target_ids, self.chunk_size, softcap, scale)  # (N,)

@@ -89,3 +89,5 @@ def collate_padded(examples: Sequence[TokenizedPair | TokenizedSingle], pad_id: 
 
 # Layout name -> collate function(examples, pad_id) -> SequenceBatch; preftune.data.packing adds the others.
 LAYOUTS = {"padded": collate_padded}
+
+from preftune.data import packing as _packing  # noqa: E402,F401  (registers shared_prompt and packed)
