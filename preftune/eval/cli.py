@@ -15,15 +15,8 @@ from pathlib import Path
 from preftune.errors import PreftuneError
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from preftune.rollout.cli import JUDGE_HELP
+    from preftune.rollout.cli import JUDGE_HELP, _positive_int
 
     p = subparsers.add_parser(
         "eval", help="preference accuracy, KL, lengths, diversity and win rate of a model against a reference",
