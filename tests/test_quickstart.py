@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from preftune.toy.quickstart import TARGETS, run_quickstart
+from preftune import toy
+from preftune.cli import main
+from preftune.toy.quickstart import DPO, HELD_OUT, MAX_LENGTH, MAX_NEW_TOKENS, SFT, TARGETS, run_quickstart
 
 
 @pytest.mark.slow
@@ -30,3 +32,18 @@ def test_quickstart_meets_targets_and_writes_its_files(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     for name in ("loss", "margins", "accuracies"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
+
+    # `preftune eval` on the quickstart's own models agrees with its report: the same held-out pairs (rebuilt
+    # from the seeds the report names), the DPO model against its SFT reference, the verifier as judge.
+    _, held_out = toy.split_items(0, n_train=SFT["steps"] * SFT["batch_size"] + DPO["pairs"], n_test=HELD_OUT)
+    pairs = tmp_path / "held_out_pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in toy.pair_rows(held_out, seed=report["seeds"]["held_out_pairs"])))
+    out = tmp_path / "eval.json"
+    rc = main(["eval", str(tmp_path / "final"), "--reference", str(tmp_path / "sft" / "final"), "--data", str(pairs),
+               "--judge", "toy-verifier", "--beta", str(DPO["beta"]), "--num-prompts", str(HELD_OUT),
+               "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-length", str(MAX_LENGTH), "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["preference"]["accuracy_implicit_reward"] == pytest.approx(after["preference_accuracy"], abs=1e-6)
+    assert res["judge"]["model_score"] == pytest.approx(after["generation_accuracy"], abs=0.01)
+    assert res["judge"]["reference_score"] == pytest.approx(before["generation_accuracy"], abs=0.01)
