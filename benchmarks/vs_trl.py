@@ -139,7 +139,9 @@ def worker_preftune(a) -> dict:
                      "precision": a.precision, "save_model": False, "progress_bar": False, "logging_every": 1},
     }
     if a.layout:
-        config["engine"] = {"layout": a.layout}
+        config.setdefault("engine", {})["layout"] = a.layout
+    if a.compile == "on":
+        config.setdefault("engine", {})["compile"] = True
     summary = preftune.train(config, log=lambda *m: print(*m, file=sys.stderr))
     t_end = time.perf_counter()
     records = [json.loads(line) for line in (a.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -228,12 +230,13 @@ def microbatch_ab(kind: str, precision: str, repeats: int) -> dict:
 
 
 def launch(tool: str, model_dir: Path, data: Path, precision: str, steps: int, work: Path, *,
-           precompute: str = "on", layout: str | None = None, threads: int | None = None) -> dict:
+           precompute: str = "on", layout: str | None = None, threads: int | None = None, compile: str = "off"
+           ) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{tool}-", dir=work))
     result = run_dir / "result.json"
     cmd = [sys.executable, __file__, "--worker", tool, "--model-dir", str(model_dir), "--data", str(data),
            "--precision", precision, "--steps", str(steps), "--run-dir", str(run_dir), "--result", str(result),
-           "--precompute", precompute]
+           "--precompute", precompute, "--compile", compile]
     if layout:
         cmd += ["--layout", layout]
     env = dict(os.environ)
@@ -259,6 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=None, help="pairs in the data set (default steps x 8: one epoch)")
     p.add_argument("--trl-precompute", choices=["on", "off", "both"], default="both")
     p.add_argument("--layout", default=None, help="preftune engine.layout (default: the config default)")
+    p.add_argument("--preftune-compile", choices=["on", "off", "both"], default="both",
+                   help="run preftune with engine.compile (regional torch.compile), without it, or both")
     p.add_argument("--threads", type=int, default=None,
                    help="torch / OpenMP threads for both tools (default: torch's, one per core)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "preftune_vs_trl"))
@@ -272,6 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--precompute", default="on", help=argparse.SUPPRESS)
+    p.add_argument("--compile", default="off", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         run_worker(a)
@@ -305,18 +311,20 @@ def main(argv=None) -> int:
                 runs[f"trl (precompute {s})"] = launch("trl", model_dir, data, precision, a.steps, work, precompute=s,
                                                    threads=a.threads)
                 print(f"  {kind} {precision} trl precompute={s}: {runs[f'trl (precompute {s})']}", file=sys.stderr)
-            runs["preftune"] = launch("preftune", model_dir, data, precision, a.steps, work, layout=a.layout,
-                                      threads=a.threads)
-            print(f"  {kind} {precision} preftune: {runs['preftune']}", file=sys.stderr)
+            for c in ["off", "on"] if a.preftune_compile == "both" else [a.preftune_compile]:
+                name = "preftune (compile)" if c == "on" else "preftune"
+                runs[name] = launch("preftune", model_dir, data, precision, a.steps, work, layout=a.layout,
+                                    threads=a.threads, compile=c)
+                print(f"  {kind} {precision} {name}: {runs[name]}", file=sys.stderr)
             for name, r in runs.items():
                 r.update(tool=name, model=kind, precision=precision, steps=a.steps, threads=a.threads,
                          samples_per_s=a.steps * BATCH * ACCUM / r["wall_s"], tokens_per_s=tokens / r["wall_s"])
             best = max((r for n, r in runs.items() if n.startswith("trl")), key=lambda r: r["samples_per_s"])
-            pt = runs["preftune"]
-            pt["speedup_vs_best_trl"] = pt["samples_per_s"] / best["samples_per_s"]
-            pt["cpu_ratio_vs_best_trl"] = best["cpu_s"] / pt["cpu_s"]
-            pt["rss_ratio_vs_best_trl"] = pt["peak_rss_mb"] / best["peak_rss_mb"]
-            pt["first_loss_diff"] = abs(pt["first_loss"] - best["first_loss"])
+            for pt in (r for n, r in runs.items() if n.startswith("preftune")):
+                pt["speedup_vs_best_trl"] = pt["samples_per_s"] / best["samples_per_s"]
+                pt["cpu_ratio_vs_best_trl"] = best["cpu_s"] / pt["cpu_s"]
+                pt["rss_ratio_vs_best_trl"] = pt["peak_rss_mb"] / best["peak_rss_mb"]
+                pt["first_loss_diff"] = abs(pt["first_loss"] - best["first_loss"])
             rows.extend(runs.values())
     print(table(rows))
     out = Path(a.out) if a.out else work / "results.json"

@@ -94,6 +94,12 @@ class EngineConfig:
     chunk_size: int = 256
     """Completion tokens per LM-head chunk; at most chunk_size x vocabulary logits exist at once (forward and
     backward), e.g. 50 MiB in fp32 for a 49k vocabulary. Larger chunks were no faster on CPU."""
+    compile: bool = False
+    """Compile each decoder layer with `torch.compile` (inductor; on CPU it needs a C++ compiler). Fuses the
+    element-wise work between the matrix products: on the 135M benchmark model on CPU, a micro-batch ran 1.3x
+    (fp32) and 1.6x (bf16) faster after about 15 s of compilation, so it pays off from a few dozen steps on.
+    Generation and gradient-checkpoint recomputation stay eager. Same math; the compiled kernels round in a
+    different order (parity with the eager path is tested to 1e-5 in fp32)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward (less memory, about a third more compute)."""
 

@@ -19,6 +19,7 @@ Torch and transformers' model interface only; no preftune imports.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -172,21 +173,23 @@ class LogpModel(nn.Module):
     """Wraps a causal LM so that ``forward(batch) -> (logps (S,), lengths (S,))``.
 
     A module of its own so that DDP (``accelerate``) wraps the whole log-prob computation and its gradient
-    hooks fire as usual.
+    hooks fire as usual. ``compile=True``: the decoder layers run compiled (:class:`CompiledLayers`).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, compile: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.compiled = CompiledLayers(model) if compile else None
 
     def forward(self, input_ids, position_ids, attention_mask, target_index, target_ids, target_seq,
                 num_sequences: int):
         decoder, head, softcap, scale = _head_of(self.model)
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask_for(self.model, attention_mask),
-            position_ids=position_ids, use_cache=False,
-        ).last_hidden_state  # (R, T, H)
+        with self.compiled.active() if self.compiled is not None else contextlib.nullcontext():
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=attention_mask_for(self.model, attention_mask),
+                position_ids=position_ids, use_cache=False,
+            ).last_hidden_state  # (R, T, H)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)  # (N, H)
         tok = token_logps(picked, head, target_ids, self.chunk_size, softcap, scale)  # (N,)
         logps = torch.zeros(num_sequences, dtype=tok.dtype, device=tok.device).index_add(0, target_seq, tok)  # (S,)
@@ -194,11 +197,45 @@ class LogpModel(nn.Module):
         return logps, lengths
 
 
+class CompiledLayers:
+    """``torch.compile`` of each decoder layer (regional compilation), in force only inside the engine's forward.
+
+    Inductor fuses what the eager decoder runs as separate kernels per token (RMSNorm, rotary, SiLU x up, the
+    residual adds, autocast's casts) and recomputes cheap element-wise results in backward instead of saving
+    them. All layers share one compiled graph (the layers differ only in weights, which are graph inputs), and
+    ``dynamic=True`` keeps varying batch shapes from recompiling. The compiled call is switched in per forward
+    (``Module.compile`` does the same with ``_compiled_call_impl``, permanently), so generation with a KV cache,
+    other callers and gradient-checkpoint recomputation run the layers eagerly: same math, no recompiles.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._layers: list[tuple[nn.Module, object]] | None = None
+
+    def _build(self) -> list[tuple[nn.Module, object]]:
+        decoder = _head_of(self.model)[0]
+        layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"engine.compile: no list of decoder layers found on {type(decoder).__name__}")
+        return [(layer, torch.compile(layer._call_impl, dynamic=True)) for layer in layers]
+
+    @contextlib.contextmanager
+    def active(self):
+        if self._layers is None:
+            self._layers = self._build()
+        for layer, fn in self._layers:
+            layer._compiled_call_impl = fn
+        try:
+            yield
+        finally:
+            for layer, _ in self._layers:
+                layer._compiled_call_impl = None
+
+
 def sequence_logps(model: nn.Module, batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs (S,) and completion token counts (S,) of every sequence in ``batch``."""
     fn = model if isinstance(getattr(model, "module", model), LogpModel) else LogpModel(model, chunk_size)
-    return fn(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index,
-              batch.target_ids, batch.target_seq, batch.num_sequences)
+    return fn(*batch.model_args())
 
 
 def naive_sequence_logps(model: nn.Module, sequences: Sequence[tuple[list[int], list[int]]]

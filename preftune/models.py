@@ -157,7 +157,7 @@ class ModelKind:
 
     Attributes:
         load: (config.model, tokenizer) -> the model to train.
-        forward: (model, chunk_size) -> a module from batch tensors to (values (S,), token counts (S,)):
+        forward: (model, engine config) -> a module from batch tensors to (values (S,), token counts (S,)):
             sequence log-probs for a policy, scores for a reward model.
         lora_task: peft ``task_type`` of the adapter.
         layout: a layout the model requires (None: ``engine.layout``).
@@ -165,14 +165,16 @@ class ModelKind:
     """
 
     load: Callable[[Any, Any], nn.Module]
-    forward: Callable[[nn.Module, int], nn.Module]
+    forward: Callable[[nn.Module, Any], nn.Module]
     lora_task: str
     layout: str | None
     generates: bool
 
 
 MODEL_KINDS = {
-    "policy": ModelKind(lambda model, tok: load_causal_lm(model), LogpModel, "CAUSAL_LM", None, True),
+    "policy": ModelKind(lambda model, tok: load_causal_lm(model),
+                        lambda model, engine: LogpModel(model, engine.chunk_size, engine.compile), "CAUSAL_LM", None,
+                        True),
     "reward": ModelKind(load_reward_model, lambda model, _: ScoreModel(model), "SEQ_CLS", "padded", False),
 }
 

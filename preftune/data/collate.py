@@ -54,6 +54,11 @@ class SequenceBatch:
             self.num_sequences, self.num_tokens, move,
         )
 
+    def model_args(self) -> tuple:
+        """The positional arguments of ``LogpModel.forward`` (and the reward model's)."""
+        return (self.input_ids, self.position_ids, self.attention_mask, self.target_index, self.target_ids,
+                self.target_seq, self.num_sequences)
+
 
 def sequences_of(examples: Sequence[TokenizedPair | TokenizedSingle]) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, completion_ids) per sequence, in the contract's order."""

@@ -128,12 +128,11 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
         else:
             if ref_model is None and cfg.lora is None:
                 ref_model = freeze(copy.deepcopy(policy))
-            ref_logp = LogpModel(ref_model if ref_model is not None else policy, chunk)
+            ref_logp = LogpModel(ref_model if ref_model is not None else policy, chunk, cfg.engine.compile)
 
             def reference_fn(batch):
                 with reference_mode(ref_logp.model):
-                    return ref_logp(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index,
-                                    batch.target_ids, batch.target_seq, batch.num_sequences)
+                    return ref_logp(*batch.model_args())
 
     # ---- monitor: fixed held-out prompts and the reference's outputs on them (before any step) -------------
     # A reward model does not generate: it keeps the health checks, alarms, early stopping and the best model.
@@ -142,7 +141,7 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
     monitor = Monitor(watched, policy, tokenizer, eval_set, ref_model, accelerator, say)
 
     # ---- optimizer, schedule, resume ---------------------------------------------------------------------
-    model = accelerator.prepare_model(kind.forward(policy, chunk))
+    model = accelerator.prepare_model(kind.forward(policy, cfg.engine))
     optimizer = build_optimizer(policy, tc)
     micro, accum = tc.per_device_batch_size, tc.gradient_accumulation_steps
     per_step = micro * world * accum
@@ -163,8 +162,7 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
     step_fn = STEPS[objective.data]
 
     def logp_fn(batch):
-        return model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index,
-                     batch.target_ids, batch.target_seq, batch.num_sequences)
+        return model(*batch.model_args())
 
     def evaluate(step: int) -> dict:
         if not len(eval_set):
@@ -310,7 +308,7 @@ def _reference_logps(source, dataset: ExampleSet, tokenization: Tokenization, cf
         say(f"reference log-probs ({name}): cache hit {key}")
         return cached
     t0 = time.perf_counter()
-    logp = LogpModel(source, cfg.engine.chunk_size)
+    logp = LogpModel(source, cfg.engine.chunk_size, cfg.engine.compile)
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(dataset), world))
 
@@ -318,8 +316,7 @@ def _reference_logps(source, dataset: ExampleSet, tokenization: Tokenization, cf
         return dataset.batch(indices, pad_id, cfg.engine.layout, with_ref=False).to(accelerator.device)
 
     def logp_fn(batch):
-        return logp(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index,
-                    batch.target_ids, batch.target_seq, batch.num_sequences)
+        return logp(*batch.model_args())
 
     with reference_mode(source), autocast():
         part = refcache.compute_reference_logps(logp_fn, dataset.examples, batch_fn,
