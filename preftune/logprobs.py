@@ -119,8 +119,10 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 dz = dz.to(dtype)
                 if need_h:
                     grad_h[s : s + chunk] = (dz @ w).to(hidden.dtype)  # (C, H)
-                if need_w:
-                    grad_w.add_(dz.t() @ h)  # (V, H), accumulated in fp32
+                if need_w and dz.dtype == torch.float32:
+                    grad_w.addmm_(dz.t(), h)  # (V, H), in place: no (V, H) temporary per chunk
+                elif need_w:
+                    grad_w.add_(dz.t() @ h)  # bf16 product, accumulated in fp32
                 if need_b:
                     grad_b.add_(dz.sum(0))
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),

@@ -41,6 +41,7 @@ from preftune.monitor.monitor import Monitor
 from preftune.trainer import checkpoint as ckpt
 from preftune.trainer import reference as refcache
 from preftune.trainer.data import ExampleSet, prepare_data
+from preftune.trainer.heap import reuse_freed_memory
 from preftune.trainer.metrics import MetricSums, MetricWriter
 from preftune.trainer.optim import build_optimizer, build_scheduler
 from preftune.trainer.sanity import check_hyperparameters
@@ -65,10 +66,15 @@ def train(config, *, resume: str | bool | None = None, log=print) -> dict:
     ``config`` is a :class:`~preftune.config.Config`, a dict or a YAML path. ``config.model`` may be a loaded
     model and ``config.data.train`` a ``datasets.Dataset``. ``resume``: True/"latest" or a checkpoint path.
     """
+    cfg = to_config(config)
+    with reuse_freed_memory(cfg.engine.reuse_freed_memory and not torch.cuda.is_available()):
+        return _train(cfg, resume, log)
+
+
+def _train(cfg, resume, log) -> dict:
     from accelerate import Accelerator
 
     # ---- setup -------------------------------------------------------------------------------------------
-    cfg = to_config(config)
     check_loss_params(cfg)
     objective = Objective.from_config(cfg.loss)
     kind = MODEL_KINDS[cfg.task]  # a policy (log-probs) or a reward model (scores)
@@ -308,7 +314,7 @@ def _reference_logps(source, dataset: ExampleSet, tokenization: Tokenization, cf
         say(f"reference log-probs ({name}): cache hit {key}")
         return cached
     t0 = time.perf_counter()
-    logp = LogpModel(source, cfg.engine.chunk_size, cfg.engine.compile)
+    logp = LogpModel(source, cfg.engine.chunk_size)  # eager: one no-grad pass rarely repays a compilation
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(dataset), world))
 
