@@ -94,6 +94,9 @@ class EngineConfig:
     chunk_size: int = 256
     """Completion tokens per LM-head chunk; at most chunk_size x vocabulary logits exist at once (forward and
     backward), e.g. 50 MiB in fp32 for a 49k vocabulary. Larger chunks were no faster on CPU."""
+    group_by_length: bool = True
+    """Batch training examples of similar length together (shuffled within mega-batches of 50 micro-batches,
+    then the batches shuffled), so packed rows and padded rows carry little padding. False: a plain shuffle."""
     compile: bool = False
     """Compile each decoder layer with `torch.compile` (inductor; on CPU it needs a C++ compiler). Fuses the
     element-wise work between the matrix products and recomputes it in backward instead of saving it: on the

@@ -300,6 +300,34 @@ def test_logged_learning_rate_follows_schedule(dpo_config, make_model, train_pai
 # ---- gradient accumulation --------------------------------------------------------------------------------
 
 
+def test_length_grouped_batches_are_deterministic_and_cover_the_epoch(dpo_config, make_model, train_pairs,
+                                                                     monkeypatch, tmp_path):
+    """engine.group_by_length (the default): each micro-batch holds examples of similar length, every example
+    of the epoch is seen once, and the order is a function of the seed alone (so a resumed run sees the same)."""
+    from preftune.trainer import loop
+
+    seen: list[tuple[list[int], list[int]]] = []
+    real = loop.length_grouped_order
+
+    def spy(lengths, batch_size, seed, epoch, **kw):
+        order = real(lengths, batch_size, seed, epoch, **kw)
+        seen.append((list(lengths), order))
+        return order
+
+    monkeypatch.setattr(loop, "length_grouped_order", spy)
+    cfg = dpo_config(make_model(seed=1), train_pairs[:32], training={"per_device_batch_size": 4, "max_steps": 8})
+    preftune.train(cfg, log=lambda *_: None)
+    assert len(seen) == 1  # one epoch: the order is computed once, not per step
+    lengths, order = seen[0]
+    assert sorted(order) == list(range(32)) and order == real(lengths, 4, 0, 0)
+
+    def spread(o):  # mean (longest - shortest) over the micro-batches of 4: the padding a batch carries
+        return sum(max(lengths[i] for i in o[k:k + 4]) - min(lengths[i] for i in o[k:k + 4])
+                   for k in range(0, 32, 4)) / 8
+
+    assert spread(order) < spread(loop.epoch_order(32, 0, 0))
+
+
 def test_accumulation_1x4_equals_4x1(dpo_config, make_model, train_pairs, monkeypatch, tmp_path):
     real_clip = torch.nn.utils.clip_grad_norm_
     grads: list[list[torch.Tensor]] = []
@@ -316,7 +344,8 @@ def test_accumulation_1x4_equals_4x1(dpo_config, make_model, train_pairs, monkey
         out = tmp_path / f"run-{micro}x{accum}"
         cfg = dpo_config(model, train_pairs[:16], training={
             "output_dir": str(out), "per_device_batch_size": micro, "gradient_accumulation_steps": accum,
-            "max_steps": 2, "learning_rate": 1e-3})
+            "max_steps": 2, "learning_rate": 1e-3},
+            engine={"group_by_length": False})  # length grouping forms batches of the micro-batch size
         preftune.train(cfg, log=lambda *_: None)
         results.append((model, train_records(out)))
     (m4, rec4), (m1, rec1) = results

@@ -25,6 +25,7 @@ import torch
 
 from preftune.config import check_loss_params, to_config
 from preftune.data.load import is_local_path
+from preftune.data.packing import length_grouped_order, unit_length
 from preftune.data.tokenize import Tokenization
 from preftune.errors import PreftuneError
 from preftune.logprobs import LogpModel
@@ -194,10 +195,14 @@ def _train(cfg, resume, log) -> dict:
     bar = _progress(tc.progress_bar and main, total_steps, start_step)
     last_train, eval_values, consecutive_bad = {}, {}, 0
     tokens_seen, samples_seen, train_time = 0, 0, 0.0
+    lengths = [unit_length(e) for e in train_set.examples] if cfg.engine.group_by_length else None
+    order, order_epoch = [], None
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
-        order = epoch_order(len(train_set), tc.seed, epoch)
+        if epoch != order_epoch:  # a function of (seed, epoch) alone, so a resumed run sees the same batches
+            order, order_epoch = (epoch_order(len(train_set), tc.seed, epoch) if lengths is None else
+                                  length_grouped_order(lengths, micro * world, tc.seed, epoch)), epoch
         sums, tokens, bad = MetricSums(), 0, False
         for m in range(accum):
             at = (k * accum + m) * micro * world + rank * micro
