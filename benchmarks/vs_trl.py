@@ -11,7 +11,8 @@ Llamas saved in Hugging Face format — ``tiny`` (about 4.7M parameters) and ``s
 all with 2 pairs x 4 accumulation, max_length 512, beta 0.1, lr 1e-6, no gradient checkpointing.
 
 End to end = wall time from loading the model to the end of training, including tokenization and the
-reference pass (precomputed, or per step); for preftune it includes its end-of-run plots. Samples/s count
+reference pass (precomputed, or per step); for preftune it includes its end-of-run plots and report. Library
+imports (torch, transformers, datasets, trl or preftune) happen before the clock starts, on both sides. Samples/s count
 trained pairs; tokens/s count the tokens of the two sequences of each trained pair (the same for both tools).
 CPU s is the worker's user + system time: on a shared machine it is the measure least disturbed by other jobs
 (``--threads 1`` keeps OpenMP from waiting on a core someone else holds). Ratios are preftune against the faster
@@ -126,7 +127,13 @@ def worker_trl(a) -> dict:
 
 
 def worker_preftune(a) -> dict:
+    # Libraries imported before the clock starts, as worker_trl does (preftune imports them lazily).
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     import preftune
+    import preftune.trainer.loop  # noqa: F401
 
     t0 = time.perf_counter()
     config = {

@@ -93,7 +93,8 @@ class EngineConfig:
     implementations that take no 4-D mask (flash_attention_2)."""
     chunk_size: int = 256
     """Completion tokens per LM-head chunk; at most chunk_size x vocabulary logits exist at once (forward and
-    backward), e.g. 50 MiB in fp32 for a 49k vocabulary. Larger chunks were no faster on CPU."""
+    backward), e.g. 50 MiB in fp32 for a 49k vocabulary. Larger chunks were no faster on CPU. 0: no chunking,
+    the completion positions' full logits through plain autograd (the naive head; same log-probs)."""
     group_by_length: bool = True
     """Batch training examples of similar length together (shuffled within mega-batches of 50 micro-batches,
     then the batches shuffled), so packed rows and padded rows carry little padding. False: a plain shuffle."""

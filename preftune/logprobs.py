@@ -134,12 +134,20 @@ def token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, ch
     """Log-prob of each target under the LM head, chunked; hidden (N, H), targets (N,) -> (N,) fp32.
 
     At most ``chunk_size`` x V logits exist at any time, in forward and in backward (which recomputes them);
-    see :class:`_ChunkedTokenLogps` for the naive equivalent.
+    see :class:`_ChunkedTokenLogps` for the naive equivalent, which ``chunk_size=0`` runs instead.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    return _ChunkedTokenLogps.apply(hidden, head.weight, getattr(head, "bias", None), targets, max(1, chunk_size),
-                                    softcap, scale)
+    if chunk_size <= 0:  # switched off: full (N, V) logits kept for autograd
+        bias = getattr(head, "bias", None)
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else (
+            hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            z, _ = _logits(hidden.to(dtype), head.weight.to(dtype), None if bias is None else bias.to(dtype), softcap,
+                           scale)  # (N, V) fp32
+        return z.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    return _ChunkedTokenLogps.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk_size, softcap,
+                                    scale)
 
 
 def attention_mask_for(model: nn.Module, mask: torch.Tensor):

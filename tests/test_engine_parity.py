@@ -83,7 +83,7 @@ def _run(model, batch: SequenceBatch, chunk: int):
     return sequence_logps(model, batch, chunk)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, HUGE])
+@pytest.mark.parametrize("chunk", [0, 1, 7, HUGE])  # 0: the chunked head switched off
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("layout", list(LAYOUT_FNS))
 def test_logps_match_naive(model, layout, case, chunk):
@@ -124,7 +124,7 @@ def _assert_grads_close(got: dict, want: dict):
         torch.testing.assert_close(got[name], g, rtol=TOL, atol=TOL * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("chunk", [1, 7, HUGE])
+@pytest.mark.parametrize("chunk", [0, 1, 7, HUGE])  # 0: the chunked head switched off
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("layout", list(LAYOUT_FNS))
 def test_dpo_loss_and_gradients_match_naive(model, layout, case, chunk):
