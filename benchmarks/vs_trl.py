@@ -145,10 +145,8 @@ def worker_preftune(a) -> dict:
                      "gradient_accumulation_steps": ACCUM, "max_steps": a.steps, "max_length": MAX_LENGTH,
                      "precision": a.precision, "save_model": False, "progress_bar": False, "logging_every": 1},
     }
-    if a.layout:
-        config.setdefault("engine", {})["layout"] = a.layout
-    if a.compile == "on":
-        config.setdefault("engine", {})["compile"] = True
+    if a.engine_json:
+        config["engine"] = json.loads(a.engine_json)
     summary = preftune.train(config, log=lambda *m: print(*m, file=sys.stderr))
     t_end = time.perf_counter()
     records = [json.loads(line) for line in (a.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -237,15 +235,12 @@ def microbatch_ab(kind: str, precision: str, repeats: int) -> dict:
 
 
 def launch(tool: str, model_dir: Path, data: Path, precision: str, steps: int, work: Path, *,
-           precompute: str = "on", layout: str | None = None, threads: int | None = None, compile: str = "off"
-           ) -> dict:
+           precompute: str = "on", engine: dict | None = None, threads: int | None = None) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{tool}-", dir=work))
     result = run_dir / "result.json"
     cmd = [sys.executable, __file__, "--worker", tool, "--model-dir", str(model_dir), "--data", str(data),
            "--precision", precision, "--steps", str(steps), "--run-dir", str(run_dir), "--result", str(result),
-           "--precompute", precompute, "--compile", compile]
-    if layout:
-        cmd += ["--layout", layout]
+           "--precompute", precompute, "--engine-json", json.dumps(engine or {})]
     env = dict(os.environ)
     if threads:
         cmd += ["--threads", str(threads)]
@@ -269,9 +264,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (8 pairs each)")
     p.add_argument("--pairs", type=int, default=None, help="pairs in the data set (default steps x 8: one epoch)")
     p.add_argument("--trl-precompute", choices=["on", "off", "both"], default="both")
-    p.add_argument("--layout", default=None, help="preftune engine.layout (default: the config default)")
+    p.add_argument("--preftune-engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine setting for every preftune run, e.g. layout=padded or reuse_freed_memory=false "
+                        "(VALUE is read as JSON when it parses, else as a string); repeatable")
     p.add_argument("--preftune-compile", choices=["on", "off", "both"], default="both",
                    help="run preftune with engine.compile (regional torch.compile), without it, or both")
+    p.add_argument("--preftune-checkpointing", action="store_true",
+                   help="also run preftune with engine.gradient_checkpointing (outside the benchmark's rules: "
+                        "a separate row, to show what it buys)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch / OpenMP threads for both tools (default: torch's, one per core)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "preftune_vs_trl"))
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--precompute", default="on", help=argparse.SUPPRESS)
-    p.add_argument("--compile", default="off", help=argparse.SUPPRESS)
+    p.add_argument("--engine-json", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         run_worker(a)
@@ -307,6 +307,7 @@ def main(argv=None) -> int:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     settings = ["on", "off"] if a.trl_precompute == "both" else [a.trl_precompute]
+    engine = dict(_setting(kv) for kv in a.preftune_engine)
     pairs = a.pairs or a.steps * BATCH * ACCUM
     rows = []
     for kind in kinds:
@@ -321,8 +322,13 @@ def main(argv=None) -> int:
                 print(f"  {kind} {precision} trl precompute={s}: {runs[f'trl (precompute {s})']}", file=sys.stderr)
             for c in ["off", "on"] if a.preftune_compile == "both" else [a.preftune_compile]:
                 name = "preftune (compile)" if c == "on" else "preftune"
-                runs[name] = launch("preftune", model_dir, data, precision, a.steps, work, layout=a.layout,
-                                    threads=a.threads, compile=c)
+                runs[name] = launch("preftune", model_dir, data, precision, a.steps, work,
+                                    engine={**engine, "compile": c == "on"}, threads=a.threads)
+                print(f"  {kind} {precision} {name}: {runs[name]}", file=sys.stderr)
+            if a.preftune_checkpointing:
+                name = "preftune (grad ckpt, off-rules)"
+                runs[name] = launch("preftune", model_dir, data, precision, a.steps, work,
+                                    engine={**engine, "gradient_checkpointing": True}, threads=a.threads)
                 print(f"  {kind} {precision} {name}: {runs[name]}", file=sys.stderr)
             for name, r in runs.items():
                 r.update(tool=name, model=kind, precision=precision, steps=a.steps, threads=a.threads,
@@ -341,6 +347,14 @@ def main(argv=None) -> int:
     ok = all(abs(r["first_loss"] - math.log(2)) < 1e-3 for r in rows)
     print(f"first-step losses {'all' if ok else 'NOT all'} at ln 2 = {math.log(2):.4f} (policy == reference)")
     return 0
+
+
+def _setting(kv: str) -> tuple[str, object]:
+    key, _, value = kv.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def table(rows: list[dict]) -> str:

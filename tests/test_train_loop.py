@@ -302,7 +302,7 @@ def test_logged_learning_rate_follows_schedule(dpo_config, make_model, train_pai
 
 def test_length_grouped_batches_are_deterministic_and_cover_the_epoch(dpo_config, make_model, train_pairs,
                                                                      monkeypatch, tmp_path):
-    """engine.group_by_length (the default): each micro-batch holds examples of similar length, every example
+    """engine.group_by_length: each micro-batch holds examples of similar length, every example
     of the epoch is seen once, and the order is a function of the seed alone (so a resumed run sees the same)."""
     from preftune.trainer import loop
 
@@ -315,7 +315,8 @@ def test_length_grouped_batches_are_deterministic_and_cover_the_epoch(dpo_config
         return order
 
     monkeypatch.setattr(loop, "length_grouped_order", spy)
-    cfg = dpo_config(make_model(seed=1), train_pairs[:32], training={"per_device_batch_size": 4, "max_steps": 8})
+    cfg = dpo_config(make_model(seed=1), train_pairs[:32], training={"per_device_batch_size": 4, "max_steps": 8},
+                     engine={"group_by_length": True})
     preftune.train(cfg, log=lambda *_: None)
     assert len(seen) == 1  # one epoch: the order is computed once, not per step
     lengths, order = seen[0]
@@ -345,7 +346,7 @@ def test_accumulation_1x4_equals_4x1(dpo_config, make_model, train_pairs, monkey
         cfg = dpo_config(model, train_pairs[:16], training={
             "output_dir": str(out), "per_device_batch_size": micro, "gradient_accumulation_steps": accum,
             "max_steps": 2, "learning_rate": 1e-3},
-            engine={"group_by_length": False})  # length grouping forms batches of the micro-batch size
+            engine={"group_by_length": False})  # (the default) length grouping would batch by micro size
         preftune.train(cfg, log=lambda *_: None)
         results.append((model, train_records(out)))
     (m4, rec4), (m1, rec1) = results
