@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -309,6 +310,7 @@ def test_flex_attention_gets_a_block_mask_from_the_bool_mask():
     assert dense.shape[0] == batch.attention_mask.shape[0]
 
 
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))), reason="inductor needs a C++ compiler")
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_compiled_layers_match_naive_and_stay_local(layout):
     """engine.compile: the decoder layers run through inductor inside the engine's forward only; log-probs,

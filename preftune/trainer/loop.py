@@ -17,6 +17,7 @@ import json
 import math
 import random
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def _train(cfg, resume, log) -> dict:
     for line in objective.setup(train_set.examples):  # data-dependent loss settings (e.g. auto class weights)
         say(f"loss: {line}")
     policy = kind.load(cfg.model, tokenizer).to(device)  # the model that trains: policy or reward model
+    if cfg.engine.compile and device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
+        raise PreftuneError("engine.compile on CPU needs a C++ compiler (g++ or clang++) for inductor's kernels; "
+                            "install one or set engine.compile: false")
     if cfg.engine.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
