@@ -62,6 +62,12 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return t * softcap, t
 
 
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's product runs in: autocast's when it is on, else the hidden states'."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(h W^T + b)[target] over chunks of tokens, logits recomputed in backward.
 
@@ -77,7 +83,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size: int, softcap, scale):
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        dtype = _compute_dtype(hidden)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
         lse = torch.empty_like(out)  # (N,)
         with torch.autocast(device, enabled=False):
@@ -140,8 +146,7 @@ def token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, ch
         return hidden.new_zeros(0, dtype=torch.float32)
     if chunk_size <= 0:  # switched off: full (N, V) logits kept for autograd
         bias = getattr(head, "bias", None)
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else (
-            hidden.dtype)
+        dtype = _compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             z, _ = _logits(hidden.to(dtype), head.weight.to(dtype), None if bias is None else bias.to(dtype), softcap,
                            scale)  # (N, V) fp32

@@ -16,14 +16,7 @@ from preftune.data.tokenize import TokenizedSingle
 from preftune.trainer.data import mismatched
 from preftune.trainer.steps import balanced_weights, kl_reference_point
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine is shared: two threads per op oversubscribe it and slow these tiny models ten-fold.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -186,11 +179,15 @@ def test_batch_size_one_and_odd(tmp_path, items, batch_size):
     assert summary["nonfinite_steps"] == 0 and summary["eval_examples"] == 5
 
 
-def test_auto_weights_are_printed_and_used(tmp_path, items):
-    train_items, _ = items
-    pairs = toy.pair_rows(train_items[:24], seed=1)
+def imbalanced_rows(items) -> list[dict]:
+    """8 desirable and 24 undesirable completions of the toy task."""
+    pairs = toy.pair_rows(items[0][:24], seed=1)
     rows = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in pairs[:8]]
-    rows += [{"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in pairs]
+    return rows + [{"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in pairs]
+
+
+def test_auto_weights_are_printed_and_used(tmp_path, items):
+    rows = imbalanced_rows(items)
     lines = []
     _, records = run(tmp_path, rows, loss={"desirable_weight": "auto", "undesirable_weight": "auto"},
                      log=lambda *a: lines.append(" ".join(map(str, a))), per_device_batch_size=32, max_steps=1)
@@ -204,10 +201,7 @@ def test_auto_weights_are_printed_and_used(tmp_path, items):
 
 
 def test_imbalance_without_auto_prints_the_weights_but_keeps_the_given_ones(tmp_path, items):
-    train_items, _ = items
-    pairs = toy.pair_rows(train_items[:24], seed=1)
-    rows = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in pairs[:8]]
-    rows += [{"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in pairs]
+    rows = imbalanced_rows(items)
     lines = []
     _, records = run(tmp_path, rows, log=lambda *a: lines.append(" ".join(map(str, a))),
                      per_device_batch_size=32, max_steps=1)

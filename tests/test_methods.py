@@ -78,13 +78,7 @@ EXTRA_METRICS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine is shared: two threads per op oversubscribe it and slow these tiny models ten-fold.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
