@@ -119,7 +119,7 @@ def _byte_lines(f, limit: int) -> Iterator[tuple[int, bytes, int]]:
     """(1-based line number, line, size without the newline) for each line of binary file ``f``.
 
     A line of more than ``limit`` bytes comes back as its first ``limit + 1`` bytes with its true size: the rest
-    is read in 1 MiB pieces and thrown away, so memory stays bounded by ``limit``.
+    is read in 64 KiB pieces and thrown away, so memory stays bounded by ``limit``.
     """
     lineno = 0
     while line := f.readline(limit + 1):
@@ -130,7 +130,7 @@ def _byte_lines(f, limit: int) -> Iterator[tuple[int, bytes, int]]:
             yield lineno, line, len(line)
         else:
             size = len(line)
-            while piece := f.readline(2**20):
+            while piece := f.readline(2**16):
                 size += len(piece)
                 if piece.endswith(b"\n"):
                     size -= 1

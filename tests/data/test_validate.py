@@ -267,3 +267,21 @@ def test_cli_validate_unknown_file_is_a_user_error(tmp_path, cli):
 
     with pytest.raises(PreftuneError, match="no such file"):
         cli(["validate", str(tmp_path / "missing.jsonl")])
+
+
+def test_trainer_preflight_judges_the_train_file_alone(tmp_path, jsonl, pair, toy_tok):
+    from preftune.config import DataConfig
+    from preftune.data.load import DataError
+    from preftune.data.tokenize import Tokenization
+    from preftune.trainer.data import prepare_data
+
+    # 46 train lines, 6 of them unusable (13% > 10%), and 60 clean eval rows. Counting the eval rows under the
+    # train file's name read "106 rows read, 6 unusable (5.7%)" and let this train file through.
+    empty = {"prompt": "p", "chosen": "an answer", "rejected": " "}
+    train = jsonl(tmp_path / "train.jsonl", [pair(i) for i in range(40)] + [empty] * 6)
+    evaluation = jsonl(tmp_path / "eval.jsonl", [pair(100 + i) for i in range(60)])
+    lines = []
+    with pytest.raises(DataError, match="6 of 46 rows"):
+        prepare_data(DataConfig(train=str(train), eval=str(evaluation)), "paired",
+                     Tokenization(toy_tok, max_length=64), 0, None, lines.append)
+    assert f"data check: {train}: 46 rows read, 40 usable" in lines[0]
