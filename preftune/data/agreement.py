@@ -247,7 +247,17 @@ def analyze(annotations: Iterable[Annotation], *, min_agreement: float = 0.66, w
             gold.setdefault(a.item, a.gold)
     categories = sorted({a.choice for a in anns})
 
-    # Kappa.
+    kappa = _kappa(by_item, annotators, categories)
+    per = {name: _annotator(name, anns, gold, first_label, windows) for name in annotators}
+    item_agreement, kept, dropped = _items(by_item, gold, min_agreement)
+    return AgreementReport(
+        annotations=len(anns), items=len(by_item), annotators=annotators, kappa=kappa, per_annotator=per,
+        item_agreement=item_agreement, min_agreement=min_agreement, kept_items=kept, dropped_items=dropped,
+        duplicates=duplicates, unreadable=unreadable or [])
+
+
+def _kappa(by_item: dict[str, dict[str, str]], annotators: list[str], categories: list[str]) -> dict[str, Any]:
+    """Cohen's κ for two annotators (items both labelled), else Fleiss' κ and, up to 20 annotators, pairwise Cohen."""
     if len(annotators) == 2:
         x, y = annotators
         shared = [i for i, labels in by_item.items() if x in labels and y in labels]
@@ -265,37 +275,42 @@ def analyze(annotations: Iterable[Annotation], *, min_agreement: float = 0.66, w
                     pairwise[f"{x}|{y}"] = _finite(cohen_kappa([by_item[i][x] for i in shared],
                                                                [by_item[i][y] for i in shared]))
             kappa["pairwise_cohen"] = pairwise
+    return kappa
 
-    # Per annotator: position bias and gold accuracy over time.
-    per: dict[str, dict[str, Any]] = {}
-    for name in annotators:
-        mine = sorted((a for a in anns if a.annotator == name), key=_time_key)
-        decided = [a for a in mine if a.choice not in TIE_LABELS]
-        picks_first = sum(a.choice == (a.shown_first or first_label) for a in decided)
-        p = binomial_two_sided(picks_first, len(decided))
-        on_gold = [a.choice == gold[a.item] for a in mine if a.item in gold]
-        chunks = _chunks(on_gold, windows)
-        accs = [round(sum(c) / len(c), 6) for c in chunks]
-        acc = sum(on_gold) / len(on_gold) if on_gold else None
-        drift = round(accs[-1] - accs[0], 6) if len(accs) >= 2 else None
-        flags = []
-        if decided and p < 0.01:
-            flags.append("position_biased")
-        if acc is not None and len(on_gold) >= 5 and acc < 0.7:
-            flags.append("low_gold_accuracy")
-        if drift is not None and drift <= -0.2:
-            flags.append("drifting")
-        per[name] = {
-            "annotations": len(mine),
-            "position_bias": {"first_share": round(picks_first / len(decided), 6) if decided else None,
-                              "n": len(decided), "p_value": float(f"{p:.6g}"),
-                              "order_known": all(a.shown_first is not None for a in decided)},
-            "gold": {"n": len(on_gold), "accuracy": None if acc is None else round(acc, 6),
-                     "windows": accs, "drift": drift},
-            "flags": flags,
-        }
 
-    # Items.
+def _annotator(name: str, anns: list[Annotation], gold: dict[str, str], first_label: str,
+               windows: int) -> dict[str, Any]:
+    """One annotator's position bias, gold accuracy over time and flags (see :func:`analyze`)."""
+    mine = sorted((a for a in anns if a.annotator == name), key=_time_key)
+    decided = [a for a in mine if a.choice not in TIE_LABELS]
+    picks_first = sum(a.choice == (a.shown_first or first_label) for a in decided)
+    p = binomial_two_sided(picks_first, len(decided))
+    on_gold = [a.choice == gold[a.item] for a in mine if a.item in gold]
+    chunks = _chunks(on_gold, windows)
+    accs = [round(sum(c) / len(c), 6) for c in chunks]
+    acc = sum(on_gold) / len(on_gold) if on_gold else None
+    drift = round(accs[-1] - accs[0], 6) if len(accs) >= 2 else None
+    flags = []
+    if decided and p < 0.01:
+        flags.append("position_biased")
+    if acc is not None and len(on_gold) >= 5 and acc < 0.7:
+        flags.append("low_gold_accuracy")
+    if drift is not None and drift <= -0.2:
+        flags.append("drifting")
+    return {
+        "annotations": len(mine),
+        "position_bias": {"first_share": round(picks_first / len(decided), 6) if decided else None,
+                          "n": len(decided), "p_value": float(f"{p:.6g}"),
+                          "order_known": all(a.shown_first is not None for a in decided)},
+        "gold": {"n": len(on_gold), "accuracy": None if acc is None else round(acc, 6),
+                 "windows": accs, "drift": drift},
+        "flags": flags,
+    }
+
+
+def _items(by_item: dict[str, dict[str, str]], gold: dict[str, str], min_agreement: float
+           ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, str]]:
+    """Per-item agreement, the kept items and the dropped ones with their reason (see :func:`analyze`)."""
     item_agreement: dict[str, dict[str, Any]] = {}
     kept: list[str] = []
     dropped: dict[str, str] = {}
@@ -315,10 +330,7 @@ def analyze(annotations: Iterable[Annotation], *, min_agreement: float = 0.66, w
             dropped[item] = "below_min_agreement"
         else:
             kept.append(item)
-    return AgreementReport(
-        annotations=len(anns), items=len(by_item), annotators=annotators, kappa=kappa, per_annotator=per,
-        item_agreement=item_agreement, min_agreement=min_agreement, kept_items=kept, dropped_items=dropped,
-        duplicates=duplicates, unreadable=unreadable or [])
+    return item_agreement, kept, dropped
 
 
 def _chunks(values: list, k: int) -> list[list]:
