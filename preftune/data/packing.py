@@ -148,6 +148,12 @@ def padding_fraction(batch: SequenceBatch) -> float:
     return 1.0 - batch.num_tokens / slots if slots else 0.0
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
                          group_batches: int = 50) -> list[int]:
     """An epoch order in which each run of ``batch_size`` consecutive examples has similar lengths.

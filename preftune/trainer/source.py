@@ -13,10 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-import torch
-
 from preftune.data.batch import PreferenceBatch
-from preftune.data.packing import length_grouped_order, unit_length
+from preftune.data.packing import epoch_order, length_grouped_order, unit_length
 from preftune.data.prepare import ExampleSet
 
 
@@ -31,12 +29,6 @@ class ExperienceSource(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The example order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
 
 
 class StaticSource:
