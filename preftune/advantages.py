@@ -74,6 +74,9 @@ def group_relative(
     does not say which std. A group with a single scored completion has no sample std: its advantage is 0 (TRL
     divides 0 by NaN and maps NaN to 0; same result).
 
+    Pass the whole generation batch (gathered from every process, as TRL does before normalizing): with a
+    per-process slice the "batch" std — and, if a group is split across processes, the group statistics — differ.
+
     Args:
         rewards: (P, G) float; NaN marks a missing score.
         mask: optional (P, G) bool, True where scored.

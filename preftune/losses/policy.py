@@ -57,7 +57,9 @@ def step_contributions(
     max_completion_length: int | None = None,
     world_size: int = 1,
 ) -> torch.Tensor:
-    """Each sequence's share of the step loss: per-token losses → (B,) contributions whose SUM is this micro-batch's term.
+    """Each sequence's share of the step loss: (B, T) per-token losses → (B,) contributions.
+
+    The SUM of the contributions is this micro-batch's term of the step loss (times W, see below).
 
         grpo:     c_i = W · (1/|o_i|)·Σ_t ℓ_it / S           (mean over a sequence's tokens, then over the step's S sequences)
         bnpo:     c_i = W · Σ_t ℓ_it / N                     (N: tokens of the whole step)
@@ -159,8 +161,10 @@ def grpo_policy_loss(
         advantages: (B,) per sequence, or (B, T) per token.
         mask: (B, T) 1 on real completion tokens (right-padded).
         ref_logps: (B, T) log π_ref, needed when beta ≠ 0; when given with beta = 0 it only feeds the ``kl`` metric.
-        num_sequences_in_step, num_tokens_in_step, max_completion_length, world_size: the step's counts (W × the
-            per-process share); which ones are needed depends on ``aggregation`` — see :func:`step_contributions`.
+        num_sequences_in_step, num_tokens_in_step, max_completion_length: counts over the WHOLE optimizer step
+            (every micro-batch on every process); which ones are needed depends on ``aggregation`` — see
+            :func:`step_contributions`.
+        world_size: W, the number of processes whose gradients DDP averages (1 when gradients are summed).
 
     Returns:
         LossOutput with ``losses`` (B,): per-sequence contributions c_i, to be reduced by SUM; ``rewards``: the

@@ -96,8 +96,8 @@ def test_gspo_sequence_ratio_by_hand():
     # s_i = exp(mean_t log w): s_0 = sqrt(1.5·0.9) = sqrt(1.35) = 1.161895;  s_1 = (0.5·1.1·1.0)^(1/3) = 0.819321
     # ε = 0.2: both inside [0.8, 1.2], nothing clipped. ℓ is constant along a sequence: −s_0 and +s_1.
     # grpo: mean over tokens = −1.161895 and 0.819321; / S = 2 → c = [−0.580948, 0.409660] (total −0.171287)
-    # grad: d s_i / d logp_t = s_i/|o_i|: seq 0: −1.161895/2 (token mean of a constant) /2 (S)... per token
-    #   d c_0/d logp_t = −(1/2)·s_0/2 = −0.290474;  d c_1/d logp_t = (1/2)·s_1/3 = 0.136553
+    # grad: d s_i/d logp_t = s_i/|o_i| for each real token t, and c_i = −A_i·s_i / S (the token mean of a constant), so
+    #   d c_0/d logp_t = −1·(1.161895/2)/2 = −0.290474;   d c_1/d logp_t = +1·(0.819321/3)/2 = 0.136553
     logps, old = _case()
     out = grpo_policy_loss(logps, old, ADV, MASK, importance_sampling="sequence", aggregation="grpo", **COUNTS)
     out.losses.sum().backward()
@@ -274,3 +274,21 @@ def test_bad_inputs_raise_clear_errors():
         grpo_policy_loss(logps, old, torch.ones(3), MASK, **COUNTS)
     with pytest.raises(ValueError, match="world_size"):
         grpo_policy_loss(logps, old, ADV, MASK, world_size=0, **COUNTS)
+
+
+@pytest.mark.parametrize("estimator", ["group", "batch", "none", "rloo"])
+def test_constant_reward_per_group_gives_zero_gradient(estimator):
+    # Every completion of a prompt scores the same (1 for prompt 0, 0 for prompt 1): r − group mean = 0, so
+    # A = 0 for every scale and for RLOO, and the loss has exactly zero gradient even off-policy (ρ ≠ 1).
+    from preftune.advantages import group_relative, rloo
+
+    scores = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])  # (P, G)
+    adv = rloo(scores) if estimator == "rloo" else group_relative(scores, scale=estimator)
+    theta, logps_of, old, _, _, _ = _problem(seed=2)
+    rows = [0, 1, 2, 3, 4, 5]  # the 6 = P·G completions, one advantage each
+    mask = torch.tensor([[int(t < LENGTHS[r]) for t in range(T)] for r in rows])
+    theta.grad = None
+    out = grpo_policy_loss(logps_of(rows, T), old[rows], adv.reshape(-1), mask, aggregation="dapo", **STEP)
+    out.losses.sum().backward()
+    assert adv.abs().max().item() == 0.0
+    assert theta.grad.abs().max().item() == 0.0
