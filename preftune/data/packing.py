@@ -1,4 +1,4 @@
-"""Layouts beyond padding: the shared prompt and packed rows; both register into ``collate.LAYOUTS``.
+"""Layouts beyond padding: the shared prompt and packed rows (named in ``preftune.data.layouts``).
 
     shared_prompt  one row per pair:   [prompt | chosen | rejected | pad]
     packed         several pairs a row: [prompt1 | chosen1 | rejected1 | prompt2 | chosen2 | rejected2 | pad]
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from preftune.data.collate import LAYOUTS, SequenceBatch, collate_padded
+from preftune.data.collate import SequenceBatch, collate_padded
 from preftune.data.tokenize import TokenizedPair, TokenizedSingle
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
@@ -169,7 +169,3 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epo
     if tail is not None:
         batches.append(tail)
     return [i for b in batches for i in b]
-
-
-LAYOUTS["shared_prompt"] = collate_shared_prompt
-LAYOUTS["packed"] = collate_packed
