@@ -191,9 +191,10 @@ class MonitorConfig:
     """Write greedy samples every N optimizer steps; None: at every evaluation."""
     print_samples: int = 2
     """Samples echoed to the console each time (all go to samples.jsonl and TensorBoard)."""
-    early_stopping_metric: str = "eval/loss"
+    early_stopping_metric: str | None = None
     """Metric for the best model and early stopping, `split/key` from metrics.jsonl (e.g.
-    `eval/rewards/accuracies`, `monitor/kl/k3_seq`)."""
+    `eval/rewards/accuracies`, `monitor/kl/k3_seq`); None: `eval/loss`, or `eval/reward/mean` (held-out reward
+    of greedy samples) in an on-policy run."""
     early_stopping_mode: Literal["auto", "min", "max"] = "auto"
     """Whether lower or higher is better; auto: higher for accuracies, margins, rewards and win rates."""
     patience: int | None = None

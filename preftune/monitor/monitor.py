@@ -30,6 +30,7 @@ Only the main process generates, judges and writes; the stop decision is shared 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -71,6 +72,9 @@ class Monitor:
     """
 
     def __init__(self, cfg, policy, tokenizer, eval_set, ref_model, accelerator, say=print):
+        if cfg.monitor.early_stopping_metric is None:  # the natural held-out metric of the run's kind
+            default = "eval/reward/mean" if getattr(cfg, "rollout", None) is not None else "eval/loss"
+            cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, early_stopping_metric=default))
         self.mc = mc = cfg.monitor
         self.run_dir = Path(cfg.training.output_dir)
         self.policy, self.tokenizer, self.accelerator, self.say = policy, tokenizer, accelerator, say
