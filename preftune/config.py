@@ -230,6 +230,12 @@ class RolloutConfig:
     `max_resample_rounds` extra rounds."""
     max_resample_rounds: int = 3
     """Dynamic sampling: at most this many extra generation rounds per step before training on what is there."""
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    """Policy-gradient losses: `grpo` (reward minus the group mean, scaled by `scale_rewards`), `rloo` (minus
+    the mean of the group's other samples), `reinforce_pp` (group mean removed, then whitened over the batch)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """`grpo` advantages divided by the group's reward std (GRPO), the whole batch's (some implementations), or
+    not at all (Dr. GRPO)."""
 
 
 @dataclass

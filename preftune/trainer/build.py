@@ -91,7 +91,7 @@ class Run:
                               enabled=self.cfg.training.precision == "bf16")
 
     def logp_fn(self, batch):
-        return self.model(*batch.model_args())
+        return self.model(*batch.model_args(), **batch.model_kwargs())
 
     def checkpoint(self, step: int) -> None:
         """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position."""
@@ -228,6 +228,6 @@ def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autoca
 
     def reference_fn(batch):
         with reference_mode(ref_logp.model):
-            return ref_logp(*batch.model_args())
+            return ref_logp(*batch.model_args(), **batch.model_kwargs())
 
     return ref_model, reference_fn
