@@ -71,12 +71,6 @@ class RewardMean:
 TRAINER_STATE: dict[str, type] = {"delta": RewardMean}
 # Unpaired class weights that accept "auto" (chosen from the class counts by :func:`balanced_weights`).
 CLASS_WEIGHTS = ("desirable_weight", "undesirable_weight")
-# Which token count turns a summed log-prob input into a per-token mean (specs with reduction="mean").
-_LENGTH_OF = {
-    "policy_chosen_logps": "chosen_lengths", "reference_chosen_logps": "chosen_lengths",
-    "policy_rejected_logps": "rejected_lengths", "reference_rejected_logps": "rejected_lengths",
-    "policy_logps": "lengths", "reference_logps": "lengths",
-}
 
 
 @dataclass
@@ -162,8 +156,6 @@ class Objective:
         outputs = []
         for spec in self.specs:
             args = {k: inputs[k] for k in _input_names(spec)}
-            if spec.reduction == "mean":
-                args = {k: v / inputs[_LENGTH_OF[k]].clamp(min=1) if k in _LENGTH_OF else v for k, v in args.items()}
             hp = {k: v for k, v in self.params.items() if k in spec.hyperparameters}
             keepers = {n: self.state[f"{spec.name}/{n}"] for n in TRAINER_STATE if f"{spec.name}/{n}" in self.state}
             out = spec.fn(**args, **hp, **{n: k.value for n, k in keepers.items()})
