@@ -18,7 +18,7 @@ from preftune import toy
 from preftune.data.validate import validate
 from preftune.errors import PreftuneError
 from preftune.judges import Judge, Verdict, VerifierJudge
-from preftune.rollout.cli import _toy_verify, make_judge
+from preftune.judges.spec import make_judge
 from preftune.rollout.generate import (
     HFBackend,
     OpenAIBackend,
@@ -30,6 +30,7 @@ from preftune.rollout.generate import (
     run_generation,
 )
 from preftune.synth.pairs import build_pairs, judge_generations, length_bias
+from preftune.toy import verifier_score
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["say : cat dog fox", "echo : red blue", "copy : plum pear fig", "repeat : owl bee"]
@@ -218,7 +219,7 @@ ROWS = [
     gen_row("echo : red blue", ["red blue", "red  blue "]),  # both right: a tie
     gen_row("copy : plum", ["plum", "plum"]),  # one distinct response
 ]
-TOY = VerifierJudge(_toy_verify, name="toy-verifier")
+TOY = VerifierJudge(verifier_score, name="toy-verifier")
 
 
 def test_all_pairs_lineage_and_drops():
@@ -249,7 +250,7 @@ def test_score_fast_path_agrees_with_judge_many():
 
 def test_a_response_the_judge_cannot_score_is_counted_and_the_run_goes_on(tmp_path):
     # The verifier gives NaN for "fox dog cat owl" (a judge fault: no score, not a low one).
-    judge = VerifierJudge(lambda p, r: float("nan") if r == "fox dog cat owl" else float(_toy_verify(p, r)),
+    judge = VerifierJudge(lambda p, r: float("nan") if r == "fox dog cat owl" else float(verifier_score(p, r)),
                           name="flaky")
     res = build_pairs(ROWS, judge, mode="all")
     # ROWS[0] has 3 distinct responses: (0, 1) is decided, (0, 4) and (1, 4) involve the unscored one.

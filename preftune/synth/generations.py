@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
-from preftune.rollout.generate import prompt_text
+from preftune.judges.prompts import prompt_text
 
 
 def read_generations(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -272,8 +272,8 @@ def test_cli_validate_unknown_file_is_a_user_error(tmp_path, cli):
 def test_trainer_preflight_judges_the_train_file_alone(tmp_path, jsonl, pair, toy_tok):
     from preftune.config import DataConfig
     from preftune.data.load import DataError
+    from preftune.data.prepare import prepare_data
     from preftune.data.tokenize import Tokenization
-    from preftune.trainer.data import prepare_data
 
     # 46 train lines, 6 of them unusable (13% > 10%), and 60 clean eval rows. Counting the eval rows under the
     # train file's name read "106 rows read, 6 unusable (5.7%)" and let this train file through.
