@@ -207,11 +207,17 @@ class Reader:
             return f"unknown key '{dotted}': {self.renamed[key]}", []
         known = self.known()
         elsewhere = [k for k in known if k.rsplit(".", 1)[-1] == key and k != dotted]
-        if not elsewhere:
-            elsewhere = [join(where, n) for n in difflib.get_close_matches(key, valid, n=1, cutoff=0.5)]
-        if not elsewhere:
-            by_name = {k.rsplit(".", 1)[-1]: k for k in known}
-            elsewhere = [by_name[n] for n in difflib.get_close_matches(key, list(by_name), n=1, cutoff=0.8)]
+        if not elsewhere:  # the closest name: of this section (similarity >= 0.5), or of any (>= 0.8, and closer)
+            def score(name: str) -> float:
+                return difflib.SequenceMatcher(None, key, name).ratio()
+
+            here = max(valid, key=score, default="")
+            anywhere = max(known, key=lambda k: score(k.rsplit(".", 1)[-1]), default="")
+            near = score(anywhere.rsplit(".", 1)[-1])
+            if near >= 0.8 and near > score(here):
+                elsewhere = [anywhere]
+            elif score(here) >= 0.5:
+                elsewhere = [join(where, here)]
         if elsewhere:
             return f"unknown key '{dotted}'. Did you mean {' or '.join(repr(k) for k in elsewhere)}?", elsewhere
         return f"unknown key '{dotted}'. {listing}: {', '.join(valid)}.", []

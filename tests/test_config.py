@@ -9,7 +9,15 @@ import copy
 
 import pytest
 
-from preftune.config import Config, LossConfig, check_loss_params, field_docs, load_yaml, parse_overrides, to_config
+from preftune.config import (
+    Config,
+    LossConfig,
+    check_loss_params,
+    field_docs,
+    load_yaml,
+    parse_overrides,
+    to_config,
+)
 from preftune.errors import ConfigError
 
 BASE = {"model": "some/model", "loss": {"name": "dpo", "beta": 0.1},
