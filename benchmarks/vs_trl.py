@@ -183,7 +183,7 @@ def microbatch_ab(kind: str, precision: str, repeats: int) -> dict:
     from trl.trainer.utils import add_fused_lm_head
 
     from preftune.config import EngineConfig
-    from preftune.data.collate import LAYOUTS
+    from preftune.data.layouts import LAYOUTS
     from preftune.data.tokenize import TokenizedPair
     from preftune.logprobs import sequence_logps
 

@@ -224,6 +224,54 @@ class MonitorConfig:
 
 
 @dataclass
+class RolloutConfig:
+    num_generations: int = 4
+    """Completions sampled from the current policy per prompt at every step (online DPO: best vs worst of
+    them; GRPO: the group). At least 2."""
+    max_new_tokens: int = 64
+    """Longest completion, in tokens; a completion cut here has no end-of-sequence token (`finish: length`)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0). GRPO divides the training pass's logits by it too, so the ratio π/π_old
+    compares the distributions that were sampled."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p` (1.0: all)."""
+    top_k: int = 0
+    """Keep the `top_k` most likely tokens (0: all)."""
+    generation_batch_size: int = 32
+    """Prompts generated together (memory of the KV cache); does not change the samples, which are seeded
+    per prompt and sample."""
+    num_iterations: int = 1
+    """GRPO's μ: optimizer passes over one rollout; > 1 reuses it with π_old stored at sampling time."""
+    mask_truncated_completions: bool = False
+    """GRPO: completions that hit `max_new_tokens` without an end-of-sequence token get no loss (DAPO)."""
+    dynamic_sampling: bool = False
+    """GRPO: drop groups whose rewards have zero spread and sample more prompts instead (DAPO), up to
+    `max_resample_rounds` extra rounds."""
+    max_resample_rounds: int = 3
+    """Dynamic sampling: at most this many extra generation rounds per step before training on what is there."""
+
+
+@dataclass
+class RewardConfig:
+    functions: list[str] = field(default_factory=list)
+    """Reward functions `path/to/file.py:fn` or `package.module:fn`, called as `fn(prompts=[...],
+    completions=[...], **columns)` and returning one float (or None: no score) per completion: TRL's
+    signature, so a TRL reward function works unchanged. Built-ins: `preftune.rewards:toy_verifier`,
+    `preftune.rewards:format_reward`, `preftune.rewards:length_penalty`."""
+    weights: list[float] | None = None
+    """One weight per function (default 1.0 each); the weighted sum is the reward."""
+    judge: Any = None
+    """Instead of (or besides) functions: a judge config (a YAML path or a mapping; see docs/judges.md) or a
+    `--judge` value such as `toy-verifier`. A judge with a score (verifier, reward model, scored LLM judge)
+    scores each completion; a pairwise-only judge ranks the samples of a prompt by wins, asked in both orders."""
+    min_margin: float = 0.0
+    """Online DPO: a prompt whose best and worst reward differ by no more than this gives no pair (skipped
+    and counted as `rollout/skipped_fraction`); 0 skips exact ties only."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the reward of a completion that ended without an end-of-sequence token."""
+
+
+@dataclass
 class Config:
     model: Any = REQUIRED
     """Policy to tune, or the base of a reward model: hub id or local path (or, from Python, a loaded
@@ -247,6 +295,11 @@ class Config:
     """Optimisation, schedule, checkpoints."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     """Health checks, KL, alarms, samples and early stopping during training."""
+    rollout: RolloutConfig | None = None
+    """On-policy sampling: present, the run generates from the current policy every step (online DPO with a
+    paired loss, GRPO with a policy-gradient loss); `training.per_device_batch_size` then counts prompts."""
+    reward: RewardConfig | None = None
+    """How on-policy samples are scored (reward functions and / or a judge); required with `rollout`."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

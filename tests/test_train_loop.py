@@ -18,8 +18,8 @@ from preftune.data.tokenize import Tokenization
 from preftune.errors import PreftuneError
 from preftune.logprobs import naive_sequence_logps, sequence_logps
 from preftune.losses import LossOutput, LossSpec
+from preftune.runlog import read_metrics
 from preftune.trainer import steps as steps_mod
-from preftune.trainer.metrics import read_metrics
 from preftune.trainer.optim import build_scheduler
 
 STEP_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -147,6 +147,7 @@ def test_lora_adapter_saved_and_loads_with_peft(dpo_config, make_model, train_pa
 
 def _sequences_of_batch(batch):
     """(prompt, completion) token lists of each sequence of a padded batch."""
+    batch = batch.seqs
     out = []
     lengths = torch.bincount(batch.target_seq, minlength=batch.num_sequences).tolist()
     for s in range(batch.num_sequences):
@@ -225,7 +226,7 @@ def _pair_records(rows):
 
 
 def test_reference_copy_is_frozen_and_never_changes(dpo_config, make_model, train_pairs, monkeypatch):
-    from preftune.trainer import loop
+    from preftune.trainer import build as loop
 
     captured = []
     real_freeze = loop.freeze
@@ -304,7 +305,7 @@ def test_length_grouped_batches_are_deterministic_and_cover_the_epoch(dpo_config
                                                                      monkeypatch, tmp_path):
     """engine.group_by_length: each micro-batch holds examples of similar length, every example
     of the epoch is seen once, and the order is a function of the seed alone (so a resumed run sees the same)."""
-    from preftune.trainer import loop
+    from preftune.trainer import source as loop
 
     seen: list[tuple[list[int], list[int]]] = []
     real = loop.length_grouped_order

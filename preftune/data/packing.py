@@ -1,4 +1,4 @@
-"""Layouts beyond padding: the shared prompt and packed rows; both register into ``collate.LAYOUTS``.
+"""Layouts beyond padding: the shared prompt and packed rows (named in ``preftune.data.layouts``).
 
     shared_prompt  one row per pair:   [prompt | chosen | rejected | pad]
     packed         several pairs a row: [prompt1 | chosen1 | rejected1 | prompt2 | chosen2 | rejected2 | pad]
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from preftune.data.collate import LAYOUTS, SequenceBatch, collate_padded
+from preftune.data.collate import SequenceBatch, collate_padded
 from preftune.data.tokenize import TokenizedPair, TokenizedSingle
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
@@ -148,6 +148,12 @@ def padding_fraction(batch: SequenceBatch) -> float:
     return 1.0 - batch.num_tokens / slots if slots else 0.0
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
                          group_batches: int = 50) -> list[int]:
     """An epoch order in which each run of ``batch_size`` consecutive examples has similar lengths.
@@ -169,7 +175,3 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epo
     if tail is not None:
         batches.append(tail)
     return [i for b in batches for i in b]
-
-
-LAYOUTS["shared_prompt"] = collate_shared_prompt
-LAYOUTS["packed"] = collate_packed

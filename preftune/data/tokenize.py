@@ -109,6 +109,11 @@ class Tokenization:
             ids = ids[:room]
         return ids
 
+    def prompt_ids(self, prompt) -> list[int]:
+        """A prompt (text, or messages rendered by the chat template with the generation prompt) as the ids a
+        completion is generated after, truncated by the same rules as in training; raises Skip when unusable."""
+        return self._prompt_ids(prompt)
+
     # -- records ------------------------------------------------------------------------------------------
     def pair(self, rec: PairRecord) -> TokenizedPair:
         p = self._prompt_ids(rec.prompt)

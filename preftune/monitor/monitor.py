@@ -44,7 +44,7 @@ from preftune.eval.drift import completion_token_logps, end_ids, generate_ids, g
 from preftune.models import is_peft, reference_mode, save_pretrained
 from preftune.monitor import samples as samples_mod
 from preftune.monitor.health import check_alarms, diagnose
-from preftune.trainer.metrics import read_metrics
+from preftune.runlog import read_metrics
 
 SAMPLE_SEED = 1234
 
@@ -63,7 +63,7 @@ class Monitor:
         cfg: the run's :class:`~preftune.config.Config` (``cfg.monitor`` holds the settings).
         policy: the model being trained (not the DDP wrapper); still the initial weights when constructed.
         tokenizer: for decoding samples and saving the best model.
-        eval_set: the held-out :class:`~preftune.trainer.data.ExampleSet`; its first ``num_prompts`` distinct
+        eval_set: the held-out :class:`~preftune.data.prepare.ExampleSet`; its first ``num_prompts`` distinct
             prompts are the fixed generation prompts.
         ref_model: a frozen reference model held by the loop, or None.
         accelerator: for the process rank and the shared stop decision.
