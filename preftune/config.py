@@ -5,19 +5,19 @@ it (``within("[0, 1]", default)``); ``preftune config-doc`` and the README's con
 both (``field_docs``). :func:`to_config` reads a config and checks it whole: unknown keys (with the nearest key
 in any section, and TRL's names pointed home), types, ranges, and the checks across fields in :func:`validate`
 (loss hyperparameters as the loss spec states them, task and loss kind, lengths). A hyperparameter with no safe
-default has none: leaving it out is an error that names it. The reading machinery is ``config_reader``.
+default has none: leaving it out is an error that names it. The reading machinery is ``config_reader``, the
+checks across fields are ``config_checks`` and TRL's names are ``trl_names``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from preftune.config_checks import DEFAULT_LOSS, loss_names, loss_takers, run_checks, taken_by
 from preftune.config_reader import (
     REQUIRED,
     Problems,
@@ -225,29 +225,29 @@ class MonitorConfig:
 
 @dataclass
 class RolloutConfig:
-    num_generations: int = 4
+    num_generations: int = within("[2, ∞)", 4)
     """Completions sampled from the current policy per prompt at every step (online DPO: best vs worst of
     them; GRPO: the group). At least 2."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = within("[1, ∞)", 64)
     """Longest completion, in tokens; a completion cut here has no end-of-sequence token (`finish: length`)."""
-    temperature: float = 1.0
+    temperature: float = within("(0, ∞)", 1.0)
     """Sampling temperature (> 0). GRPO divides the training pass's logits by it too, so the ratio π/π_old
     compares the distributions that were sampled."""
-    top_p: float = 1.0
+    top_p: float = within("(0, 1]", 1.0)
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p` (1.0: all)."""
-    top_k: int = 0
+    top_k: int = within("[0, ∞)", 0)
     """Keep the `top_k` most likely tokens (0: all)."""
-    generation_batch_size: int = 32
+    generation_batch_size: int = within("[1, ∞)", 32)
     """Prompts generated together (memory of the KV cache); does not change the samples, which are seeded
     per prompt and sample."""
-    num_iterations: int = 1
+    num_iterations: int = within("[1, ∞)", 1)
     """GRPO's μ: optimizer passes over one rollout; > 1 reuses it with π_old stored at sampling time."""
     mask_truncated_completions: bool = False
     """GRPO: completions that hit `max_new_tokens` without an end-of-sequence token get no loss (DAPO)."""
     dynamic_sampling: bool = False
     """GRPO: drop groups whose rewards have zero spread and sample more prompts instead (DAPO), up to
     `max_resample_rounds` extra rounds."""
-    max_resample_rounds: int = 3
+    max_resample_rounds: int = within("[0, ∞)", 3)
     """Dynamic sampling: at most this many extra generation rounds per step before training on what is there."""
 
 
@@ -258,17 +258,18 @@ class RewardConfig:
     completions=[...], **columns)` and returning one float (or None: no score) per completion: TRL's
     signature, so a TRL reward function works unchanged. Built-ins: `preftune.rewards:toy_verifier`,
     `preftune.rewards:format_reward`, `preftune.rewards:length_penalty`."""
-    weights: list[float] | None = None
-    """One weight per function (default 1.0 each); the weighted sum is the reward."""
+    weights: list[float] | None = within("(-∞, ∞)", None)
+    """One weight per function (default 1.0 each); the weighted sum is the reward (a negative weight makes a
+    function a penalty)."""
     judge: Any = None
     """Instead of (or besides) functions: a judge config (a YAML path or a mapping; see docs/judges.md) or a
     `--judge` value such as `toy-verifier`. A judge with a score (verifier, reward model, scored LLM judge)
     scores each completion; a pairwise-only judge ranks the samples of a prompt by wins, asked in both orders."""
-    min_margin: float = 0.0
+    min_margin: float = within("[0, ∞)", 0.0)
     """Online DPO: a prompt whose best and worst reward differ by no more than this gives no pair (skipped
     and counted as `rollout/skipped_fraction`); 0 skips exact ties only."""
-    missing_eos_penalty: float | None = None
-    """Subtracted from the reward of a completion that ended without an end-of-sequence token."""
+    missing_eos_penalty: float | None = within("[0, ∞)", None)
+    """Subtracted from the reward of a completion that ended without an end-of-sequence token (None: nothing)."""
 
 
 @dataclass
@@ -306,24 +307,10 @@ class Config:
 # Reading
 
 
-DEFAULT_LOSS = {"policy": "dpo", "reward": "bradley_terry"}
-"""``loss.name`` when the config leaves it out, by ``task``."""
-
-def _loss_hyperparameters() -> dict[str, list[str]]:
-    """Each hyperparameter name of any registered loss -> the losses that take it."""
-    from preftune.losses import registered_losses
-
-    takers: dict[str, list[str]] = {}
-    for name, spec in sorted(registered_losses().items()):
-        for hp in spec.hyperparameters:
-            takers.setdefault(hp, []).append(name)
-    return takers
-
-
 def _known_keys() -> list[str]:
     """Every dotted key a config may hold, loss hyperparameters of every registered loss included."""
     keys = [key for key, *_ in field_docs() if not key.endswith(">")]
-    return keys + [f"loss.{hp}" for hp in _loss_hyperparameters()]
+    return keys + [f"loss.{hp}" for hp in loss_takers()]
 
 
 _READER = Reader(_known_keys, {k: f"'{k}' is TRL's name, use {v}" for k, v in TRL_NAMES.items()})
@@ -347,7 +334,7 @@ def to_config(source: Config | dict | str | Path, overrides: list[str] | dict | 
         tree = merge(_switch_loss(tree, extra, log), extra)
     problems = Problems()
     config = _READER.build(Config, tree, "", problems)
-    _validate(config, problems)
+    run_checks(config, problems, _READER)
     problems.raise_if_any()
     return config
 
@@ -361,36 +348,21 @@ def _switch_loss(tree: dict, extra: dict, log: Callable[[str], None]) -> dict:
     if not (isinstance(new_loss, dict) and "name" in new_loss and isinstance(old_loss, dict)):
         return tree
     old = old_loss.get("name") or DEFAULT_LOSS.get(extra.get("task", tree.get("task", "policy")))
-    old_takes, new_takes = _taken(old), _taken(new_loss["name"])
-    if old_takes is None or new_takes is None or _names(old) == _names(new_loss["name"]):
+    old_takes, new_takes = taken_by(old), taken_by(new_loss["name"])
+    if old_takes is None or new_takes is None or loss_names(old) == loss_names(new_loss["name"]):
         return tree  # an unknown loss name is reported by validate; the same loss drops nothing
     fixed = {f.name for f in dataclasses.fields(LossConfig) if not f.metadata.get("rest")}
     dropped = [k for k in old_loss if k not in fixed and k not in new_loss and k in old_takes and k not in new_takes]
     weights = old_loss.get("weights")
-    if "weights" not in new_loss and isinstance(weights, list) and len(weights) != len(_names(new_loss["name"])):
+    if "weights" not in new_loss and isinstance(weights, list) and len(weights) != len(loss_names(new_loss["name"])):
         dropped.append("weights")
     if not dropped:
         return tree
-    new_name = "/".join(_names(new_loss["name"]))
-    log(f"note: loss.name={new_name} replaces {'/'.join(_names(old))}: dropped "
-        f"{', '.join(f'loss.{k}' for k in dropped)} from the config (set for {'/'.join(_names(old))}, "
+    new_name = "/".join(loss_names(new_loss["name"]))
+    log(f"note: loss.name={new_name} replaces {'/'.join(loss_names(old))}: dropped "
+        f"{', '.join(f'loss.{k}' for k in dropped)} from the config (set for {'/'.join(loss_names(old))}, "
         f"not taken by {new_name})")
     return {**tree, "loss": {k: v for k, v in old_loss.items() if k not in dropped}}
-
-
-def _names(name: Any) -> list[str]:
-    return name if isinstance(name, list) else [name]
-
-
-def _taken(name: Any) -> set[str] | None:
-    """Hyperparameters the loss (or every loss of a mix) takes; None when a name is not a registered loss."""
-    from preftune.losses import registered_losses
-
-    registry = registered_losses()
-    names = _names(name)
-    if not all(isinstance(n, str) and n in registry for n in names):
-        return None
-    return {hp for n in names for hp in registry[n].hyperparameters}
 
 
 def field_docs(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
@@ -398,153 +370,14 @@ def field_docs(cls: type | None = None, prefix: str = "") -> list[tuple[str, str
     return _reader_field_docs(Config if cls is None else cls, prefix)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checks across fields: each reads the keys it names and runs only when none of them already has a problem.
-
-Check = Callable[["Config"], Iterator[tuple[str, str]]]
-_CHECKS: list[tuple[tuple[str, ...], Check]] = []
-
-
-def _check(*reads: str) -> Callable[[Check], Check]:
-    def register(fn: Check) -> Check:
-        _CHECKS.append((reads, fn))
-        return fn
-
-    return register
-
-
 def validate(config: Config) -> None:
-    """The checks across fields on a built config (``to_config`` also runs them); fills ``loss.name`` when None.
-
-    Raises one ConfigError listing every problem. Types and ranges are checked by ``to_config``, not here.
-    """
+    """The checks across fields (``config_checks``) on a built config; ``to_config`` runs them too. Fills
+    ``loss.name`` when None. Raises one ConfigError listing every problem; types and ranges are ``to_config``'s."""
     problems = Problems()
-    _validate(config, problems)
+    run_checks(config, problems, _READER)
     problems.raise_if_any()
 
 
 def check_loss_params(config: Config) -> None:
     """The checks of :func:`validate`; kept for callers written before ``to_config`` ran them itself."""
     validate(config)
-
-
-def _validate(config: Config, problems: Problems) -> None:
-    if config.loss.name is None and not problems.touches("task"):
-        config.loss.name = DEFAULT_LOSS[config.task]
-    for reads, check in _CHECKS:
-        if not problems.touches(*reads):
-            for key, message in check(config):
-                problems.add(key, message)
-
-
-@_check("task", "loss.name", "loss.weights", "data.reward_margin")
-def _check_loss(config: Config) -> Iterator[tuple[str, str]]:
-    """Registered names, the task and data kind they train on, weights, and the hyperparameters each takes."""
-    from preftune.losses import get_loss, registered_losses
-
-    names = _names(config.loss.name)
-    specs = []
-    for n in names:
-        try:
-            specs.append(get_loss(n))
-        except KeyError as e:
-            yield "loss.name", f"loss.name: {e.args[0]}"
-    if len(specs) < len(names):
-        return
-    mix = "/".join(names)
-    reward = [s.data == "reward" for s in specs]
-    if config.task == "reward" and not all(reward):
-        kinds = ", ".join(sorted(n for n, s in registered_losses().items() if s.data == "reward"))
-        yield "loss.name", (f"task: reward trains a reward model, which has scores, not log-probs; loss.name {mix} "
-                            f"is a policy loss (reward-model losses: {kinds})")
-    if config.task == "policy" and any(reward):
-        yield "loss.name", f"loss {mix} trains a reward model: set `task: reward`"
-    if config.task == "policy" and config.data.reward_margin in ("margin", "ratings"):
-        yield "data.reward_margin", f"data.reward_margin: {config.data.reward_margin} is for reward models (`task: reward`)"
-    kinds = sorted({s.data for s in specs if s.data != "sft"})
-    if len(kinds) > 1:
-        yield "loss.name", f"loss.name: {mix} mix data kinds ({', '.join(kinds)}): combine losses of one kind"
-    elif kinds and kinds[0] in ("unpaired", "reward") and len(specs) > 1 and any(s.data == "sft" for s in specs):
-        yield "loss.name", (f"loss.name: {mix}: the sft term combines with paired losses only (it trains the chosen "
-                            "side of a pair with the policy's log-probs)")
-    if config.loss.weights is not None and len(config.loss.weights) != len(names):
-        yield "loss.weights", f"loss.weights has {len(config.loss.weights)} values for {len(names)} losses"
-    yield from _check_hyperparameters(config.loss.params, specs, mix)
-
-
-def _check_hyperparameters(params: dict, specs: list, mix: str) -> Iterator[tuple[str, str]]:
-    """A key no loss of the mix takes is unknown (with a suggestion); each loss checks the keys it takes."""
-    taken = [hp for s in specs for hp in s.hyperparameters]
-    takers = _loss_hyperparameters()
-    meant = {}  # a suggested key stands in for the unknown one: its value is checked there, it is not "missing"
-    for key in params:
-        if key in taken:
-            continue
-        if key in takers:  # another loss's hyperparameter
-            who = takers[key]
-            who = (who[0] + " takes" if len(who) == 1 else
-                   f"{', '.join(who[:-1])} and {who[-1]} take" if len(who) <= 3 else f"{', '.join(who[:3])} and "
-                   f"{len(who) - 3} more take")
-            yield f"loss.{key}", (f"unknown key 'loss.{key}': {mix} does not take it ({who} it); {mix} takes: "
-                                  f"{', '.join(dict.fromkeys(taken)) or 'none'}")
-            continue
-        message, suggested = _READER.unknown("loss", key, list(dict.fromkeys(taken)) or ["none"],
-                                             listing=f"{mix} takes")
-        yield f"loss.{key}", message
-        meant.update({s[len("loss."):]: params[key] for s in suggested if s.startswith("loss.")})
-    for spec in specs:
-        own = {k: v for k, v in {**meant, **params}.items() if k in spec.hyperparameters}
-        check = getattr(spec, "check_params", None)  # LossSpec.check_params, once losses/base.py has it
-        for message in (check(own) if check is not None else _legacy_param_problems(spec, own)):
-            yield "loss", message
-
-
-def _legacy_param_problems(spec, params: dict) -> list[str]:
-    """For a LossSpec without ``check_params``: required hyperparameters (no default in the function's signature)
-    must be given, and one annotated as a float must be a number. ``auto`` is left for the trainer where it
-    resolves it, class weights of an unpaired loss (trainer.steps.balanced_weights)."""
-    signature, hints = inspect.signature(spec.fn), typing.get_type_hints(spec.fn)
-    problems = []
-    for hp in spec.hyperparameters:
-        default = signature.parameters[hp].default
-        if hp not in params:
-            if default is inspect.Parameter.empty:
-                problems.append(f"missing required key 'loss.{hp}' (no safe default for {spec.name})")
-            continue
-        value, tp = params[hp], hints.get(hp)
-        floats = tp is float or float in typing.get_args(tp)
-        if value == "auto" and spec.data == "unpaired" and isinstance(default, float):
-            continue
-        if floats and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            problems.append(f"loss.{hp}: expected a number, got {value!r}")
-    return problems
-
-
-@_check("data.max_prompt_length", "training.max_length")
-def _check_lengths(config: Config) -> Iterator[tuple[str, str]]:
-    prompt, total = config.data.max_prompt_length, config.training.max_length
-    if prompt is not None and prompt >= total:
-        yield "data.max_prompt_length", (f"data.max_prompt_length: {prompt} leaves no room for a response within "
-                                         f"training.max_length {total} (prompt + response)")
-
-
-@_check("data.eval", "data.eval_fraction")
-def _check_eval_split(config: Config) -> Iterator[tuple[str, str]]:
-    if config.data.eval is not None and config.data.eval_fraction > 0:
-        yield "data.eval_fraction", (f"data.eval_fraction: {config.data.eval_fraction:g} would be ignored because "
-                                     "data.eval is given; set one of them")
-
-
-@_check("training.adam_betas")
-def _check_betas(config: Config) -> Iterator[tuple[str, str]]:
-    if len(config.training.adam_betas) != 2:
-        yield "training.adam_betas", f"training.adam_betas: expected 2 values (beta1, beta2), got {len(config.training.adam_betas)}"
-
-
-@_check("monitor.early_stopping_metric")
-def _check_metric(config: Config) -> Iterator[tuple[str, str]]:
-    split, _, key = config.monitor.early_stopping_metric.partition("/")
-    if split not in ("eval", "monitor") or not key:
-        yield "monitor.early_stopping_metric", (
-            f"monitor.early_stopping_metric: expected 'eval/<key>' or 'monitor/<key>' (a metrics.jsonl split and "
-            f"key, e.g. eval/loss), got {config.monitor.early_stopping_metric!r}")
