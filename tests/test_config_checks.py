@@ -8,6 +8,7 @@ import dataclasses
 import re
 import types
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -379,3 +380,22 @@ def test_validate_checks_a_config_changed_after_reading():
     cfg.training.adam_betas = [0.9]
     with pytest.raises(ConfigError, match="expected 2 values"):
         validate(cfg)
+
+
+# ---- the README stays true ----------------------------------------------------------------------------------
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_config_reference_is_the_generated_one(capsys):
+    """Regenerate with `PYTHONPATH=$PWD python -m preftune.cli config-doc` (the table ends the section)."""
+    assert cli.main(["config-doc"]) == 0
+    generated = capsys.readouterr().out
+    section = README[README.index("## Configuration reference"):]
+    section = section[: section.index("\n## ")]
+    assert section[section.index("| key | type | default | meaning |"):].strip() == generated.strip()
+
+
+def test_readme_trl_table_lists_every_pointed_name():
+    table = README[README.index("**Coming from TRL.**"): README.index("**Defaults that differ from TRL's**")]
+    assert [name for name in TRL_NAMES if f"`{name}" not in table] == []
