@@ -211,9 +211,10 @@ class MonitorConfig:
     """Write greedy samples every N optimizer steps; None: at every evaluation."""
     print_samples: int = within("[0, ∞)", 2)
     """Samples echoed to the console each time (all go to samples.jsonl and TensorBoard)."""
-    early_stopping_metric: str = "eval/loss"
+    early_stopping_metric: str | None = None
     """Metric for the best model and early stopping, `split/key` from metrics.jsonl (e.g.
-    `eval/rewards/accuracies`, `monitor/kl/k3_seq`)."""
+    `eval/rewards/accuracies`, `monitor/kl/k3_seq`); None: `eval/loss`, or `eval/reward/mean` (held-out reward
+    of greedy samples) in an on-policy run."""
     early_stopping_mode: Literal["auto", "min", "max"] = "auto"
     """Whether lower or higher is better; auto: higher for accuracies, margins, rewards and win rates."""
     patience: int | None = within("[1, ∞)", None)
@@ -249,6 +250,12 @@ class RolloutConfig:
     `max_resample_rounds` extra rounds."""
     max_resample_rounds: int = within("[0, ∞)", 3)
     """Dynamic sampling: at most this many extra generation rounds per step before training on what is there."""
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    """Policy-gradient losses: `grpo` (reward minus the group mean, scaled by `scale_rewards`), `rloo` (minus
+    the mean of the group's other samples), `reinforce_pp` (group mean removed, then whitened over the batch)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """`grpo` advantages divided by the group's reward std (GRPO), the whole batch's (some implementations), or
+    not at all (Dr. GRPO)."""
 
 
 @dataclass

@@ -172,7 +172,7 @@ class OnlinePairSource:
         positions = self._positions(step)
         indices = [order[q] for q in positions]
         out = self.rollouts.sample(indices, [rollout_seed(self.seed, step, q) for q in positions])
-        pairs, weights, rows = [], [], []
+        pairs, rows = [], []
         for p, i in enumerate(indices):
             pair = self._pair(i, out["completions"][p], out["rewards"][p])
             if pair is not None:
@@ -242,3 +242,13 @@ class OnlinePairSource:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def build_online_source(cfg, train_prompts: PromptSet, eval_prompts: PromptSet, *, policy, tokenizer, functions,
+                        run_dir, accelerator, micro, accum, world, rank, seed, pad_id, layout, device):
+    rollouts = Rollouts(train_prompts, policy=policy, tokenizer=tokenizer, functions=functions,
+                        rollout_cfg=cfg.rollout, reward_cfg=cfg.reward, pad_id=pad_id)
+    return OnlinePairSource(train_prompts, eval_prompts, rollouts, micro=micro, accum=accum, world=world, rank=rank,
+                            seed=seed, pad_id=pad_id, layout=layout, device=device,
+                            min_margin=cfg.reward.min_margin, run_dir=run_dir, accelerator=accelerator)
+

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from preftune.config import to_config
+from preftune.data.packing import epoch_order  # noqa: F401  (re-exported: the order tests read it here)
 from preftune.errors import PreftuneError
 from preftune.models import save_pretrained
 from preftune.trainer.build import Run, build_run
 from preftune.trainer.heap import reuse_freed_memory
 from preftune.trainer.metrics import MetricSums
-from preftune.data.packing import epoch_order  # noqa: F401  (re-exported: the order tests read it here)
 
 
 def train(config, *, resume: str | bool | None = None, log=print) -> dict:
@@ -151,8 +151,6 @@ def _nonfinite(run: Run, step: int, consecutive: int) -> None:
 
 def evaluate(run: Run, step: int) -> dict:
     """Held-out metrics at ``step`` (sharded over processes), written as an ``eval`` record; then the monitor."""
-    if not len(run.eval_set):
-        return {}
     acc, micro = run.accelerator, run.cfg.training.per_device_batch_size
     pad_id = run.tokenizer.pad_token_id
     run.model.eval()
@@ -163,8 +161,10 @@ def evaluate(run: Run, step: int) -> dict:
             batch = run.eval_set.batch(mine[start : start + micro * 2], pad_id, run.layout).to(acc.device)
             losses, metrics = run.step_fn(run.objective, run.logp_fn, batch, run.reference_fn)
             sums.add({"loss": losses, **metrics})
+        values = {**(sums.means(acc) if len(run.eval_set) else {}), **run.source.evaluate(step)}
     run.model.train()
-    values = sums.means(acc)
+    if not values:
+        return {}
     if run.writer:
         run.writer.write(step, "eval", values)
     run.monitor.after_eval(step, values, run.writer)  # health, KL, alarms, samples, best model, early stopping

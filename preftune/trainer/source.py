@@ -5,7 +5,9 @@ process's ``gradient_accumulation_steps`` micro-batches, as a function of (seed,
 alone, so a resumed run sees exactly the batches an uninterrupted one would. ``static`` says whether the
 batches are fixed data (only then may reference log-probs be precomputed); an on-policy source generates from
 the current policy and scores its reference live. ``metrics(step)`` returns what the source measured for the
-step (generation time, rewards, ...), logged beside the loss. The loop never knows which method it runs.
+step (generation time, rewards, ...), logged beside the loss; ``evaluate(step)`` the source's own held-out
+metrics (an on-policy source: rewards of greedy samples on held-out prompts). The loop never knows which
+method it runs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class ExperienceSource(Protocol):
     def micro_batches(self, step: int) -> Iterator: ...
 
     def metrics(self, step: int) -> dict[str, float]: ...
+
+    def evaluate(self, step: int) -> dict[str, float]: ...
 
     def state_dict(self) -> dict: ...
 
@@ -66,6 +70,9 @@ class StaticSource:
 
     def metrics(self, step: int) -> dict[str, float]:
         return {}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        return {}  # the held-out examples are the loop's (``loop.evaluate``)
 
     def state_dict(self) -> dict:
         return {}  # the order is a function of (seed, epoch)
