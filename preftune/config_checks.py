@@ -8,8 +8,6 @@ of the mix takes is unknown here (with a suggestion); each loss checks its own k
 
 from __future__ import annotations
 
-import inspect
-import typing
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -103,12 +101,15 @@ def _check_loss(config, reader: Reader) -> Iterator[tuple[str, str]]:
 
 
 def _check_hyperparameters(params: dict, specs: list, mix: str, reader: Reader) -> Iterator[tuple[str, str]]:
-    """A key no loss of the mix takes is unknown (with a suggestion); each loss checks the keys it takes."""
-    taken = [hp for s in specs for hp in s.hyperparameters]
+    """The config reports a key no loss of the mix takes (with a suggestion across sections and losses); each loss
+    checks the keys it takes (``LossSpec.check_params``: required, type, legal range) and refuses its trainer
+    state. A suggested key stands in for the unknown one, so a misspelt required key is one problem, not two."""
+    taken = list(dict.fromkeys(hp for s in specs for hp in s.hyperparameters))
     takers = loss_takers()
-    meant = {}  # a suggested key stands in for the unknown one: its value is checked there, it is not "missing"
+    meant = {}
     for key in params:
-        if key in taken:
+        owner = next((s for s in specs if key in s.state), None)
+        if key in taken or owner is not None:
             continue
         if key in takers:  # another loss's hyperparameter
             who = takers[key]
@@ -116,38 +117,15 @@ def _check_hyperparameters(params: dict, specs: list, mix: str, reader: Reader) 
                    f"{', '.join(who[:-1])} and {who[-1]} take" if len(who) <= 3 else f"{', '.join(who[:3])} and "
                    f"{len(who) - 3} more take")
             yield f"loss.{key}", (f"unknown key 'loss.{key}': {mix} does not take it ({who} it); {mix} takes: "
-                                  f"{', '.join(dict.fromkeys(taken)) or 'none'}")
+                                  f"{', '.join(taken) or 'none'}")
             continue
-        message, suggested = reader.unknown("loss", key, list(dict.fromkeys(taken)) or ["none"],
-                                             listing=f"{mix} takes")
+        message, suggested = reader.unknown("loss", key, taken or ["none"], listing=f"{mix} takes")
         yield f"loss.{key}", message
         meant.update({s[len("loss."):]: params[key] for s in suggested if s.startswith("loss.")})
     for spec in specs:
-        own = {k: v for k, v in {**meant, **params}.items() if k in spec.hyperparameters}
-        check = getattr(spec, "check_params", None)  # LossSpec.check_params, once losses/base.py has it
-        for message in (check(own) if check is not None else _legacy_param_problems(spec, own)):
+        own = {k: v for k, v in {**meant, **params}.items() if k in spec.hyperparameters or k in spec.state}
+        for message in spec.check_params(own):
             yield "loss", message
-
-
-def _legacy_param_problems(spec, params: dict) -> list[str]:
-    """For a LossSpec without ``check_params``: required hyperparameters (no default in the function's signature)
-    must be given, and one annotated as a float must be a number. ``auto`` is left for the trainer where it
-    resolves it, class weights of an unpaired loss (trainer.steps.balanced_weights)."""
-    signature, hints = inspect.signature(spec.fn), typing.get_type_hints(spec.fn)
-    problems = []
-    for hp in spec.hyperparameters:
-        default = signature.parameters[hp].default
-        if hp not in params:
-            if default is inspect.Parameter.empty:
-                problems.append(f"missing required key 'loss.{hp}' (no safe default for {spec.name})")
-            continue
-        value, tp = params[hp], hints.get(hp)
-        floats = tp is float or float in typing.get_args(tp)
-        if value == "auto" and spec.data == "unpaired" and isinstance(default, float):
-            continue
-        if floats and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            problems.append(f"loss.{hp}: expected a number, got {value!r}")
-    return problems
 
 
 @check("data.max_prompt_length", "training.max_length")
@@ -173,6 +151,8 @@ def _check_betas(config, reader: Reader) -> Iterator[tuple[str, str]]:
 
 @check("monitor.early_stopping_metric")
 def _check_metric(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    if config.monitor.early_stopping_metric is None:  # the run's natural metric (the monitor picks it)
+        return
     split, _, key = config.monitor.early_stopping_metric.partition("/")
     if split not in ("eval", "monitor") or not key:
         yield "monitor.early_stopping_metric", (

@@ -151,7 +151,7 @@ def test_missing_model_and_output_dir_are_named():
 
 def test_dpo_beta_has_no_default():
     msg = error_of(cfg_with(loss={"name": "dpo"}))
-    assert msg == "missing required key 'loss.beta' (no safe default for dpo)"
+    assert msg == "missing required key 'loss.beta' (dpo has no safe default; it needs beta > 0)"
     assert error_of(cfg_with(loss={})) == msg  # the default loss (dpo) needs it too
 
 

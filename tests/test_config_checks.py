@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import preftune.losses
 from preftune import cli
 from preftune.config import (
     TRL_NAMES,
@@ -24,6 +23,7 @@ from preftune.config import (
 )
 from preftune.config_reader import Interval
 from preftune.errors import ConfigError
+from preftune.losses import LossSpec
 
 BASE = {"model": "some/model", "loss": {"name": "dpo", "beta": 0.1},
         "training": {"output_dir": "out", "learning_rate": 1e-5}}
@@ -273,50 +273,39 @@ def test_mix_takes_the_union_of_its_losses_hyperparameters():
         "label_smoothing, gamma"]
 
 
-def test_fallback_without_check_params_keeps_todays_rules():
-    # Today's LossSpec has no check_params: required from the signature, numbers where the function takes floats,
-    # `auto` class weights left for the trainer.
-    assert not hasattr(preftune.losses.get_loss("dpo"), "check_params") or pytest.skip("check_params landed")
-    assert problems_of(tree(loss={"name": "dpo", "beta": "high"})) == ["loss.beta: expected a number, got 'high'"]
+def test_each_loss_checks_its_keys_through_its_spec():
+    # Required keys, types, legal ranges and "auto" are the loss spec's to judge (LossSpec.check_params).
+    assert problems_of(tree(loss={"name": "dpo", "beta": "high"})) == ["loss.beta must be a number for dpo, got 'high'"]
     assert problems_of(tree(loss={"name": "simpo", "gamma": 0.5})) == [
-        "missing required key 'loss.beta' (no safe default for simpo)"]
+        "missing required key 'loss.beta' (simpo has no safe default; it needs beta > 0)"]
+    [message] = problems_of(tree(loss={"name": "dpo", "beta": -1}))
+    assert message.startswith("loss.beta = -1 is not allowed for dpo; it needs beta > 0")
     cfg = to_config(tree(loss={"name": "kto", "beta": 0.1, "desirable_weight": "auto"}))
-    assert cfg.loss.params["desirable_weight"] == "auto"
-    assert problems_of(tree(loss={"name": "kto", "beta": "auto"})) == ["loss.beta: expected a number, got 'auto'"]
+    assert cfg.loss.params["desirable_weight"] == "auto"  # left for the trainer to choose from the data
+    assert problems_of(tree(loss={"name": "kto", "beta": "auto"})) == ["loss.beta must be a number for kto, got 'auto'"]
+    [message] = problems_of(tree(loss={"name": "bco_pair", "beta": 0.1, "delta": 0.5}))
+    assert message.startswith("loss.delta is maintained by the trainer for bco_pair")
 
 
-@pytest.fixture
-def spec_with_check_params(monkeypatch):
-    """A registered loss whose spec has the check_params API; records what it was asked to check."""
+def test_in_a_mix_each_loss_is_asked_about_its_own_keys(monkeypatch):
     asked = []
+    real = LossSpec.check_params
 
-    def check_params(params: dict) -> list[str]:
-        asked.append(dict(params))
-        out = [] if "tau" in params else ["missing required key 'loss.tau' (fake)"]
-        return out + [f"loss.tau: {params['tau']} is outside (0, ∞)" for _ in [0] if params.get("tau", 1) <= 0]
+    def recording(self, params):
+        asked.append((self.name, dict(params)))
+        return real(self, params)
 
-    dpo = preftune.losses.get_loss("dpo")
-    fake = dataclasses.replace(dpo, name="fake", hyperparameters=("beta", "tau"))
-    fake = types.SimpleNamespace(**{f.name: getattr(fake, f.name) for f in dataclasses.fields(fake)},
-                                 check_params=check_params)
-    registry = {**preftune.losses.registered_losses(), "fake": fake}
-    monkeypatch.setattr(preftune.losses, "registered_losses", lambda: dict(registry))
-    real_get = preftune.losses.get_loss
-    monkeypatch.setattr(preftune.losses, "get_loss", lambda n: fake if n == "fake" else real_get(n))
-    return asked
-
-
-def test_check_params_decides_required_and_ranges(spec_with_check_params):
-    asked = spec_with_check_params
-    assert problems_of(tree(loss={"name": "fake", "beta": 0.1})) == ["missing required key 'loss.tau' (fake)"]
-    assert problems_of(tree(loss={"name": "fake", "beta": 0.1, "tau": -1})) == ["loss.tau: -1 is outside (0, ∞)"]
-    assert to_config(tree(loss={"name": "fake", "beta": 0.1, "tau": 2})).loss.params == {"beta": 0.1, "tau": 2}
-    # In a mix each loss is asked about its own keys only; a key no loss of the mix takes is the config's to report.
+    monkeypatch.setattr(LossSpec, "check_params", recording)
+    problems = problems_of(tree(loss={"name": ["dpo", "sft"], "beta": 0.1, "label_smoothing": 0.1, "gamma": 0.5}))
+    assert asked == [("dpo", {"beta": 0.1, "label_smoothing": 0.1}), ("sft", {})]
+    # a key no loss of the mix takes is the config's to report, with the loss that does take it
+    assert problems == ["unknown key 'loss.gamma': dpo/sft does not take it (simpo takes it); dpo/sft takes: beta, "
+                        "label_smoothing"]
     asked.clear()
-    problems = problems_of(tree(loss={"name": ["fake", "sft"], "beta": 0.1, "tau": 1, "gamma": 0.5}))
-    assert asked == [{"beta": 0.1, "tau": 1}]
-    assert problems == ["unknown key 'loss.gamma': fake/sft does not take it (simpo takes it); fake/sft takes: "
-                        "beta, tau"]
+    # a misspelt required key is checked under the name it suggests, so it is not also "missing"
+    assert problems_of(tree(loss={"name": "dpo", "betta": -1}))[0] == (
+        "unknown key 'loss.betta'. Did you mean 'loss.beta'?")
+    assert asked == [("dpo", {"beta": -1})]
 
 
 # ---- switching the loss on the command line -----------------------------------------------------------------
@@ -370,7 +359,7 @@ def test_switching_from_a_mix_drops_weights_that_no_longer_fit(tmp_path):
     # the new loss's required key still has to come from somewhere
     path.write_text("model: m\nloss: {name: orpo, lam: 0.1}\ntraining: {output_dir: o, learning_rate: 1e-5}\n")
     assert problems_of(path, ["loss.name=simpo", "loss.gamma=0.5"], log=notes.append) == [
-        "missing required key 'loss.beta' (no safe default for simpo)"]
+        "missing required key 'loss.beta' (simpo has no safe default; it needs beta > 0)"]
     assert notes[-1] == ("note: loss.name=simpo replaces orpo: dropped loss.lam from the config (set for orpo, "
                          "not taken by simpo)")
 
