@@ -137,8 +137,9 @@ class EngineConfig:
 class TrainingConfig:
     output_dir: str = REQUIRED
     """Run directory: metrics, checkpoints, dropped rows, the final model."""
-    learning_rate: float = within("(0, ∞)")
-    """Peak learning rate (DPO full fine-tuning usually 5e-7..5e-6; LoRA 5e-6..5e-5)."""
+    learning_rate: float = within("[0, ∞)")
+    """Peak learning rate (DPO full fine-tuning usually 5e-7..5e-6; LoRA 5e-6..5e-5); 0 leaves the weights where
+    they start (a run that only evaluates, or checks that the policy starts at the reference)."""
     per_device_batch_size: int = within("[1, ∞)", 2)
     """Preference pairs (or completions, for unpaired losses) per process per micro-batch."""
     gradient_accumulation_steps: int = within("[1, ∞)", 1)

@@ -55,7 +55,7 @@ def problems_of(config, overrides=None, **kw) -> list[str]:
     ("training", "max_steps", -1, "training.max_steps: -1 is outside [1, ∞)"),  # TRL's "unset"; ours is null
     ("training", "num_epochs", -1, "training.num_epochs: -1 is outside (0, ∞)"),
     ("training", "warmup_ratio", 2, "training.warmup_ratio: 2 is outside [0, 1]"),
-    ("training", "learning_rate", 0, "training.learning_rate: 0 is outside (0, ∞)"),
+    ("training", "learning_rate", -1e-5, "training.learning_rate: -1e-05 is outside [0, ∞)"),
     ("training", "seed", -3, "training.seed: -3 is outside [0, 4294967295]"),  # numpy refuses negative seeds
     ("training", "adam_betas", [0.9, 1.0], "training.adam_betas[1]: 1 is outside [0, 1)"),
     ("data", "eval_fraction", 1.0, "data.eval_fraction: 1 is outside [0, 1)"),
@@ -75,6 +75,7 @@ def test_out_of_range_value_is_refused_with_its_range(section, key, value, expec
     ("max_grad_norm", None), ("max_grad_norm", 0),  # no clipping
     ("save_total_limit", 0),  # keep every checkpoint
     ("eval_every", 0), ("save_every", 0), ("warmup_ratio", 1), ("num_epochs", 0.5),
+    ("learning_rate", 0.0),  # weights stay put: an evaluation-only run
 ])
 def test_documented_sentinels_and_edges_are_accepted(key, value):
     assert getattr(to_config(tree(training={key: value})).training, key) == value
