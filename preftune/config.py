@@ -163,7 +163,11 @@ class TrainingConfig:
     max_length: int = within("[1, ∞)", 512)
     """Maximum tokens of prompt + one response; longer responses are truncated, longer prompts dropped."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Compute precision: `bf16` autocasts matrix products on CPU and GPU, weights stay fp32."""
+    """Compute precision: `bf16` autocasts matrix products on CPU and GPU, weights stay fp32. On a CPU without
+    native bf16 (no AMX or AVX512-BF16, e.g. AVX2-only AMD EPYC) bf16 is emulated and far slower than fp32, so
+    it is refused there unless `allow_slow_bf16`."""
+    allow_slow_bf16: bool = False
+    """Run `precision: bf16` on a CPU without native bf16 anyway (tens of times slower than fp32)."""
     seed: int = within("[0, 4294967295]", 0)
     """Seeds data order, initialisation of adapters and every RNG."""
     eval_every: int = within("[0, ∞)", 0)

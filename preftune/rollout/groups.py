@@ -163,7 +163,7 @@ class GroupSource:
         if step != start:  # a reused rollout: its generation was paid for at step `start`
             self._metrics.update({"time/generate_s": 0.0, "time/score_s": 0.0})
         if rollout["signal"] == 0:
-            self._metrics["rollout/why"] = "all rewards equal: no learning signal"
+            self._metrics["rollout/why"] = "all rewards equal within every group"
             return
         yield from self._batches(rollout, with_old=True)
 

@@ -28,6 +28,7 @@ from preftune.data.prepare import ExampleSet, prepare_data
 from preftune.data.prompts import prepare_prompts
 from preftune.data.tokenize import Tokenization
 from preftune.errors import PreftuneError
+from preftune.hardware import bf16_refusal
 from preftune.logprobs import LogpModel
 from preftune.models import MODEL_KINDS, apply_lora, freeze, load_causal_lm, load_tokenizer, reference_mode
 from preftune.monitor.monitor import Monitor
@@ -123,6 +124,9 @@ def build_run(cfg, resume, log) -> Run:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     bf16 = tc.precision == "bf16"
+    refusal = bf16_refusal(device.type, tc.allow_slow_bf16) if bf16 else None
+    if refusal:
+        raise PreftuneError(refusal)
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -113,7 +113,7 @@ class Objective:
 
     @property
     def needs_reference(self) -> bool:
-        return any(s.needs_reference for s in self.specs)
+        return any(s.uses_reference(self.params) for s in self.specs)
 
     @property
     def needs_kl(self) -> bool:
@@ -155,7 +155,7 @@ class Objective:
     def __call__(self, **inputs) -> LossOutput:
         outputs = []
         for spec in self.specs:
-            args = {k: inputs[k] for k in _input_names(spec)}
+            args = {k: inputs[k] for k in _input_names(spec, spec.uses_reference(self.params))}
             hp = {k: v for k, v in self.params.items() if k in spec.hyperparameters}
             keepers = {n: self.state[f"{spec.name}/{n}"] for n in TRAINER_STATE if f"{spec.name}/{n}" in self.state}
             out = spec.fn(**args, **hp, **{n: k.value for n, k in keepers.items()})
@@ -202,18 +202,18 @@ POLICY_INPUTS = ("logps", "old_logps", "advantages", "mask", "num_sequences_in_s
                  "max_completion_length", "world_size")
 
 
-def _input_names(spec: LossSpec) -> tuple[str, ...]:
+def _input_names(spec: LossSpec, reference: bool) -> tuple[str, ...]:
     if spec.data == "policy":
-        return POLICY_INPUTS + (("ref_logps",) if spec.needs_reference else ())
+        return POLICY_INPUTS + (("ref_logps",) if reference else ())
     if spec.data == "reward":
         return ("chosen_scores", "rejected_scores", "margin")
     if spec.data == "sft":
         return ("policy_chosen_logps", "chosen_lengths")
     if spec.data == "unpaired":
-        return (("policy_logps",) + (("reference_logps",) if spec.needs_reference else ()) + ("labels",)
+        return (("policy_logps",) + (("reference_logps",) if reference else ()) + ("labels",)
                 + (("kl",) if spec.needs_kl else ()))
     names = ("policy_chosen_logps", "policy_rejected_logps")
-    if spec.needs_reference:
+    if reference:
         names += ("reference_chosen_logps", "reference_rejected_logps")
     if spec.needs_lengths:
         names += ("chosen_lengths", "rejected_lengths")
@@ -348,7 +348,7 @@ def policy_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: Logp
     """
     seqs = batch.seqs
     S, ts = seqs.num_sequences, seqs.target_seq
-    tok, lengths = logp_fn(batch)  # (N,), (S,)
+    tok, _ = logp_fn(batch)  # (N,) per-token log-probs
     logps = padded(tok, ts, S)  # (S, T)
     inputs = {
         "logps": logps, "old_logps": None if batch.old_logps is None else padded(batch.old_logps, ts, S),
@@ -360,9 +360,7 @@ def policy_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: Logp
         ref = batch.ref_logps if batch.ref_logps is not None else reference_fn(batch)[0]  # (N,)
         inputs["ref_logps"] = padded(ref.detach(), ts, S)
     out = objective(**inputs)
-    metrics = {"completions/length": lengths.float(), "advantages": batch.advantages}
-    metrics.update({k: v.detach() for k, v in out.metrics.items()})
-    return out.losses, metrics
+    return out.losses, {k: v.detach() for k, v in out.metrics.items()}
 
 
 STEPS = {"paired": paired_step, "sft": sft_step, "unpaired": unpaired_step, "reward": reward_step,
