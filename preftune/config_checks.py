@@ -92,7 +92,7 @@ def _check_loss(config, reader: Reader) -> Iterator[tuple[str, str]]:
     kinds = sorted({s.data for s in specs if s.data != "sft"})
     if len(kinds) > 1:
         yield "loss.name", f"loss.name: {mix} mix data kinds ({', '.join(kinds)}): combine losses of one kind"
-    elif kinds and kinds[0] in ("unpaired", "reward") and len(specs) > 1 and any(s.data == "sft" for s in specs):
+    elif kinds and kinds[0] != "paired" and len(specs) > 1 and any(s.data == "sft" for s in specs):
         yield "loss.name", (f"loss.name: {mix}: the sft term combines with paired losses only (it trains the chosen "
                             "side of a pair with the policy's log-probs)")
     if config.loss.weights is not None and len(config.loss.weights) != len(names):

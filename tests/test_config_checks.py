@@ -187,6 +187,8 @@ def test_a_check_whose_input_is_bad_does_not_run():
      "eval/loss), got 'loss'"),
     ({"loss": {"name": ["dpo", "kto"], "beta": 0.1}},
      "loss.name: dpo/kto mix data kinds (paired, unpaired): combine losses of one kind"),
+    ({"loss": {"name": ["grpo", "sft"]}}, "loss.name: grpo/sft: the sft term combines with paired losses only (it "
+                                          "trains the chosen side of a pair with the policy's log-probs)"),
     ({"data": {"reward_margin": "ratings"}}, "data.reward_margin: ratings is for reward models (`task: reward`)"),
     ({"rollout": {}}, "reward: an on-policy run (a `rollout:` section) needs `reward.functions` (e.g. "
                       "['my_rewards.py:score']) or `reward.judge`"),
