@@ -265,11 +265,11 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    functions: list[str] = field(default_factory=list)
-    """Reward functions `path/to/file.py:fn` or `package.module:fn`, called as `fn(prompts=[...],
-    completions=[...], **columns)` and returning one float (or None: no score) per completion: TRL's
-    signature, so a TRL reward function works unchanged. Built-ins: `preftune.rewards:toy_verifier`,
-    `preftune.rewards:format_reward`, `preftune.rewards:length_penalty`."""
+    functions: list[str | dict[str, Any]] = field(default_factory=list)
+    """Reward functions `path/to/file.py:fn` or `package.module:fn` (or `{function: ..., name: ..., kwargs:
+    {...}}`), called as `fn(prompts=[...], completions=[...], **columns)` and returning one float (or None: no
+    score) per completion: TRL's signature, so a TRL reward function works unchanged. Built-ins:
+    `preftune.rewards:toy_verifier`, `format_reward`, `exact_answer`, `length_penalty`."""
     weights: list[float] | None = within("(-∞, ∞)", None)
     """One weight per function (default 1.0 each); the weighted sum is the reward (a negative weight makes a
     function a penalty)."""
