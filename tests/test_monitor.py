@@ -17,7 +17,7 @@ from preftune.config import MonitorConfig
 from preftune.eval.drift import distinct_n, kl_estimates, self_repetition
 from preftune.monitor.health import check_alarms, diagnose
 from preftune.monitor.monitor import reward_scale
-from preftune.trainer.metrics import read_metrics
+from preftune.runlog import read_metrics
 
 # ---- estimators ---------------------------------------------------------------------------------------------
 

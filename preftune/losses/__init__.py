@@ -4,7 +4,8 @@ Importing this package registers every loss family; ``get_loss(name)`` returns i
 also says which hyperparameters the loss takes and which values are legal or usual. One family per file:
 ``dpo`` (logistic on the preference logit: dpo, robust, aot), ``margin`` (other functions of it: ipo, hinge,
 exo_pair, discopop), ``anchored`` (each side's log-ratio on its own: nca_pair, bco_pair, sppo_hard, apo_zero,
-apo_down), ``kto``, ``orpo``, ``simpo``, ``sft``, ``reward`` (Bradley-Terry).
+apo_down), ``kto``, ``orpo``, ``simpo``, ``sft``, ``reward`` (Bradley-Terry), ``grpo`` (policy gradient on on-policy groups;
+the pure math in ``policy`` and ``ppo``).
 Weighted mixes (RPO, MPO) are not registered losses: the trainer calls each component and passes the
 outputs to :func:`combine`.
 """
@@ -20,6 +21,7 @@ from preftune.losses.base import (
 )
 from preftune.losses.combine import combine
 from preftune.losses.dpo import aot, dpo, robust
+from preftune.losses.grpo import grpo
 from preftune.losses.kto import kto
 from preftune.losses.margin import discopop, exo_pair, hinge, ipo
 from preftune.losses.orpo import orpo
@@ -38,6 +40,7 @@ __all__ = [
     "combine",
     "Range",
     "aot",
+    "grpo",
     "apo_down",
     "apo_zero",
     "bco_pair",

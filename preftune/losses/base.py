@@ -61,7 +61,8 @@ class LossSpec:
         needs_reference: whether reference log-probs are inputs; when False no reference model is ever loaded.
         data: ``"paired"`` (prompt, chosen, rejected), ``"unpaired"`` (prompt, completion, label), ``"sft"``
             (prompt, completion; the chosen side of paired data also works) or ``"reward"`` (pairs scored by a
-            sequence-classification head: the function takes scores, not log-probs).
+            sequence-classification head: the function takes scores, not log-probs) or ``"policy"`` (on-policy
+            groups trained by policy gradient: per-token log-probs, advantages and the step's counts).
         needs_lengths: whether the function takes ``chosen_lengths`` / ``rejected_lengths`` (token counts).
         needs_kl: unpaired KTO-style losses take a detached KL reference point ``kl`` (estimated by the loop).
         description: one line for the README table and ``preftune losses``.
@@ -74,12 +75,14 @@ class LossSpec:
             the monitor can turn logged rewards back into log-probs; None when the rewards are unscaled.
         auto: hyperparameters the config may set to ``"auto"``, for the trainer to choose from the data
             (KTO's class weights).
+        reference_if: a hyperparameter whose value 0 turns the reference off (GRPO's β: with β = 0 no
+            reference model is loaded); None: ``needs_reference`` alone decides.
     """
 
     name: str
     fn: Callable[..., LossOutput]
     needs_reference: bool
-    data: Literal["paired", "unpaired", "sft", "reward"] = "paired"
+    data: Literal["paired", "unpaired", "sft", "reward", "policy"] = "paired"
     needs_lengths: bool = False
     needs_kl: bool = False
     description: str = ""
@@ -88,19 +91,31 @@ class LossSpec:
     extra_warnings: Callable[[dict[str, float]], list[str]] | None = None
     reward_scale: str | None = None
     auto: tuple[str, ...] = ()
+    reference_if: str | None = None
 
     def __post_init__(self):
         hp = set(self.hyperparameters)
         problems = [f"no legal range for {p!r}" for p in self.hyperparameters if p not in self.ranges]
         problems += [f"{where} names {p!r}, which is not a hyperparameter of {self.fn.__name__}"
                      for where, names in (("ranges", self.ranges), ("typical", self.typical), ("auto", self.auto),
-                                          ("reward_scale", [self.reward_scale] if self.reward_scale else []))
+                                          ("reward_scale", [self.reward_scale] if self.reward_scale else []),
+                                     ("reference_if", [self.reference_if] if self.reference_if else []))
                      for p in names if p not in hp]
         problems += [f"the default {p} = {v!r} is outside its own legal range ({self.ranges[p].describe(p)})"
                      for p, v in self.defaults.items()
                      if p in self.ranges and isinstance(v, (int, float)) and v not in self.ranges[p]]
         if problems:
             raise ValueError(f"loss spec {self.name!r}: " + "; ".join(problems))
+
+    def uses_reference(self, params: Mapping[str, object]) -> bool:
+        """Whether a run with these hyperparameters needs reference log-probs (``reference_if`` at 0: no)."""
+        if not self.needs_reference or self.reference_if is None:
+            return self.needs_reference
+        value = params.get(self.reference_if, self.defaults.get(self.reference_if))
+        try:
+            return float(value) != 0.0
+        except (TypeError, ValueError):
+            return True
 
     # ---- read from the signature ---------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ Only the main process generates, judges and writes; the stop decision is shared 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from preftune.losses import get_loss
 from preftune.models import is_peft, reference_mode, save_pretrained
 from preftune.monitor import samples as samples_mod
 from preftune.monitor.health import check_alarms, diagnose
-from preftune.trainer.metrics import read_metrics
+from preftune.runlog import read_metrics
 
 SAMPLE_SEED = 1234
 
@@ -81,7 +82,7 @@ class Monitor:
         cfg: the run's :class:`~preftune.config.Config` (``cfg.monitor`` holds the settings).
         policy: the model being trained (not the DDP wrapper); still the initial weights when constructed.
         tokenizer: for decoding samples and saving the best model.
-        eval_set: the held-out :class:`~preftune.trainer.data.ExampleSet`; its first ``num_prompts`` distinct
+        eval_set: the held-out :class:`~preftune.data.prepare.ExampleSet`; its first ``num_prompts`` distinct
             prompts are the fixed generation prompts.
         ref_model: a frozen reference model held by the loop, or None.
         accelerator: for the process rank and the shared stop decision.
@@ -89,6 +90,9 @@ class Monitor:
     """
 
     def __init__(self, cfg, policy, tokenizer, eval_set, ref_model, accelerator, say=print):
+        if cfg.monitor.early_stopping_metric is None:  # the natural held-out metric of the run's kind
+            default = "eval/reward/mean" if getattr(cfg, "rollout", None) is not None else "eval/loss"
+            cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, early_stopping_metric=default))
         self.mc = mc = cfg.monitor
         self.run_dir = Path(cfg.training.output_dir)
         self.policy, self.tokenizer, self.accelerator, self.say = policy, tokenizer, accelerator, say
