@@ -58,8 +58,9 @@ def check_train_config(tree: dict) -> Any:
     return config
 
 
-def config_field(dotted: str) -> tuple[bool, list[str]]:
-    """(whether ``dotted`` names a training-config field, the valid keys at the level where it stopped).
+def config_field(dotted: str) -> tuple[bool, int, list[str]]:
+    """(whether ``dotted`` names a training-config field, the index of the first part that is not one, the valid
+    keys at that level).
 
     Sections are walked through their dataclasses (``lora`` through ``LoraConfig`` although it may be null).
     ``loss.<x>`` is a field when ``x`` is ``name`` / ``weights`` or a loss hyperparameter: those are checked
@@ -71,16 +72,16 @@ def config_field(dotted: str) -> tuple[bool, list[str]]:
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         if cls is None or not dataclasses.is_dataclass(cls):
-            return False, []
+            return False, i, []
         names = [f.name for f in dataclasses.fields(cls)]
         if cls.__name__ == "LossConfig" and i == len(parts) - 1:
-            return True, names  # name, weights or a hyperparameter (checked by loss_hyperparameters)
+            return True, i, names  # name, weights or a hyperparameter (checked by loss_hyperparameters)
         if part not in names or (cls.__name__ == "LossConfig" and part == "params"):
-            return False, names
+            return False, i, names
         hint = typing.get_type_hints(cls)[part]
         sections = [a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)]
         cls = sections[0] if sections else None
-    return True, []
+    return True, len(parts), []
 
 
 def loss_hyperparameters(names: Sequence[str]) -> set[str]:
@@ -134,6 +135,14 @@ def load_tokenizer(tokenizer: Any, model: Any):
     from preftune.models import load_tokenizer as load
 
     return load(tokenizer, model)
+
+
+def quiet_progress_bars() -> None:
+    """Switch off the hub's per-file progress bars (loading / writing weights): the drivers load and save many
+    models, and the bars would bury their own log lines."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
 
 # ---- prompts and sampling -----------------------------------------------------------------------------------

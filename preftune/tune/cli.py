@@ -71,9 +71,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.set_defaults(func=cmd_review_import)
 
 
+def _quiet() -> None:
+    from preftune.tune.adapter import quiet_progress_bars
+
+    quiet_progress_bars()
+
+
 def cmd_iterate(args: argparse.Namespace) -> int:
     from preftune.tune.iterate import run_iterate
 
+    _quiet()
     run_iterate(args.config, overrides=args.set or [], out=args.out, rounds=args.rounds)
     return 0
 
@@ -81,6 +88,7 @@ def cmd_iterate(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from preftune.tune.sweep import run_sweep
 
+    _quiet()
     run_sweep(args.config, overrides=args.set or [], out=args.out, trials=args.trials, sampler=args.sampler,
               storage=args.storage, study_name=args.study)
     return 0
@@ -89,6 +97,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_review_export(args: argparse.Namespace) -> int:
     from preftune.tune.review import export_sheet
 
+    _quiet()
     paths = export_sheet(args.run, args.prompts, args.out, against=args.against, key=args.key, n=args.n,
                          seed=args.seed, max_new_tokens=args.max_new_tokens)
     print(f"wrote {paths['csv']} and {paths['html']} ({paths['items']} items); the key, for import only: "
@@ -99,6 +108,7 @@ def cmd_review_export(args: argparse.Namespace) -> int:
 def cmd_review_import(args: argparse.Namespace) -> int:
     from preftune.tune.review import format_result, import_answers
 
+    _quiet()
     result = import_answers(args.sheets, args.key, judge=args.judge)
     print(format_result(result))
     if args.out:

@@ -22,11 +22,13 @@ from preftune.toy.quickstart import MAX_LENGTH, MAX_NEW_TOKENS, generation_accur
 from preftune.tune import adapter
 from preftune.tune.files import write_json, write_jsonl
 from preftune.tune.iterate import run_iterate
+from preftune.tune.settings import dump_yaml
 
 # The recipe: per round, 500 fresh prompts x 4 samples; pairs are the prompts whose answers the verifier
-# splits. Learning rate and beta as high as the DPO demo's, for the same 0.1M-parameter model.
+# splits (about 230 a round). beta as the DPO demo's; a quarter of its learning rate and one epoch a round, so
+# the accuracy climbs over the rounds (0.69 -> 0.91 -> 0.99 -> 1.00 with seed 0) instead of in the first one.
 ITERATE = {"rounds": 3, "prompts_per_round": 500, "samples_per_prompt": 4, "temperature": 1.0, "beta": 2.0,
-           "learning_rate": 2e-4, "epochs": 2, "batch_size": 16, "warmup_ratio": 0.1, "reference": "previous"}
+           "learning_rate": 5e-5, "epochs": 1, "batch_size": 16, "warmup_ratio": 0.1, "reference": "previous"}
 TARGETS = {"generation_accuracy": 0.90, "gain": 0.25}
 
 
@@ -61,18 +63,25 @@ def run_iterative_quickstart(out_dir: str | Path, seed: int = 0, log=print) -> d
         torch.set_num_threads(threads)
 
 
+def _without_training_chatter(log):
+    """The iterate log without the rounds' training lines (their runs keep them in metrics and reports)."""
+
+    def out(*args) -> None:
+        if not (args and ": train:" in str(args[0])):
+            log(*args)
+
+    return out
+
+
 def _run(out: Path, seed: int, log, t_start: float) -> dict:
     sft = sft_phase(out, seed, log)
     write_jsonl(out / "prompts.jsonl", [{"prompt": it.prompt} for it in sft.items])
     write_jsonl(out / "held_out.jsonl", [{"prompt": it.prompt} for it in sft.held_out])
     before, _ = generation_accuracy(sft.model, sft.tokenizer, sft.held_out)
     config = iterate_config(out, str(out / "sft" / "final"), seed)
-    from preftune.tune.settings import dump_yaml
-
     (out / "iterate.yaml").write_text(dump_yaml(config), encoding="utf-8")
     t0 = time.perf_counter()
-    table = run_iterate(config, log=lambda *a: log(*a) if not str(a[0]).startswith("iterate: round") or
-                        ": train:" not in str(a[0]) else None)
+    table = run_iterate(config, log=_without_training_chatter(log))
     log(f"quickstart: {len(table['rounds']) - 1} iterate rounds in {time.perf_counter() - t0:.1f}s")
     final = adapter.load_model(table["model"])
     after, rows = generation_accuracy(final, sft.tokenizer, sft.held_out)

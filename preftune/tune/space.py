@@ -16,6 +16,7 @@ and checked as ``preftune train`` checks it). ``sampler: grid`` needs every dime
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import math
@@ -24,7 +25,7 @@ from typing import Any
 
 from preftune.errors import ConfigError
 from preftune.tune import adapter
-from preftune.tune.settings import SEARCH_KINDS
+from preftune.tune.settings import SEARCH_KINDS, SweepSettings
 
 _PRIMITIVE = (type(None), bool, int, float, str)
 
@@ -76,27 +77,38 @@ def parse_space(raw: dict[str, Any], tree: dict, *, sampler: str) -> list[Dimens
     """The dimensions of the sweep's raw search entries, checked against the training tree (see module doc)."""
     if not raw:
         raise ConfigError("sweep: no search dimensions; add keys such as 'loss.beta: [0.05, 0.1]' to the sweep section")
-    dims = [_dimension(key, value) for key, value in raw.items()]
-    losses = _loss_names(dims, tree)
+    losses = _loss_names(raw, tree)
     hyper = adapter.loss_hyperparameters(losses)
-    for dim in dims:
-        _check_key(dim.key, hyper, losses)
-        if sampler == "grid" and dim.kind != "categorical":
-            raise ConfigError(f"sweep.{dim.key}: sampler grid needs a list of values, got a {dim.kind} range")
+    dims = []
+    for key, value in raw.items():
+        _check_key(str(key), hyper, losses)
+        dims.append(_dimension(key, value))
+        if sampler == "grid" and dims[-1].kind != "categorical":
+            raise ConfigError(f"sweep.{key}: sampler grid needs a list of values, got a {dims[-1].kind} range")
+    first = {d.key: _bounds(d)[0] for d in dims}
+    base = apply_params(tree, first)
+    try:
+        adapter.check_train_config(base)
+    except ConfigError as e:
+        raise ConfigError(f"the config (with the sweep's first values) is refused: {e}") from None
     for dim in dims:  # every value the sampler may draw passes the training config's own checks
-        values = dim.choices if dim.kind == "categorical" else [dim.low, dim.high]
-        for value in values:
+        for value in _bounds(dim):
             try:
-                adapter.check_train_config(apply_params(tree, {dim.key: value}))
+                adapter.check_train_config(apply_params(base, {dim.key: value}))
             except ConfigError as e:
                 raise ConfigError(f"sweep.{dim.key}: the value {value!r} is refused by the config: {e}") from None
     return dims
 
 
+def _bounds(dim: Dimension) -> list[Any]:
+    """The values a dimension's check tries: every choice, or both bounds (as ints for ``int``)."""
+    if dim.kind == "categorical":
+        return dim.choices
+    return [int(dim.low), int(dim.high)] if dim.kind == "int" else [dim.low, dim.high]
+
+
 def _dimension(key: Any, value: Any) -> Dimension:
     where = f"sweep.{key}"
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"sweep: a search key must be a dotted config key, got {key!r}")
     if isinstance(value, list):
         if not value:
             raise ConfigError(f"{where}: empty list of values")
@@ -125,22 +137,22 @@ def _dimension(key: Any, value: Any) -> Dimension:
     return Dimension(key, kind, low=low, high=high)
 
 
-def _loss_names(dims: list[Dimension], tree: dict) -> list[str]:
+def _loss_names(raw: dict[str, Any], tree: dict) -> list[str]:
     """The losses a trial may train: the config's, or every choice of a ``loss.name`` dimension."""
-    for dim in dims:
-        if dim.key == "loss.name":
-            if dim.kind != "categorical":
-                raise ConfigError("sweep.loss.name: a loss is chosen from a list, not a range")
-            out = []
-            for c in dim.choices:
-                out.extend(c if isinstance(c, list) else [c])
-            return [str(n) for n in out]
+    if "loss.name" in raw:
+        choices = raw["loss.name"]
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError("sweep.loss.name: a loss is chosen from a non-empty list of names")
+        out = []
+        for c in choices:
+            out.extend(c if isinstance(c, list) else [c])
+        return [str(n) for n in out]
     name = (tree.get("loss") or {}).get("name") or adapter.default_loss(tree)
     return list(name) if isinstance(name, list) else [name]
 
 
 def _check_key(key: str, hyper: set[str], losses: list[str]) -> None:
-    ok, valid = adapter.config_field(key)
+    ok, depth, valid = adapter.config_field(key)
     parts = key.split(".")
     if ok and parts[0] == "loss" and len(parts) == 2 and parts[1] not in ("name", "weights"):
         if parts[1] in hyper:
@@ -150,10 +162,11 @@ def _check_key(key: str, hyper: set[str], losses: list[str]) -> None:
         raise ConfigError(f"sweep.{key}: not a hyperparameter of loss {'/'.join(losses)}.{hint}")
     if ok:
         return
-    prefix = ".".join(parts[:-1])
-    options = [f"{prefix}.{v}" if prefix else v for v in valid]
-    near = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    hint = f" Did you mean '{near[0]}'?" if near else ""
+    options = list(valid)
+    if len(parts) == 1:  # a misspelt setting is read as a search key: suggest the settings too
+        options += [f.name for f in dataclasses.fields(SweepSettings)]
+    near = difflib.get_close_matches(parts[depth], options, n=1, cutoff=0.5) if depth < len(parts) else []
+    hint = f" Did you mean '{'.'.join([*parts[:depth], near[0], *parts[depth + 1:]])}'?" if near else ""
     raise ConfigError(f"sweep.{key}: not a config field.{hint} (`preftune config-doc` lists them)")
 
 

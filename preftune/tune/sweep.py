@@ -231,8 +231,10 @@ class RetryInterrupted:
             return
         attrs = {**trial.user_attrs, "retry_of": history[0], "retry_history": history, "interrupted": False,
                  "error": None}
+        system = {**trial.system_attrs, "failed_trial": history[0], "retry_history": history}  # as Optuna's
         study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
-                                            distributions=trial.distributions, user_attrs=attrs))
+                                            distributions=trial.distributions, user_attrs=attrs,
+                                            system_attrs=system))
 
 
 def recover(study, storage, max_retry: int, log) -> list[int]:

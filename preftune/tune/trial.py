@@ -38,6 +38,7 @@ def run(tdir: Path) -> dict:
     from preftune.tune import adapter
     from preftune.tune.scoring import score_model
 
+    adapter.quiet_progress_bars()
     spec = read_json(tdir / "trial.json")
     if spec is None:
         raise FileNotFoundError(f"{tdir / 'trial.json'} not found")
