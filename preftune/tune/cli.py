@@ -15,8 +15,15 @@ import json
 from pathlib import Path
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from preftune.rollout.cli import JUDGE_HELP, _positive_int
+    from preftune.rollout.cli import JUDGE_HELP
 
     p = subparsers.add_parser(
         "iterate", help="iterative DPO: rounds of sample -> judge -> pairs -> validate -> train -> evaluate",
