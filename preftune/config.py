@@ -143,7 +143,11 @@ class TrainingConfig:
     max_length: int = 512
     """Maximum tokens of prompt + one response; longer responses are truncated, longer prompts dropped."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Compute precision: `bf16` autocasts matrix products on CPU and GPU, weights stay fp32."""
+    """Compute precision: `bf16` autocasts matrix products on CPU and GPU, weights stay fp32. On a CPU without
+    native bf16 (no AMX or AVX512-BF16, e.g. AVX2-only AMD EPYC) bf16 is emulated and far slower than fp32, so
+    it is refused there unless `allow_slow_bf16`."""
+    allow_slow_bf16: bool = False
+    """Run `precision: bf16` on a CPU without native bf16 anyway (tens of times slower than fp32)."""
     seed: int = 0
     """Seeds data order, initialisation of adapters and every RNG."""
     eval_every: int = 0
@@ -191,9 +195,10 @@ class MonitorConfig:
     """Write greedy samples every N optimizer steps; None: at every evaluation."""
     print_samples: int = 2
     """Samples echoed to the console each time (all go to samples.jsonl and TensorBoard)."""
-    early_stopping_metric: str = "eval/loss"
+    early_stopping_metric: str | None = None
     """Metric for the best model and early stopping, `split/key` from metrics.jsonl (e.g.
-    `eval/rewards/accuracies`, `monitor/kl/k3_seq`)."""
+    `eval/rewards/accuracies`, `monitor/kl/k3_seq`); None: `eval/loss`, or `eval/reward/mean` (held-out reward
+    of greedy samples) in an on-policy run."""
     early_stopping_mode: Literal["auto", "min", "max"] = "auto"
     """Whether lower or higher is better; auto: higher for accuracies, margins, rewards and win rates."""
     patience: int | None = None
@@ -201,6 +206,60 @@ class MonitorConfig:
     save_best: bool = True
     """Keep the model at the best `early_stopping_metric` in `output_dir/best` (rewritten when it improves;
     only when `training.save_model`)."""
+
+
+@dataclass
+class RolloutConfig:
+    num_generations: int = 4
+    """Completions sampled from the current policy per prompt at every step (online DPO: best vs worst of
+    them; GRPO: the group). At least 2."""
+    max_new_tokens: int = 64
+    """Longest completion, in tokens; a completion cut here has no end-of-sequence token (`finish: length`)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0). GRPO divides the training pass's logits by it too, so the ratio π/π_old
+    compares the distributions that were sampled."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p` (1.0: all)."""
+    top_k: int = 0
+    """Keep the `top_k` most likely tokens (0: all)."""
+    generation_batch_size: int = 32
+    """Prompts generated together (memory of the KV cache); does not change the samples, which are seeded
+    per prompt and sample."""
+    num_iterations: int = 1
+    """GRPO's μ: optimizer passes over one rollout; > 1 reuses it with π_old stored at sampling time."""
+    mask_truncated_completions: bool = False
+    """GRPO: completions that hit `max_new_tokens` without an end-of-sequence token get no loss (DAPO)."""
+    dynamic_sampling: bool = False
+    """GRPO: drop groups whose rewards have zero spread and sample more prompts instead (DAPO), up to
+    `max_resample_rounds` extra rounds."""
+    max_resample_rounds: int = 3
+    """Dynamic sampling: at most this many extra generation rounds per step before training on what is there."""
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    """Policy-gradient losses: `grpo` (reward minus the group mean, scaled by `scale_rewards`), `rloo` (minus
+    the mean of the group's other samples), `reinforce_pp` (group mean removed, then whitened over the batch)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """`grpo` advantages divided by the group's reward std (GRPO), the whole batch's (some implementations), or
+    not at all (Dr. GRPO)."""
+
+
+@dataclass
+class RewardConfig:
+    functions: list[str] = field(default_factory=list)
+    """Reward functions `path/to/file.py:fn` or `package.module:fn`, called as `fn(prompts=[...],
+    completions=[...], **columns)` and returning one float (or None: no score) per completion: TRL's
+    signature, so a TRL reward function works unchanged. Built-ins: `preftune.rewards:toy_verifier`,
+    `preftune.rewards:format_reward`, `preftune.rewards:length_penalty`."""
+    weights: list[float] | None = None
+    """One weight per function (default 1.0 each); the weighted sum is the reward."""
+    judge: Any = None
+    """Instead of (or besides) functions: a judge config (a YAML path or a mapping; see docs/judges.md) or a
+    `--judge` value such as `toy-verifier`. A judge with a score (verifier, reward model, scored LLM judge)
+    scores each completion; a pairwise-only judge ranks the samples of a prompt by wins, asked in both orders."""
+    min_margin: float = 0.0
+    """Online DPO: a prompt whose best and worst reward differ by no more than this gives no pair (skipped
+    and counted as `rollout/skipped_fraction`); 0 skips exact ties only."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the reward of a completion that ended without an end-of-sequence token."""
 
 
 @dataclass
@@ -227,6 +286,11 @@ class Config:
     """Optimisation, schedule, checkpoints."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     """Health checks, KL, alarms, samples and early stopping during training."""
+    rollout: RolloutConfig | None = None
+    """On-policy sampling: present, the run generates from the current policy every step (online DPO with a
+    paired loss, GRPO with a policy-gradient loss); `training.per_device_batch_size` then counts prompts."""
+    reward: RewardConfig | None = None
+    """How on-policy samples are scored (reward functions and / or a judge); required with `rollout`."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from preftune.data.collate import LAYOUTS, SequenceBatch, collate_padded, sequences_of
+from preftune.data.collate import SequenceBatch, collate_padded, sequences_of
+from preftune.data.layouts import LAYOUTS
 from preftune.data.packing import (
     collate_packed,
     collate_shared_prompt,

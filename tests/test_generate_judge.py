@@ -18,7 +18,7 @@ from preftune import toy
 from preftune.data.validate import validate
 from preftune.errors import PreftuneError
 from preftune.judges import Judge, Verdict, VerifierJudge
-from preftune.rollout.cli import _toy_verify, make_judge
+from preftune.judges.spec import make_judge
 from preftune.rollout.generate import (
     HFBackend,
     OpenAIBackend,
@@ -30,6 +30,7 @@ from preftune.rollout.generate import (
     run_generation,
 )
 from preftune.synth.pairs import build_pairs, judge_generations, length_bias, verdict_from_scores
+from preftune.toy import verifier_score
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["say : cat dog fox", "echo : red blue", "copy : plum pear fig", "repeat : owl bee"]
@@ -218,7 +219,7 @@ ROWS = [
     gen_row("echo : red blue", ["red blue", "red  blue "]),  # both right: a tie
     gen_row("copy : plum", ["plum", "plum"]),  # one distinct response
 ]
-TOY = VerifierJudge(_toy_verify, name="toy-verifier")
+TOY = VerifierJudge(verifier_score, name="toy-verifier")
 
 
 def test_all_pairs_lineage_and_drops():

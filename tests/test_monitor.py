@@ -16,7 +16,7 @@ import preftune
 from preftune.config import MonitorConfig
 from preftune.eval.drift import distinct_n, kl_estimates, self_repetition
 from preftune.monitor.health import check_alarms, diagnose
-from preftune.trainer.metrics import read_metrics
+from preftune.runlog import read_metrics
 
 # ---- estimators ---------------------------------------------------------------------------------------------
 

@@ -18,8 +18,8 @@ from preftune.data.tokenize import Tokenization
 from preftune.errors import PreftuneError
 from preftune.logprobs import naive_sequence_logps, sequence_logps
 from preftune.losses import LossOutput, LossSpec
+from preftune.runlog import read_metrics
 from preftune.trainer import steps as steps_mod
-from preftune.trainer.metrics import read_metrics
 from preftune.trainer.optim import build_scheduler
 
 STEP_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -147,6 +147,7 @@ def test_lora_adapter_saved_and_loads_with_peft(dpo_config, make_model, train_pa
 
 def _sequences_of_batch(batch):
     """(prompt, completion) token lists of each sequence of a padded batch."""
+    batch = batch.seqs
     out = []
     lengths = torch.bincount(batch.target_seq, minlength=batch.num_sequences).tolist()
     for s in range(batch.num_sequences):
@@ -225,7 +226,7 @@ def _pair_records(rows):
 
 
 def test_reference_copy_is_frozen_and_never_changes(dpo_config, make_model, train_pairs, monkeypatch):
-    from preftune.trainer import loop
+    from preftune.trainer import build as loop
 
     captured = []
     real_freeze = loop.freeze
@@ -304,7 +305,7 @@ def test_length_grouped_batches_are_deterministic_and_cover_the_epoch(dpo_config
                                                                      monkeypatch, tmp_path):
     """engine.group_by_length: each micro-batch holds examples of similar length, every example
     of the epoch is seen once, and the order is a function of the seed alone (so a resumed run sees the same)."""
-    from preftune.trainer import loop
+    from preftune.trainer import source as loop
 
     seen: list[tuple[list[int], list[int]]] = []
     real = loop.length_grouped_order
@@ -421,9 +422,25 @@ def test_repeated_nonfinite_steps_stop_with_checkpoint(dpo_config, make_model, t
 # ---- precision and drops ----------------------------------------------------------------------------------
 
 
+def test_bf16_is_refused_on_a_cpu_without_native_bf16(dpo_config, make_model, train_pairs, monkeypatch):
+    """An AVX2-only CPU emulates bf16 products tens of times slower than fp32: one line says so, up front."""
+    from preftune import hardware
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: {"avx2", "fma"})
+    with pytest.raises(PreftuneError, match="no AMX or AVX512-BF16.*training.precision: fp32"):
+        preftune.train(dpo_config(make_model(seed=8), train_pairs[:16], training={"precision": "bf16"}),
+                       log=lambda *_: None)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: {"avx2", "avx512_bf16"})
+    assert hardware.bf16_refusal("cpu", False) is None and hardware.bf16_refusal("cuda", False, {"avx2"}) is None
+    assert hardware.cpu_has_native_bf16({"amx_bf16"}) and not hardware.cpu_has_native_bf16({"avx2"})
+    monkeypatch.undo()
+    assert hardware.cpu_flags("processor : 0\nflags\t\t: fpu avx2 amx_bf16\n") == {"fpu", "avx2", "amx_bf16"}
+
+
 def test_bf16_run_on_cpu(dpo_config, make_model, train_pairs, tmp_path):
     model = make_model(seed=8)
-    summary = preftune.train(dpo_config(model, train_pairs[:16], training={"precision": "bf16", "max_steps": 2}),
+    summary = preftune.train(dpo_config(model, train_pairs[:16], training={"precision": "bf16", "max_steps": 2,
+                                                                          "allow_slow_bf16": True}),
                              log=lambda *_: None)
     assert math.isfinite(summary["final_loss"]) and summary["nonfinite_steps"] == 0
     assert all(p.dtype == torch.float32 for p in model.parameters())

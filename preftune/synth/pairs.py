@@ -45,7 +45,7 @@ from typing import Any
 
 from preftune.errors import PreftuneError
 from preftune.judges.base import Judge, ScoreBasedJudge, Verdict, swap_winner
-from preftune.rollout.generate import prompt_text
+from preftune.judges.prompts import prompt_text
 
 MODES = ("all", "best-vs-worst")
 SCORINGS = ("auto", "score", "wins")

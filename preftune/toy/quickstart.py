@@ -9,7 +9,7 @@ The DPO run writes into ``out_dir`` itself (``metrics.jsonl``, ``tensorboard/``,
     {"before": {...}, "after": {...}, "passed": bool, "targets": {...}, "config": {...}, "runs": {...}, ...}
 
 ``preference_accuracy``: held-out pairs whose implicit DPO reward β·(log π/π_ref) ranks chosen above rejected,
-an exact tie counting 0.5 (:func:`preftune.trainer.steps.preference_accuracy`). Before DPO the policy *is*
+an exact tie counting 0.5 (:func:`preftune.eval.preference_accuracy.preference_accuracy`). Before DPO the policy *is*
 the reference, every margin is exactly 0 and the accuracy is 0.5 by construction; after DPO it is the final
 evaluation of the DPO run (``rewards/accuracies``). ``generation_accuracy``: greedy generations on the
 held-out prompts that :func:`preftune.toy.verify` accepts.
@@ -85,7 +85,7 @@ def pair_logps(model, tokenizer, pairs: list[dict], batch_size: int = 64) -> tor
 
 def implicit_reward_accuracy(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> float:
     """Mean of :func:`preference_accuracy` over margins β·((π_w − r_w) − (π_l − r_l)); logps (n, 2)."""
-    from preftune.trainer.steps import preference_accuracy
+    from preftune.eval.preference_accuracy import preference_accuracy
 
     rho = policy_logps - reference_logps  # (n, 2)
     margins = beta * (rho[:, 0] - rho[:, 1])  # (n,)
