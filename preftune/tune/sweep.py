@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +128,12 @@ def open_study(plan: Plan):
     kwargs: dict[str, Any] = {}
     if plan.storage.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # several local workers share one file
-    storage = optuna.storages.RDBStorage(
-        plan.storage, heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period or 4 * s.heartbeat_interval,
-        heartbeat_stale_trial_callback=RetryInterrupted(s.max_retry),
-        **kwargs)
+    with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna; it is what resume relies on
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            plan.storage, heartbeat_interval=s.heartbeat_interval,
+            grace_period=s.grace_period or 4 * s.heartbeat_interval,
+            heartbeat_stale_trial_callback=RetryInterrupted(s.max_retry), **kwargs)
     record = {"train_config": plan.train_tree, "space": [dataclasses.asdict(d) for d in plan.dims],
               "objective": s.objective, "direction": plan.direction, "max_kl": s.max_kl, "judge": s.judge,
               "prompts": plan.prompts, "reference_model": plan.reference_model, "sampler": s.sampler}
@@ -167,12 +170,7 @@ def _sampler(plan: Plan):
         return optuna.samplers.GridSampler({d.key: list(d.distribution().choices) for d in plan.dims}, seed=s.seed)
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
-    return optuna.samplers.TPESampler(seed=s.seed, constraints_func=_constraints if s.max_kl is not None else None)
-
-
-def _constraints(trial) -> list[float]:
-    """Optuna's constraint: <= 0 is feasible; here KL − max_kl, recorded by the objective."""
-    return [float(trial.user_attrs.get("constraint", 0.0))]
+    return optuna.samplers.TPESampler(seed=s.seed)  # infeasible trials: Trial.set_constraint in the objective
 
 
 def _pruner(s: SweepSettings):
@@ -335,8 +333,9 @@ class Objective:
         kl = scores.get("kl")
         feasible = s.max_kl is None or (kl is not None and not math.isnan(kl) and kl <= s.max_kl)
         trial.set_user_attr("feasible", feasible)
-        if s.max_kl is not None:
-            trial.set_user_attr("constraint", (kl if kl is not None and not math.isnan(kl) else math.inf) - s.max_kl)
+        if s.max_kl is not None:  # Optuna's constraint: <= 0 is feasible; TPE then prefers feasible regions
+            measured = kl if kl is not None and not math.isnan(kl) else 1e9
+            trial.set_constraint("kl", measured - s.max_kl)
         value = scores.get(s.objective)
         if value is None or math.isnan(value):
             trial.set_user_attr("error", f"objective {s.objective} is not a number ({value})")

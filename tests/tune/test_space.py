@@ -78,6 +78,28 @@ def test_settings_parsing():
     assert (it.rounds, it.reference, it.temperatures) == (3, "previous", [1.0])
 
 
+def test_examples_and_docs():
+    """The example driver configs parse and pass the checks that need no files; docs/tune.md lists every setting."""
+    from pathlib import Path
+
+    from preftune.tune import adapter
+    from preftune.tune.settings import split_sections
+
+    root = Path(__file__).resolve().parents[2]
+    for name in ("iterate_toy", "iterate_smollm2", "sweep_toy", "sweep_smollm2"):
+        tree, sections = split_sections(yaml.safe_load((root / "examples" / f"{name}.yaml").read_text()))
+        adapter.check_train_config(tree)
+        if "iterate" in sections:
+            parse_settings(IterateSettings, sections["iterate"], "iterate")
+        else:
+            s, space = parse_settings(SweepSettings, sections["sweep"], "sweep", extra="return")
+            assert len(parse_space(space, tree, sampler=s.sampler)) == 3
+    doc = (root / "docs" / "tune.md").read_text()
+    for cls, prefix in ((IterateSettings, "iterate"), (SweepSettings, "sweep")):
+        for key, _, _, text in adapter.field_docs(cls, prefix):
+            assert f"| `{key}` |" in doc and text in doc, key  # regenerate the tables when a field changes
+
+
 def test_sweep_refused_before_the_first_trial(tmp_path, toy_files, saved_model_dir, capsys):
     """The CLI: one line naming the key, exit 2, and no study, no trial directory written."""
     cfg = {"model": str(saved_model_dir), "data": {"train": str(toy_files["pairs"])},
