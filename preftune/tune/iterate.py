@@ -204,10 +204,11 @@ class Round:
                                 f"stopped. The report: {self.dir / 'validation.json'}")
         return {"usable": True, "pairs": report.pairs, "warnings": [f.name for f in report.warnings]}
 
-    def train_tree(self) -> dict:
+    def train_tree(self, record: bool = False) -> dict:
+        """The round's training config; ``record``: as written to lineage (the parent by path, never loaded)."""
         tree = copy.deepcopy({k: v for k, v in self.plan.train_tree.items() if k != "model"})
         parent: Any = self.parent
-        if (Path(parent) / "adapter_config.json").exists():  # a LoRA round: the next one starts from it merged
+        if not record and (Path(parent) / "adapter_config.json").exists():  # LoRA: start from the parent merged
             parent = self.parent_model()
         tree["model"] = parent
         tree["tokenizer"] = self.tokenizer
@@ -223,7 +224,7 @@ class Round:
         tree = self.train_tree()
         self._parent_model = None  # training loads (and changes) its own copy
         summary = adapter.train(tree, resume=True, log=lambda *a: self.log(f"iterate: round {self.k}: train:", *a))
-        self._write_lineage(tree)
+        self._write_lineage(self.train_tree(record=True))
         return {"steps": summary["steps"], "final_loss": summary["final_loss"],
                 "train_runtime_s": summary["train_runtime_s"]}
 
@@ -249,7 +250,7 @@ class Round:
             "train_loss": info["train"]["final_loss"],
         }
         write_json(self.dir / "metrics.json", metrics)
-        self._write_lineage(self.train_tree(), metrics)
+        self._write_lineage(self.train_tree(record=True), metrics)
         return {"win_rate_vs_previous": metrics["win_rate_vs_previous"], "win_rate_vs_sft": metrics["win_rate_vs_sft"]}
 
     def _write_lineage(self, tree: dict, metrics: dict | None = None) -> None:

@@ -176,10 +176,11 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        try:
-            return float(value) if isinstance(value, str) else _fail(where, tp, value)
-        except ValueError:
-            pass
+        if isinstance(value, str):  # PyYAML reads 5e-6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

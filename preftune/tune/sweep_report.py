@@ -49,11 +49,11 @@ def trial_rows(plan, study) -> list[dict]:
             step = max(t.intermediate_values)
             row["error"] = f"pruned at step {step}"
         rows.append(row)
-    sign = -1.0 if plan.direction == "maximize" else 1.0
+    sign = -1.0 if plan.direction == "maximize" else 1.0  # best first
 
     def key(r):
-        value = r["objective"] if r["objective"] is not None else math.inf
-        return ORDER.get(r["state"], 9), sign * value if r["objective"] is not None else math.inf, r["trial"]
+        value = sign * r["objective"] if r["objective"] is not None else math.inf
+        return ORDER.get(r["state"], 9), value, r["trial"]
 
     return sorted(rows, key=key)
 

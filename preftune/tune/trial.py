@@ -71,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scores = run(tdir)
     except Exception as e:  # recorded on the trial; the sweep goes on
+        from preftune.errors import PreftuneError
+
         traceback.print_exc()
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        write_text(tdir / "error.txt", f"{type(e).__name__}: {text}\n" if text else f"{type(e).__name__}\n")
+        known = isinstance(e, PreftuneError) and text  # a user error reads as is, as the CLI prints it
+        write_text(tdir / "error.txt", (text if known else f"{type(e).__name__}: {text}".rstrip(": ")) + "\n")
         return 1
     print(f"trial: {len(scores)} scores written to {tdir / 'scores.json'}", flush=True)
     return 0

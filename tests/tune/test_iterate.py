@@ -40,13 +40,15 @@ def resumed(tmp_path_factory, saved_model_dir, toy_files):
     cfg = iterate_config(out, saved_model_dir, toy_files)
     path = root / "iterate.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = start_cli(["iterate", str(path)], root, root / "first.log")
-    kill_when(proc, lambda: any((out / "round-02" / "train" / "checkpoints").glob("step-*")))
-    state = json.loads((out / "round-02" / "state.json").read_text())
-    mtimes = {f: (out / f).stat().st_mtime_ns for f in ("round-01/generations.jsonl", "round-01/train/final",
-                                                          "round-02/generations.jsonl", "round-02/pairs.jsonl")}
-    lines: list[str] = []
-    table = run_iterate(str(path), log=lambda *a: lines.append(" ".join(map(str, a))))
+    with pytest.MonkeyPatch.context() as mp:  # module fixtures run before the per-test cache fixture
+        mp.setenv("PREFTUNE_CACHE", str(root / "cache"))
+        proc = start_cli(["iterate", str(path)], root, root / "first.log")
+        kill_when(proc, lambda: any((out / "round-02" / "train" / "checkpoints").glob("step-*")))
+        state = json.loads((out / "round-02" / "state.json").read_text())
+        mtimes = {f: (out / f).stat().st_mtime_ns for f in ("round-01/generations.jsonl", "round-01/train/final",
+                                                              "round-02/generations.jsonl", "round-02/pairs.jsonl")}
+        lines: list[str] = []
+        table = run_iterate(str(path), log=lambda *a: lines.append(" ".join(map(str, a))))
     return {"out": out, "path": path, "state": state, "mtimes": mtimes, "log": "\n".join(lines), "table": table}
 
 

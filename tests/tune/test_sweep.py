@@ -56,15 +56,17 @@ def killed_and_resumed(tmp_path_factory, saved_model_dir, toy_files):
                    and not (d / "error.txt").exists()]
         return bool(done) and bool(running)
 
-    proc = start_cli(["sweep", str(path)], root, root / "first.log")
-    kill_when(proc, finished_then_running)
-    before = {d.name: {"scores": (d / "scores.json").exists(),
-                       "mtime": (d / "scores.json").stat().st_mtime_ns if (d / "scores.json").exists() else None}
-              for d in trial_dirs()}
-    for d in trial_dirs():  # the orphaned trial process notices its driver is gone and exits
-        wait_gone(d / "runner.pid")
-    lines: list[str] = []
-    summary = run_sweep(str(path), log=lambda *a: lines.append(" ".join(map(str, a))))
+    with pytest.MonkeyPatch.context() as mp:  # module fixtures run before the per-test cache fixture
+        mp.setenv("PREFTUNE_CACHE", str(root / "cache"))
+        proc = start_cli(["sweep", str(path)], root, root / "first.log")
+        kill_when(proc, finished_then_running)
+        before = {d.name: {"scores": (d / "scores.json").exists(),
+                           "mtime": (d / "scores.json").stat().st_mtime_ns if (d / "scores.json").exists() else None}
+                  for d in trial_dirs()}
+        for d in trial_dirs():  # the orphaned trial process notices its driver is gone and exits
+            wait_gone(d / "runner.pid")
+        lines: list[str] = []
+        summary = run_sweep(str(path), log=lambda *a: lines.append(" ".join(map(str, a))))
     return {"out": out, "cfg": cfg, "path": path, "before": before, "summary": summary, "log": lines}
 
 
