@@ -218,11 +218,11 @@ def judge_info(judge, spec: Any) -> dict:
 
 
 def judge_pairs(gen_path: Path, judge, out: Path, *, mode: str, min_margin: float | None, spec: Any,
-                tokenizer=None):
+                scoring: str = "auto", tokenizer=None):
     """Judge a GEN file into pairs (``out``, ``out.dropped.jsonl``); returns (PairsResult, LengthBias)."""
     from preftune.synth.pairs import judge_generations
 
-    return judge_generations(gen_path, judge, out, mode=mode, min_margin=min_margin,
+    return judge_generations(gen_path, judge, out, mode=mode, min_margin=min_margin, scoring=scoring,
                              judge_spec=spec if isinstance(spec, str) else "<mapping>", tokenizer=tokenizer)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -113,18 +114,24 @@ def run_iterate(config, *, overrides: list[str] | None = None, out: str | Path |
 
 
 def _check_manifest(plan: Plan) -> None:
+    """Record the run's config in ``iterate.json``; refuse to resume a run made with another one.
+
+    Values are compared after a JSON round trip (as stored); a setting the stored record lacks (added to
+    preftune since) counts as its default.
+    """
     settings = {k: v for k, v in as_dict(plan.settings).items() if k not in UNFINGERPRINTED}
-    record = {"train_config": plan.train_tree, "iterate": settings}
+    record = json.loads(json.dumps({"train_config": plan.train_tree, "iterate": settings}, default=str))
     path = plan.out / "iterate.json"
     old = read_json(path)
-    if old is not None and old.get("fingerprint") != tree_hash(record):
-        changed = [f"iterate.{k}" for k in sorted(set(settings) | set(old["iterate"]))
-                   if settings.get(k) != old["iterate"].get(k)]
-        changed += [f"config {k}" for k in sorted(set(plan.train_tree) | set(old["train_config"]))
-                    if plan.train_tree.get(k) != old["train_config"].get(k)]
-        raise PreftuneError(f"{plan.out} holds an iterate run with other settings ({', '.join(changed) or 'config'}); "
-                            "resume with the same config (only iterate.rounds and iterate.min_win_rate may change) "
-                            "or use another training.output_dir")
+    if old is not None:
+        defaults = as_dict(IterateSettings(prompts="", eval_prompts="", judge=None))
+        changed = [f"iterate.{k}" for k, v in record["iterate"].items() if old["iterate"].get(k, defaults[k]) != v]
+        changed += [f"config {k}" for k in sorted(set(record["train_config"]) | set(old["train_config"]))
+                    if record["train_config"].get(k) != old["train_config"].get(k)]
+        if changed:
+            raise PreftuneError(f"{plan.out} holds an iterate run with other settings ({', '.join(changed)}); "
+                                "resume with the same config (only iterate.rounds and iterate.min_win_rate may "
+                                "change) or use another training.output_dir")
     write_json(path, {**record, "fingerprint": tree_hash(record), "settings": as_dict(plan.settings)})
 
 
@@ -187,7 +194,8 @@ class Round:
     def _judge(self) -> dict:
         pairs = self.dir / "pairs.jsonl"
         result, bias = adapter.judge_pairs(self.dir / "generations.jsonl", self.judge, pairs, mode=self.s.pairs,
-                                           min_margin=self.s.min_margin, spec=self.s.judge)
+                                           min_margin=self.s.min_margin, spec=self.s.judge,
+                                           scoring=self.s.scoring)
         write_jsonl(self.dir / "verdicts.jsonl", _verdicts(result))
         self.log(f"iterate: round {self.k}: {result.summary()}")
         return {"pairs": len(result.pairs), "dropped": len(result.dropped), "reasons": dict(result.reasons),

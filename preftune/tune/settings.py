@@ -65,6 +65,9 @@ class IterateSettings:
     `toy-verifier`, or `callable:module:fn`."""
     pairs: Literal["best-vs-worst", "all"] = "best-vs-worst"
     """How responses become pairs (`preftune judge --pairs`); ties are always dropped."""
+    scoring: Literal["auto", "score", "wins"] = "auto"
+    """How best and worst are found (`preftune judge --scoring`): `score` (the judge scores each response),
+    `wins` (pairwise round robin, both orders), `auto` (score when the judge can)."""
     min_margin: float | None = None
     """Drop pairs whose score difference is below this (`preftune judge --min-margin`)."""
     reference: Literal["previous", "sft"] = "previous"
