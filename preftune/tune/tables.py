@@ -15,13 +15,17 @@ from preftune.tune.files import write_text
 ROUND_COLUMNS = ("round", "pairs", "win_rate_vs_previous", "win_rate_vs_sft", "lc_win_rate_vs_sft", "kl_to_sft",
                  "length", "distinct_2", "model_score")
 """Columns of the printed round table (rounds.csv has every metric)."""
+LABELS = {"model_score": "judge score (mean)", "lc_win_rate_vs_sft": "length-controlled win rate vs sft"}
 
 
 def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+        if math.isnan(value):
+            return "nan"
+        small = value != 0 and abs(value) < 10 ** -(digits - 1)  # a learning rate: significant digits, not 0.000
+        return f"{value:.{digits}g}" if small else f"{value:.{digits}f}"
     return str(value)
 
 
@@ -84,7 +88,7 @@ def plot_rounds(rows: list[dict], path: Path) -> Path:
         for key in keys:
             y = series(key)
             if any(not math.isnan(v) for v in y):
-                ax.plot(x, y, "o-", label=key, markersize=4)
+                ax.plot(x, y, "o-", label=LABELS.get(key, key), markersize=4)
         if title == "win rate":
             ax.axhline(0.5, color="#999", linewidth=0.8, linestyle=":")
         ax.set_title(title)
