@@ -77,6 +77,10 @@ def prepare(config, *, overrides: list[str] | None = None, out: str | Path | Non
     for key, value in (("trials", trials), ("sampler", sampler), ("storage", storage), ("study_name", study_name)):
         if value is not None:
             setattr(settings, key, value)
+    for key, low in (("num_prompts", 1), ("max_new_tokens", 1), ("heartbeat_interval", 1), ("max_retry", 0),
+                     ("prune_startup_trials", 0), ("prune_warmup_steps", 0)):
+        if getattr(settings, key) < low:
+            raise ConfigError(f"sweep.{key} must be >= {low}, got {getattr(settings, key)}")
     if settings.objective not in OBJECTIVES:
         raise ConfigError(f"sweep.objective: {settings.objective!r} is not a score; one of {', '.join(OBJECTIVES)}")
     training = dict(train_tree.get("training") or {})
