@@ -26,7 +26,7 @@ import yaml
 import preftune
 from preftune import toy
 from preftune.cli import main as cli_main
-from preftune.config import check_loss_params, to_config
+from preftune.config import LossConfig, check_loss_params, to_config
 from preftune.errors import ConfigError
 from preftune.losses import bco_pair, registered_losses
 from preftune.trainer.sanity import check_hyperparameters
@@ -253,10 +253,9 @@ def test_bco_delta_is_not_a_config_key():
     # Objective for a config that skipped that check.
     with pytest.raises(ConfigError, match="loss.delta"):
         _cfg({"name": "bco_pair", "beta": 0.1, "delta": 0.3})
-    unchecked = to_config({"model": "m", "loss": {"name": "bco_pair", "beta": 0.1, "delta": 0.3},
-                           "training": {"output_dir": "x", "learning_rate": 5e-7}})
+    unchecked = LossConfig(name="bco_pair", params={"beta": 0.1, "delta": 0.3})  # built without to_config
     with pytest.raises(ConfigError, match="loss.delta is maintained by the trainer"):
-        Objective.from_config(unchecked.loss)
+        Objective.from_config(unchecked)
 
 
 def test_bco_delta_is_the_running_mean_of_past_rewards():
