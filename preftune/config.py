@@ -39,8 +39,11 @@ __all__ = ["Config", "DataConfig", "EngineConfig", "LoraConfig", "LossConfig", "
 @dataclass
 class DataConfig:
     train: Any = None
-    """Training rows: a JSONL/JSON/Parquet/CSV path, a `save_to_disk` directory, a hub id (`name` or
-    `name:split`), or (from Python) a `datasets.Dataset` / list of dicts."""
+    """Training rows: a JSONL/JSON/Parquet/CSV path or glob (`data/*.jsonl`), a `save_to_disk` directory, a hub
+    id (`name`, `name:split` or `name:subset:split`), a list of such sources, each a string or `{path, weight,
+    split, name}` (`name`: the hub subset; with `weight` on every source, examples are drawn from source i with
+    probability weight_i / Σ weights, a source that runs out starting over reshuffled; without weights the rows
+    are pooled), or (from Python) a `datasets.Dataset` / list of dicts."""
     eval: Any = None
     """Held-out rows in any form `train` accepts; if absent, `eval_fraction` of train is held out."""
     eval_fraction: float = within("[0, 1)", 0.0)
@@ -64,6 +67,27 @@ class DataConfig:
     ratings_scale: float = within("(0, ∞)", 1.0)
     """With `reward_margin: ratings`, m = ratings_scale × (score_chosen − score_rejected) (no margins at all:
     `reward_margin: none`)."""
+    chat_template: str | None = None
+    """Chat template for conversational rows (a Jinja string, or the path of a file holding one), set on the
+    tokenizer before tokenizing and saved with the model; None: the tokenizer's own. Without either,
+    conversational rows drop as `no_chat_template` and the data check calls the data unusable. A row's `tools`
+    column (a list of JSON schemas, or that list as a JSON string) is passed to the template as `tools=`."""
+    num_proc: int | None = within("[1, ∞)", None)
+    """Processes that tokenize (`datasets.map(num_proc=...)`); None: one. The tokenized set is cached on disk
+    under `cache_dir`, keyed by the rows and the tokenization rules, so a second run does not tokenize again."""
+    cache_dir: str | None = None
+    """Where tokenized data is cached; default `$PREFTUNE_CACHE/tokenized` (`~/.cache/preftune/tokenized`)."""
+    streaming: bool = False
+    """Read `train` as a stream instead of loading it (data bigger than memory): rows are read, shuffled
+    through a `shuffle_buffer` seeded by (seed, epoch) and tokenized as the steps need them. Needs
+    `training.max_steps` (a stream has no known length) and `data.eval` (nothing to hold out from); the
+    reference is scored live (LoRA's adapter-disabled base, a frozen copy or `reference.model`), never
+    precomputed; the data check reads the first 10,000 rows; `--resume` replays the stream to its position
+    without tokenizing. See docs/data.md."""
+    shuffle_buffer: int = within("[1, ∞)", 10000)
+    """Streaming: rows held in the shuffle buffer (1: the file order). A row is drawn uniformly from the
+    buffer, which refills from the stream, so rows far apart in the file rarely meet within one batch: a larger
+    buffer shuffles better and holds more rows in memory."""
 
 
 @dataclass
@@ -89,6 +113,11 @@ class LoraConfig:
     """Dropout on the LoRA input; 0 keeps the adapter-disabled reference pass identical across calls."""
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Module names (or `all-linear`) that receive adapters."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """QLoRA: load the base weights quantized by bitsandbytes (`4bit`: NF4 with double quantization; `8bit`:
+    LLM.int8), computing in `model_dtype` (`bf16` is the usual choice), and train the adapter on top
+    (`prepare_model_for_kbit_training`). Needs a CUDA GPU and `pip install bitsandbytes`; the reference is the
+    adapter-disabled quantized base. `preftune export RUN --merge` merges into the unquantized base."""
 
 
 @dataclass
@@ -163,11 +192,19 @@ class TrainingConfig:
     max_length: int = within("[1, ∞)", 512)
     """Maximum tokens of prompt + one response; longer responses are truncated, longer prompts dropped."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Compute precision: `bf16` autocasts matrix products on CPU and GPU, weights stay fp32. On a CPU without
-    native bf16 (no AMX or AVX512-BF16, e.g. AVX2-only AMD EPYC) bf16 is emulated and far slower than fp32, so
-    it is refused there unless `allow_slow_bf16`."""
+    """Compute precision: `bf16` autocasts matrix products on CPU and GPU, weights stay in `model_dtype` (fp32
+    by default; bf16 weights are the other mode, `model_dtype: bf16`). On a CPU without native bf16 (no AMX or
+    AVX512-BF16, e.g. AVX2-only AMD EPYC) bf16 is emulated and far slower than fp32, so it is refused there
+    unless `allow_slow_bf16`."""
     allow_slow_bf16: bool = False
-    """Run `precision: bf16` on a CPU without native bf16 anyway (tens of times slower than fp32)."""
+    """Run `precision: bf16` or `model_dtype: bf16` / `fp16` on a CPU without native units for that dtype
+    anyway (tens of times slower than fp32)."""
+    master_weights: bool = True
+    """With `model_dtype` bf16 or fp16 (full fine-tuning): the optimizer keeps an fp32 copy of every trained
+    weight and its AdamW moments in fp32, updates the copy and writes it back rounded (bf16 has 8 bits of
+    mantissa: an update below 1/256 of a weight would otherwise round away). False: AdamW updates the
+    low-precision weights in place, moments in their dtype (4 bytes less per weight, and small updates are
+    lost). LoRA adapters are fp32 whatever `model_dtype` is."""
     seed: int = within("[0, 4294967295]", 0)
     """Seeds data order, initialisation of adapters and every RNG."""
     eval_every: int = within("[0, ∞)", 0)
@@ -294,6 +331,22 @@ class Config:
     sequence-classification head on any causal LM or encoder; loss `bradley_terry`; see docs/reward_models.md)."""
     tokenizer: Any = None
     """Tokenizer id or path (default: the model's); from Python, a loaded tokenizer."""
+    model_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype of the model weights (policy, reference and reward model): `bf16` / `fp16` halve their memory and
+    run every product in that dtype, while the optimizer keeps fp32 master weights (`training.master_weights`);
+    the saved model keeps this dtype, as Hugging Face does. `bf16` on a CPU without native bf16 is refused
+    unless `training.allow_slow_bf16`; `fp16` needs LoRA (full fine-tuning in fp16 needs loss scaling, which
+    preftune does not do). A model passed from Python is cast to it. Under DeepSpeed or FSDP keep fp32 and set
+    the engine's `mixed_precision: bf16`: the engine keeps the fp32 masters itself."""
+    attn_implementation: str | None = None
+    """Attention kernel for `from_pretrained` (`sdpa`, `eager`, `flash_attention_2`, ...); None: the model's
+    default. `flash_attention_2` takes no 4-D mask: use it with `engine.layout: padded`."""
+    trust_remote_code: bool = False
+    """Let `from_pretrained` run code shipped with the model and tokenizer on the hub (some architectures need
+    it); off because it executes that code."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `model`, and of the tokenizer when it is the model's; None: the
+    default branch."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and evaluation data."""
     loss: LossConfig = field(default_factory=LossConfig)

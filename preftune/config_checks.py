@@ -165,3 +165,56 @@ def _check_rollout(config, reader: Reader) -> Iterator[tuple[str, str]]:
     if config.rollout is not None and (config.reward is None or not (config.reward.functions or config.reward.judge)):
         yield "reward", ("reward: an on-policy run (a `rollout:` section) needs `reward.functions` (e.g. "
                          "['my_rewards.py:score']) or `reward.judge`")
+
+
+@check("data.train", "data.eval", "engine.group_by_length", "rollout")
+def _check_sources(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    """Lists of sources: their keys and weights (all or none); weights only where an epoch order is drawn."""
+    from preftune.data.sources import as_sources, source_problems, weights_of
+
+    for key in ("train", "eval"):
+        for message in source_problems(getattr(config.data, key), f"data.{key}"):
+            yield f"data.{key}", message
+    if weights_of(as_sources(config.data.eval)) is not None:
+        yield "data.eval", "data.eval: mixing weights apply to training data; evaluation reads every held-out row"
+    if weights_of(as_sources(config.data.train)) is None:
+        return
+    if config.engine.group_by_length:
+        yield "engine.group_by_length", ("engine.group_by_length: a weighted mixture draws each epoch's order by "
+                                         "its weights; grouping by length would override them")
+    if config.rollout is not None:
+        yield "data.train", "data.train: mixing weights apply to preference data, not to on-policy prompts"
+
+
+@check("data.streaming", "training.max_steps", "data.eval", "data.eval_fraction", "rollout", "task",
+       "engine.group_by_length")
+def _check_streaming(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    if not config.data.streaming:
+        return
+    if config.training.max_steps is None:
+        yield "training.max_steps", ("data.streaming: a stream has no known length, so epochs cannot size the "
+                                     "run; set training.max_steps")
+    if config.data.eval_fraction > 0:
+        yield "data.eval_fraction", "data.streaming: nothing is held out of a stream; give data.eval instead"
+    if config.rollout is not None:
+        yield "data.streaming", "data.streaming: on-policy runs read their prompts whole; drop data.streaming"
+    if config.task != "policy":
+        yield "data.streaming", "data.streaming trains a policy; a reward model (task: reward) reads its pairs whole"
+    if config.engine.group_by_length:
+        yield "engine.group_by_length", "engine.group_by_length needs the whole set; it cannot group a stream"
+
+
+@check("model_dtype", "lora")
+def _check_model_dtype(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    if config.model_dtype == "fp16" and config.lora is None:
+        yield "model_dtype", ("model_dtype: fp16 full fine-tuning needs loss scaling, which preftune does not do "
+                              "(gradients under- and overflow in fp16); use model_dtype: bf16, or LoRA (a `lora:` "
+                              "section) on an fp16 base")
+
+
+@check("attn_implementation", "engine.layout", "task")
+def _check_attention(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    attn = config.attn_implementation or ""
+    if attn.startswith("flash_attention") and config.task == "policy" and config.engine.layout != "padded":
+        yield "engine.layout", (f"attn_implementation: {attn} takes no 4-D attention mask, which the "
+                                f"{config.engine.layout} layout needs; set engine.layout: padded")

@@ -23,23 +23,38 @@ import numpy as np
 import torch
 
 from preftune.config import check_loss_params
-from preftune.data.load import is_local_path
 from preftune.data.prepare import ExampleSet, prepare_data
 from preftune.data.prompts import prepare_prompts
-from preftune.data.tokenize import Tokenization
+from preftune.data.sources import missing_files
+from preftune.data.tokenize import Tokenization, resolve_chat_template
 from preftune.errors import PreftuneError
-from preftune.hardware import bf16_refusal
+from preftune.hardware import bf16_refusal, low_precision_refusal
 from preftune.logprobs import LogpModel
-from preftune.models import MODEL_KINDS, apply_lora, freeze, load_causal_lm, load_tokenizer, reference_mode
+from preftune.models import (
+    MODEL_KINDS,
+    apply_lora,
+    freeze,
+    load_model,
+    load_tokenizer,
+    reference_mode,
+    save_pretrained,
+)
 from preftune.monitor.monitor import Monitor
 from preftune.rollout.sources import on_policy_source
 from preftune.runlog import MetricWriter, truncate_after
 from preftune.trainer import checkpoint as ckpt
 from preftune.trainer.optim import build_optimizer, build_scheduler
+from preftune.trainer.parallel import (
+    Parallel,
+    load_sharded_checkpoint,
+    make_accelerator,
+    save_sharded_checkpoint,
+)
 from preftune.trainer.reference import reference_logps
 from preftune.trainer.sanity import check_hyperparameters
 from preftune.trainer.source import StaticSource
 from preftune.trainer.steps import STEPS, Objective
+from preftune.trainer.streaming import prepare_stream
 
 
 def seed_everything(seed: int) -> None:
@@ -82,6 +97,7 @@ class Run:
     start_step: int = 0
     nonfinite_total: int = 0
     t_start: float = field(default_factory=time.perf_counter)
+    parallel: Parallel | None = None  # the engine (DDP, FSDP, DeepSpeed): ``trainer/parallel.py``
 
     @property
     def main(self) -> bool:
@@ -95,26 +111,38 @@ class Run:
         return self.model(*batch.model_args(), **batch.model_kwargs())
 
     def checkpoint(self, step: int) -> None:
-        """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position."""
-        if self.main:
+        """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position. A
+        sharded engine's checkpoint is written by every process (``parallel.save_sharded_checkpoint``)."""
+        if self.parallel.sharded:
+            save_sharded_checkpoint(self.parallel, self.run_dir, step, self.scheduler,
+                                    {"nonfinite_steps": self.nonfinite_total, "objective": self.objective.state_dict(),
+                                     "source": self.source.state_dict()}, self.cfg.training.save_total_limit)
+        elif self.main:
             ckpt.save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
                                  {"nonfinite_steps": self.nonfinite_total, "objective": self.objective.state_dict(),
                                   "source": self.source.state_dict()},
                                  self.cfg.training.save_total_limit)
 
+    def save_model(self, out: Path) -> None:
+        """The policy in Hugging Face format (called by every process: a sharded engine gathers its weights
+        first); the main process writes."""
+        state = self.parallel.full_state_dict(self.policy)
+        if self.main:
+            save_pretrained(self.policy, self.tokenizer, out, state_dict=state)
+
 
 def build_run(cfg, resume, log) -> Run:
     """Assemble a run from a checked config; ``resume``: True/"latest" or a checkpoint path, or None."""
-    from accelerate import Accelerator
-
     # ---- setup -------------------------------------------------------------------------------------------
     check_loss_params(cfg)
     objective = Objective.from_config(cfg.loss)
     kind = MODEL_KINDS[cfg.task]  # a policy (log-probs) or a reward model (scores)
     tc = cfg.training
     run_dir = Path(tc.output_dir)
-    # cpu=True without CUDA: accelerate only forms a multi-process CPU group (gloo) when told it is on CPU.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # DDP, FSDP or DeepSpeed, as `accelerate launch` set it up (on CPU too: gloo)
+    accelerator = make_accelerator(micro=tc.per_device_batch_size, accum=tc.gradient_accumulation_steps,
+                                   max_grad_norm=tc.max_grad_norm, say=log)
+    parallel = Parallel(accelerator)
     device, main = accelerator.device, accelerator.is_main_process
     say = log if main else (lambda *_: None)
     for warning in check_hyperparameters(cfg):
@@ -124,22 +152,34 @@ def build_run(cfg, resume, log) -> Run:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     bf16 = tc.precision == "bf16"
-    refusal = bf16_refusal(device.type, tc.allow_slow_bf16) if bf16 else None
+    refusal = (bf16_refusal(device.type, tc.allow_slow_bf16) if bf16 else None) or low_precision_refusal(
+        device.type, cfg.model_dtype, tc.allow_slow_bf16)
     if refusal:
         raise PreftuneError(refusal)
+    if parallel.sharded and cfg.model_dtype != "fp32":
+        raise PreftuneError(f"model_dtype: {cfg.model_dtype} under {parallel.name}: keep model_dtype: fp32 and set "
+                            "mixed_precision: bf16 in the accelerate config; the engine keeps the fp32 masters")
+    if parallel.shards_weights and cfg.rollout is not None:
+        raise PreftuneError(f"on-policy training generates from whole weights, which {parallel.name} shards "
+                            "across processes; use DDP or DeepSpeed ZeRO-2 for rollout runs")
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # ---- data and models ---------------------------------------------------------------------------------
-    for path in (cfg.data.train, cfg.data.eval):  # fail on a missing file before loading any model
-        if isinstance(path, (str, Path)) and is_local_path(str(path)) and not Path(path).expanduser().exists():
-            raise PreftuneError(f"data file not found: {path}")
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    for missing in missing_files(cfg.data.train) + missing_files(cfg.data.eval):  # before loading any model
+        raise PreftuneError(f"data file not found: {missing}")
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               revision=cfg.revision)
+    if cfg.data.chat_template is not None:  # saved with the tokenizer, so the trained model keeps it
+        tokenizer.chat_template = resolve_chat_template(cfg.data.chat_template)
     tokenization = Tokenization(tokenizer, max_length=tc.max_length, max_prompt_length=cfg.data.max_prompt_length,
                                 truncation_mode=cfg.data.truncation_mode)
-    on_policy = cfg.rollout is not None
-    if on_policy:  # prompts only: the responses come from the policy at every step
+    on_policy, stream = cfg.rollout is not None, None
+    if cfg.data.streaming:  # train read as the steps need it; the eval set whole
+        stream, eval_set, drops = prepare_stream(cfg, objective, tokenization, run_dir if main else None, say)
+        train_set = stream.data
+    elif on_policy:  # prompts only: the responses come from the policy at every step
         train_set, eval_set, drops = prepare_prompts(cfg.data, tokenization, tc.seed, run_dir if main else None,
                                                      say)
     else:
@@ -147,7 +187,7 @@ def build_run(cfg, resume, log) -> Run:
                                                   run_dir if main else None, say, kl=objective.needs_kl)
         for line in objective.setup(train_set.examples):  # data-dependent loss settings (e.g. auto class weights)
             say(f"loss: {line}")
-    policy = kind.load(cfg.model, tokenizer).to(device)  # the model that trains: policy or reward model
+    policy = load_model(cfg, kind, tokenizer, device)  # the model that trains: policy or reward model
     if cfg.engine.compile and device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
         raise PreftuneError("engine.compile on CPU needs a C++ compiler (g++ or clang++) for inductor's kernels; "
                             "install one or set engine.compile: false")
@@ -161,20 +201,26 @@ def build_run(cfg, resume, log) -> Run:
 
     # ---- reference ---------------------------------------------------------------------------------------
     # Precomputed only for static data; an on-policy source's sequences exist only once sampled.
-    reference_fn, ref_model = None, None
+    reference_fn, ref_model, engine = None, None, []  # engine: the prepared policy, once it exists
     if objective.needs_reference:
+        precompute = cfg.reference.precompute and not on_policy and stream is None
         ref_model, reference_fn = _reference(cfg, policy, [train_set, eval_set], tokenization, pad_id, autocast,
-                                             accelerator, say, precompute=cfg.reference.precompute and not on_policy)
+                                             accelerator, say, precompute=precompute, parallel=parallel, engine=engine)
 
     # ---- monitor: fixed held-out prompts and the reference's outputs on them (before any step) -------------
     # A reward model does not generate: it keeps the health checks, alarms, early stopping and the best model.
-    watched = cfg if kind.generates else dataclasses.replace(
-        cfg, monitor=dataclasses.replace(cfg.monitor, num_prompts=0))
+    # Where the weights are sharded (FSDP, ZeRO-3) no process can generate or save the best model alone.
+    watched = cfg if kind.generates and not parallel.shards_weights else dataclasses.replace(
+        cfg, monitor=dataclasses.replace(cfg.monitor, num_prompts=0,
+                                         save_best=cfg.monitor.save_best and not parallel.shards_weights))
+    if parallel.shards_weights and cfg.monitor.enabled:
+        say(f"monitor: no samples, generation KL or best model under {parallel.name} (the weights are sharded)")
     monitor = Monitor(watched, policy, tokenizer, eval_set, ref_model, accelerator, say)
 
     # ---- optimizer, schedule, resume ---------------------------------------------------------------------
-    model = accelerator.prepare_model(kind.forward(policy, cfg.engine))
     optimizer = build_optimizer(policy, tc)
+    model, optimizer = parallel.prepare(kind.forward(policy, cfg.engine), optimizer, policy)
+    engine.append(model)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = tc.per_device_batch_size, tc.gradient_accumulation_steps
     geometry = dict(micro=micro, accum=accum, world=world, rank=rank, seed=tc.seed, pad_id=pad_id, layout=layout,
@@ -183,6 +229,8 @@ def build_run(cfg, resume, log) -> Run:
         source = on_policy_source(objective.data, cfg, train_set, eval_set, policy=policy, tokenizer=tokenizer,
                                   run_dir=run_dir if main else None, accelerator=accelerator, **geometry)
         eval_set = ExampleSet([])  # held-out prompts are the source's to evaluate; the monitor keeps them
+    elif stream is not None:
+        source = stream.source(**geometry)
     else:
         source = StaticSource(train_set, group_by_length=cfg.engine.group_by_length, **geometry)
     if source.steps_per_epoch == 0:
@@ -193,10 +241,11 @@ def build_run(cfg, resume, log) -> Run:
     scheduler = build_scheduler(optimizer, tc, total_steps)
     run = Run(cfg, accelerator, say, run_dir, tokenizer, policy, model, objective, STEPS[objective.data],
               reference_fn, source, eval_set, monitor, optimizer, scheduler, None, drops, layout, total_steps,
-              t_start=t_start)
+              t_start=t_start, parallel=parallel)
     resume_from = ckpt.resolve_resume(resume, run_dir)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler)
+        state = (load_sharded_checkpoint(parallel, resume_from, scheduler) if parallel.sharded else
+                 ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler))
         run.start_step, run.nonfinite_total = state["step"], state.get("nonfinite_steps", 0)
         objective.load_state_dict(state.get("objective", {}))
         source.load_state_dict(state.get("source", {}))
@@ -209,14 +258,18 @@ def build_run(cfg, resume, log) -> Run:
 
 
 def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autocast, accelerator, say, *,
-               precompute: bool):
+               precompute: bool, parallel: Parallel, engine: list):
     """(reference model kept for the monitor or None, live reference scoring function or None).
 
     Precomputed: once, before the first step (the policy *is* the reference then), cached on disk; the numbers
     are attached to each set. Otherwise: a frozen separate model, the adapter-disabled policy (LoRA), or a
-    frozen copy (full fine-tuning), scored live.
+    frozen copy (full fine-tuning), scored live. Under FSDP / ZeRO-3 a frozen model is sharded like the policy
+    (``Parallel.prepare_reference``) and the adapter-disabled policy runs through the prepared engine
+    (``engine[0]``, filled once the policy is prepared), since neither has whole weights on any process.
     """
-    ref_model = freeze(load_causal_lm(cfg.reference.model).to(accelerator.device)) if cfg.reference.model else None
+    ref_model = None
+    if cfg.reference.model:
+        ref_model = freeze(load_model(cfg, MODEL_KINDS["policy"], None, accelerator.device, model=cfg.reference.model))
     if precompute:
         source = ref_model if ref_model is not None else policy
         for name, dataset in zip(("train", "eval"), sets):
@@ -228,10 +281,15 @@ def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autoca
         return None, None  # the reference lives on as numbers
     if ref_model is None and cfg.lora is None:
         ref_model = freeze(copy.deepcopy(policy))
-    ref_logp = LogpModel(ref_model if ref_model is not None else policy, cfg.engine.chunk_size, cfg.engine.compile)
+    if ref_model is not None:
+        ref_logp = parallel.prepare_reference(LogpModel(ref_model, cfg.engine.chunk_size, cfg.engine.compile))
+        mode_of = ref_model
+    else:  # LoRA: the policy with its adapter disabled
+        ref_logp = None if parallel.shards_weights else LogpModel(policy, cfg.engine.chunk_size, cfg.engine.compile)
+        mode_of = policy
 
     def reference_fn(batch):
-        with reference_mode(ref_logp.model):
-            return ref_logp(*batch.model_args(), **batch.model_kwargs())
+        with reference_mode(mode_of):
+            return (ref_logp or engine[0])(*batch.model_args(), **batch.model_kwargs())
 
     return ref_model, reference_fn

@@ -11,7 +11,6 @@ loss names. What differs between training a policy and a reward model (``task``)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import resource
 import time
@@ -22,10 +21,10 @@ import torch
 from preftune.config import to_config
 from preftune.data.packing import epoch_order  # noqa: F401  (re-exported: the order tests read it here)
 from preftune.errors import PreftuneError
-from preftune.models import save_pretrained
 from preftune.trainer.build import Run, build_run
 from preftune.trainer.heap import reuse_freed_memory
 from preftune.trainer.metrics import MetricSums
+from preftune.trainer.parallel import eval_rounds
 
 
 def train(config, *, resume: str | bool | None = None, log=print) -> dict:
@@ -58,13 +57,12 @@ def run_steps(run: Run) -> dict:
         source_time, t_next = 0.0, time.perf_counter()
         for m, batch in enumerate(run.source.micro_batches(step)):
             source_time += time.perf_counter() - t_next
-            sync = contextlib.nullcontext() if m == accum - 1 else acc.no_sync(run.model)
-            with sync:
+            with run.parallel.accumulate(m == accum - 1):  # gradients synchronised on the last micro-batch
                 with run.autocast():
                     losses, metrics = run.step_fn(run.objective, run.logp_fn, batch, run.reference_fn)
                 loss = batch.reduce(losses, accum)
                 bad = bad or not torch.isfinite(loss).item()
-                acc.backward(loss)
+                run.parallel.backward(loss)
             sums.add(batch.kept({"loss": losses, **metrics}))
             tokens += batch.num_tokens
             t_next = time.perf_counter()
@@ -74,7 +72,7 @@ def run_steps(run: Run) -> dict:
             continue
         # -- clip and update, unless some process saw a non-finite loss or gradient
         params = [p for p in run.policy.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
+        grad_norm = run.parallel.clip(params, tc.max_grad_norm)
         if _any_process(acc, bad or not torch.isfinite(grad_norm).item()):
             run.optimizer.zero_grad(set_to_none=True)
             run.nonfinite_total, consecutive_bad = run.nonfinite_total + 1, consecutive_bad + 1
@@ -96,7 +94,8 @@ def run_steps(run: Run) -> dict:
         if not run.source.static:
             values["time/train_s"] = dt - source_time
         values.update(grad_norm=float(grad_norm), learning_rate=run.scheduler.get_last_lr()[0],
-                      tokens_per_second=total_tokens / dt, epoch=step / run.source.steps_per_epoch)
+                      tokens_per_second=total_tokens / dt,
+                      epoch=run.source.epoch(step) if hasattr(run.source, "epoch") else step / run.source.steps_per_epoch)
         totals["last_train"] = values
         if run.writer and (done % tc.logging_every == 0 or done == run.total_steps):
             run.writer.write(done, "train", values)
@@ -156,11 +155,14 @@ def evaluate(run: Run, step: int) -> dict:
     run.model.eval()
     sums = MetricSums()
     mine = list(range(acc.process_index, len(run.eval_set), acc.num_processes))
+    rounds = eval_rounds(len(mine), len(run.eval_set), acc.num_processes, micro * 2, run.parallel.sharded)
     with torch.no_grad(), run.autocast():
-        for start in range(0, len(mine), micro * 2):
-            batch = run.eval_set.batch(mine[start : start + micro * 2], pad_id, run.layout).to(acc.device)
+        for start in range(0, rounds * micro * 2, micro * 2):
+            idx = mine[start : start + micro * 2]  # empty: a sharded engine's extra forward, discarded
+            batch = run.eval_set.batch(idx or [0], pad_id, run.layout).to(acc.device)
             losses, metrics = run.step_fn(run.objective, run.logp_fn, batch, run.reference_fn)
-            sums.add({"loss": losses, **metrics})
+            if idx:
+                sums.add({"loss": losses, **metrics})
         values = {**(sums.means(acc) if len(run.eval_set) else {}), **run.source.evaluate(step)}
     run.model.train()
     if not values:
@@ -178,8 +180,8 @@ def finish(run: Run, totals: dict) -> dict:
     if not run.monitor.stop_reason:
         eval_values = evaluate(run, run.total_steps) or eval_values
     model_dir = run.run_dir / "final"
-    if run.main and tc.save_model:
-        save_pretrained(run.policy, run.tokenizer, model_dir)
+    if tc.save_model:
+        run.save_model(model_dir)  # every process: a sharded engine gathers the weights, the main one writes
     runtime = time.perf_counter() - run.t_start
     summary = {
         "train_runtime_s": runtime,

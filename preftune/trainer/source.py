@@ -40,7 +40,8 @@ class StaticSource:
     ``order[(k·A + m)·M·W + r·M : ... + M]`` of its epoch's order (A accumulation steps, M per device, W
     processes), so the global batch of a step is the same whatever W and M are, for a fixed M·W·A.
 
-    ``group_by_length``: each epoch's order keeps runs of M·W consecutive examples of similar length.
+    ``group_by_length``: each epoch's order keeps runs of M·W consecutive examples of similar length. A
+    weighted mixture (``data.weights``) draws each epoch's order by its weights instead (``mixture_order``).
     """
 
     static = True
@@ -56,7 +57,8 @@ class StaticSource:
 
     def order(self, epoch: int) -> list[int]:
         if epoch != self._epoch:
-            self._order = (epoch_order(len(self.data), self.seed, epoch) if self._lengths is None else
+            self._order = (self.data.mixture_order(self.seed, epoch) if getattr(self.data, "weights", None) else
+                           epoch_order(len(self.data), self.seed, epoch) if self._lengths is None else
                            length_grouped_order(self._lengths, self.micro * self.world, self.seed, epoch))
             self._epoch = epoch
         return self._order
