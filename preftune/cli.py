@@ -8,6 +8,7 @@
     preftune report RUN_DIR                              RUN_DIR/report.html: curves, alarms, samples
     preftune iterate / sweep CONFIG                      iterative DPO rounds; Optuna hyperparameter sweeps
     preftune review export|import ...                    blind A/B sheets for human raters; their verdicts
+    preftune export RUN --out DIR [--merge]              a run's model standalone (--merge: LoRA folded into its base)
     preftune losses                                      registered losses and what they need
     preftune config-doc                                  every config field with its type, default and doc
 
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config_doc)
 
     for module in ("preftune.data.cli", "preftune.rollout.cli", "preftune.eval.cli", "preftune.report.cli",
-                   "preftune.tune.cli"):
+                   "preftune.tune.cli", "preftune.export"):
         __import__(module, fromlist=["register"]).register(sub)
     return parser
 

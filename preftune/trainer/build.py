@@ -201,11 +201,12 @@ def build_run(cfg, resume, log) -> Run:
 
     # ---- reference ---------------------------------------------------------------------------------------
     # Precomputed only for static data; an on-policy source's sequences exist only once sampled.
-    reference_fn, ref_model, engine = None, None, []  # engine: the prepared policy, once it exists
+    reference_fn, ref_model, engine, deferred = None, None, [], False  # engine: the prepared policy, once made
     if objective.needs_reference:
         precompute = cfg.reference.precompute and not on_policy and stream is None
         ref_model, reference_fn = _reference(cfg, policy, [train_set, eval_set], tokenization, pad_id, autocast,
                                              accelerator, say, precompute=precompute, parallel=parallel, engine=engine)
+        deferred = precompute and parallel.zero_stage == 3  # ZeRO-3: only the prepared engine has the weights
 
     # ---- monitor: fixed held-out prompts and the reference's outputs on them (before any step) -------------
     # A reward model does not generate: it keeps the health checks, alarms, early stopping and the best model.
@@ -221,6 +222,8 @@ def build_run(cfg, resume, log) -> Run:
     optimizer = build_optimizer(policy, tc)
     model, optimizer = parallel.prepare(kind.forward(policy, cfg.engine), optimizer, policy)
     engine.append(model)
+    if deferred:
+        _precompute(cfg, policy, [train_set, eval_set], tokenization, pad_id, autocast, accelerator, say, model)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = tc.per_device_batch_size, tc.gradient_accumulation_steps
     geometry = dict(micro=micro, accum=accum, world=world, rank=rank, seed=tc.seed, pad_id=pad_id, layout=layout,
@@ -257,6 +260,19 @@ def build_run(cfg, resume, log) -> Run:
     return run
 
 
+def _precompute(cfg, source, sets: list[ExampleSet], tokenization, pad_id, autocast, accelerator, say,
+                engine=None) -> None:
+    """Reference log-probs of every example of ``sets`` (train, eval), attached to them (``dataset.ref``; the
+    KL sequences' as ``dataset.kl_ref``): from the disk cache, or computed once with ``source`` (through
+    ``engine`` under ZeRO-3)."""
+    common = dict(cfg=cfg, tokenization_fp=tokenization.fingerprint, pad_id=pad_id, autocast=autocast,
+                  accelerator=accelerator, say=say, engine=engine)
+    for name, dataset in zip(("train", "eval"), sets):
+        dataset.ref = reference_logps(source, dataset, name=name, **common)
+        if dataset.kl_examples is not None:  # mismatched sequences for the KL estimate
+            dataset.kl_ref = reference_logps(source, ExampleSet(dataset.kl_examples), name=f"{name} KL", **common)
+
+
 def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autocast, accelerator, say, *,
                precompute: bool, parallel: Parallel, engine: list):
     """(reference model kept for the monitor or None, live reference scoring function or None).
@@ -271,16 +287,19 @@ def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autoca
     if cfg.reference.model:
         ref_model = freeze(load_model(cfg, MODEL_KINDS["policy"], None, accelerator.device, model=cfg.reference.model))
     if precompute:
-        source = ref_model if ref_model is not None else policy
-        for name, dataset in zip(("train", "eval"), sets):
-            common = dict(cfg=cfg, tokenization_fp=tokenization.fingerprint, pad_id=pad_id, autocast=autocast,
-                          accelerator=accelerator, say=say)
-            dataset.ref = reference_logps(source, dataset, name=name, **common)
-            if dataset.kl_examples is not None:  # mismatched sequences for the KL estimate
-                dataset.kl_ref = reference_logps(source, ExampleSet(dataset.kl_examples), name=f"{name} KL", **common)
+        if parallel.zero_stage == 3 and ref_model is None:
+            return None, None  # the policy is the reference: scored through the engine once it is prepared
+        through = None  # ZeRO-3: a separate reference is scored through its own (inference) engine
+        if parallel.zero_stage == 3:
+            through = parallel.prepare_reference(LogpModel(ref_model, cfg.engine.chunk_size))
+        _precompute(cfg, ref_model if ref_model is not None else policy, sets, tokenization, pad_id, autocast,
+                    accelerator, say, through)
         return None, None  # the reference lives on as numbers
     if ref_model is None and cfg.lora is None:
-        ref_model = freeze(copy.deepcopy(policy))
+        # ZeRO-3 partitions the weights as they load: a copy of partitions is no model, so load it again
+        fresh = parallel.zero_stage == 3 and not isinstance(cfg.model, torch.nn.Module)
+        ref_model = freeze(load_model(cfg, MODEL_KINDS["policy"], None, accelerator.device) if fresh
+                           else copy.deepcopy(policy))
     if ref_model is not None:
         ref_logp = parallel.prepare_reference(LogpModel(ref_model, cfg.engine.chunk_size, cfg.engine.compile))
         mode_of = ref_model

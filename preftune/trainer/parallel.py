@@ -187,7 +187,12 @@ class Parallel:
         if state is None:
             return {}
         prefix = "model."  # the scoring module (LogpModel / ScoreModel) holds the policy as ``model``
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        first: dict[int, str] = {}
+        for name, p in policy.named_parameters(remove_duplicate=False):  # tied weights: gathered twice, saved once
+            if first.setdefault(id(p), name) != name:
+                state.pop(name, None)
+        return state
 
     def save_state(self, directory: Path) -> None:
         """The sharded engine's model and optimizer state (every process writes its part)."""

@@ -38,10 +38,21 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, p in sorted(tensors, key=lambda kv: kv[0]):
         if "lora_" in name:
             continue
-        t = p.detach().contiguous().cpu()
+        t = _whole(p)
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """A weight's full value on CPU, also when DeepSpeed ZeRO-3 holds only this process's partition of it
+    (gathered for the hash: the empty local tensor would make every model hash alike)."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().contiguous().cpu().clone()
+    return p.detach().contiguous().cpu()
 
 
 def examples_fingerprint(examples: list) -> str:
@@ -72,7 +83,9 @@ def compute_reference_logps(logp_fn, examples: list, batch_fn, batch_size: int,
     idx = list(range(len(examples))) if indices is None else list(indices)
     paired = bool(examples) and isinstance(examples[0], TokenizedPair)
     out = torch.zeros((len(idx), 2) if paired else (len(idx),), dtype=torch.float32)
-    pos = {i: k for k, i in enumerate(idx)}
+    pos: dict[int, int] = {}
+    for k, i in enumerate(idx):
+        pos.setdefault(i, k)  # a repeated index (padding) rewrites its first row
 
     def size(i):
         e = examples[i]
@@ -111,10 +124,14 @@ def store_cached(cache_dir: Path, key: str, logps: torch.Tensor) -> None:
 
 
 def reference_logps(source: nn.Module, dataset, *, cfg, tokenization_fp: str, pad_id: int, autocast, accelerator,
-                    say, name: str) -> torch.Tensor | None:
+                    say, name: str, engine: nn.Module | None = None) -> torch.Tensor | None:
     """Reference log-probs of every example of ``dataset`` (an ExampleSet): from the disk cache, or computed
     now, sharded over processes, and cached. ``source`` is the reference model (the policy itself before the
-    first step). Returns (n, 2) for pairs or (n,) for singles; None for an empty set."""
+    first step). Returns (n, 2) for pairs or (n,) for singles; None for an empty set.
+
+    ``engine``: the prepared scoring module to run instead of a fresh ``LogpModel(source)`` (DeepSpeed ZeRO-3,
+    where only the engine gathers the partitioned weights); every process then runs the same number of
+    batches (its share padded with repeats of its first example), since each forward is a collective."""
     from preftune.logprobs import LogpModel
     from preftune.models import reference_mode
 
@@ -127,9 +144,13 @@ def reference_logps(source: nn.Module, dataset, *, cfg, tokenization_fp: str, pa
         say(f"reference log-probs ({name}): cache hit {key}")
         return cached
     t0 = time.perf_counter()
-    logp = LogpModel(source, cfg.engine.chunk_size)  # eager: one no-grad pass rarely repays a compilation
+    # eager: one no-grad pass rarely repays a compilation
+    logp = engine if engine is not None else LogpModel(source, cfg.engine.chunk_size)
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(dataset), world))
+    real = len(mine)
+    if engine is not None and world > 1:
+        mine += (mine[:1] or [0]) * (-(-len(dataset) // world) - len(mine))  # the same batch count everywhere
 
     def batch_fn(indices):
         return dataset.batch(indices, pad_id, cfg.engine.layout, with_ref=False).to(accelerator.device)
@@ -140,6 +161,7 @@ def reference_logps(source: nn.Module, dataset, *, cfg, tokenization_fp: str, pa
     with reference_mode(source), autocast():
         part = compute_reference_logps(logp_fn, dataset.examples, batch_fn,
                                        max(1, cfg.training.per_device_batch_size * 2), mine)
+    part, mine = part[:real], mine[:real]  # the padding's rows
     if world > 1:
         import torch.distributed as dist
 
