@@ -251,6 +251,23 @@ def _tokenized(records: list, tokenization: Tokenization, drops: DropLog, data_c
     return ExampleSet(examples, margins=margins, weights=weights), gone
 
 
+LENGTH_DROPS = ("prompt_too_long", "identical_after_truncation")
+"""Tokenization drops that ``training.max_length`` / ``data.max_prompt_length`` cause, not the rows."""
+
+
+def unusable_part(gone: DropLog, everything: bool) -> DropLog:
+    """The rows tokenization dropped that the data check counts as unusable: those the data itself makes
+    unusable (no chat template for conversational rows, a template that breaks the prompt prefix, tools on a
+    text prompt), and the length drops too when nothing is left (so the check never calls data usable when
+    every row will drop). Length drops alone are the lengths' choice: counted and reported, not held against
+    the data."""
+    out = DropLog()
+    for d in gone.rows:
+        if everything or d["reason"] not in LENGTH_DROPS:
+            out.drop(d["source"], d["line"], d["reason"], d["row"])
+    return out
+
+
 def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out_dir: Path | None,
                  log=print, kl: bool = False) -> tuple[ExampleSet, ExampleSet, DropLog]:
     """Load, interpret, tokenize; hold out ``eval_fraction`` of the rows when no eval set is given.
@@ -290,9 +307,8 @@ def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out
         empty = [s.label for g, s in enumerate(as_sources(data_cfg.train)) if not any(e.group == g for e in train.examples)]
         if empty:
             raise DataError(f"data.train: no usable training rows in {', '.join(empty)}, which has a mixing weight")
-    train_drops.extend(gone)  # rows tokenization drops are unusable rows too (e.g. no chat template)
-    if held_out:
-        train_drops.extend(eval_gone)
+    for part in (gone, eval_gone) if held_out else (gone,):
+        train_drops.extend(unusable_part(part, everything=not train.examples))
     report = validate_records(train_records, train_drops, eval_records=eval_checked or None,
                               source=_label(data_cfg.train))
     for line in report.summary().splitlines():

@@ -21,7 +21,7 @@ from pathlib import Path
 from preftune.data.batch import PreferenceBatch
 from preftune.data.formats import DropLog, Skip
 from preftune.data.outputs import json_line
-from preftune.data.prepare import ExampleSet, mismatched, prepare_eval
+from preftune.data.prepare import ExampleSet, mismatched, prepare_eval, unusable_part
 from preftune.data.stream import Cursor, StreamSplit
 from preftune.data.tokenize import record_row
 from preftune.errors import PreftuneError
@@ -59,8 +59,9 @@ class StreamingSource:
         self.data = StreamedExamples()
         self.next_step = 0
         self.dropped_file = None if out_dir is None else Path(out_dir) / "dropped.jsonl"
-        self.written = len(drops.rows)  # lines of dropped.jsonl (prepare_stream wrote the eval set's)
-        self._flushed = len(drops.rows)  # rows of drops.rows already in the file
+        self.written = 0  # lines of dropped.jsonl
+        self._flushed = 0  # rows of drops.rows (the eval set's first) already in the file
+        self._mode = "w"  # a fresh run starts the file; a resumed one continues its cut-back file
 
     def epoch(self, step: int) -> float:
         """The stream's pass (the loop's ``epoch`` metric): whole passes so far."""
@@ -94,9 +95,10 @@ class StreamingSource:
     def _flush(self) -> None:
         """Append the rows dropped since the last flush to ``dropped.jsonl`` (main process)."""
         new = self.drops.rows[self._flushed:]
-        if new and self.dropped_file is not None:
-            with open(self.dropped_file, "a", encoding="utf-8") as f:
-                f.writelines(json_line(r) + "\n" for r in new)
+        if (new or self._mode == "w") and self.dropped_file is not None:
+            with open(self.dropped_file, self._mode, encoding="utf-8") as f:
+                f.writelines(json_line(r) for r in new)
+            self._mode = "a"
         self.written += len(new)
         self._flushed = len(self.drops.rows)
 
@@ -116,8 +118,10 @@ class StreamingSource:
         self.cursor.load_state_dict(state["cursor"])
         self.next_step, self.data.count = state["next_step"], state["drawn"]
         self.drops.read, self.drops.counts = state["read"], Counter(state["counts"])
-        self.written, self._flushed = state["written"], len(self.drops.rows)
-        if self.dropped_file is not None and self.dropped_file.exists():  # rows past the checkpoint: met again
+        # the file's first lines are the eval set's drops and the stream's up to the checkpoint; rows past it are
+        # met again, so they are cut
+        self.written, self._flushed, self._mode = state["written"], len(self.drops.rows), "a"
+        if self.dropped_file is not None and self.dropped_file.exists():
             lines = self.dropped_file.read_text(encoding="utf-8").splitlines(keepends=True)[: self.written]
             self.dropped_file.write_text("".join(lines), encoding="utf-8")
 
@@ -160,9 +164,11 @@ def prepare_stream(cfg, objective, tokenization, out_dir: Path | None, say) -> t
             alive.add((rec.source, rec.line))
         except Skip as skip:
             first_drop.setdefault((rec.source, rec.line), (str(skip), record_row(rec)))
+    gone = DropLog()
     for (source, line), (reason, row) in first_drop.items():  # a row counts as dropped when all of it drops
         if (source, line) not in alive:
-            checked.drop(source, line, reason, row)
+            gone.drop(source, line, reason, row)
+    checked.extend(unusable_part(gone, everything=not examples))
     report = validate_records(head, checked, source=f"the first {checked.read} rows of the stream")
     for line in report.summary().splitlines():
         say(f"data check: {line}")
@@ -171,10 +177,6 @@ def prepare_stream(cfg, objective, tokenization, out_dir: Path | None, say) -> t
         say(f"loss: {line}")
     drops = DropLog()
     evals = prepare_eval(dc, objective.data, tokenization, cfg.training.seed, drops, kl=objective.needs_kl)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "dropped.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json_line(r) + "\n" for r in drops.rows)
     names = ", ".join(getattr(s, "label", "<memory>") for s in split.sources)
     say(f"data: streaming {names} (shuffle buffer {dc.shuffle_buffer}); eval {len(evals)}")
     return PreparedStream(split, tokenization, drops, objective.needs_kl, out_dir, cfg.training.max_steps), evals, drops
