@@ -46,7 +46,8 @@ def run_steps(run: Run) -> dict:
     per_step = tc.per_device_batch_size * world * accum
     run.say(f"training: {len(run.source.data)} examples, {run.total_steps} steps of {per_step} "
             f"({tc.per_device_batch_size} x {world} processes x {accum} accumulation), loss {run.cfg.loss.name}, "
-            f"{tc.precision}")
+            f"{tc.precision}" + (f", {run.cfg.model_dtype} weights" if run.cfg.model_dtype != "fp32" else "")
+            + (f", {run.parallel.name}" if run.parallel.sharded else ""))
     bar = _progress(tc.progress_bar and run.main, run.total_steps, run.start_step)
     totals = {"last_train": {}, "eval": {}, "tokens": 0, "samples": 0, "train_time": 0.0}
     consecutive_bad = 0
