@@ -159,6 +159,8 @@ def load_model(cfg, kind: ModelKind, tokenizer, device: torch.device, model=None
         return prepare_model_for_kbit_training(
             loaded, use_gradient_checkpointing=cfg.engine.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    if any(hasattr(p, "ds_id") for p in loaded.parameters()):
+        return loaded  # ZeRO-3 partitioned the weights as they loaded, each on its process's device
     return cast_weights(loaded, dtype).to(device)
 
 
