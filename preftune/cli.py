@@ -6,6 +6,7 @@
     preftune generate / judge ...                        sample responses; judge them into pairs
     preftune eval MODEL --data PAIRS [--reference REF]   preference accuracy, KL, lengths, diversity, win rate
     preftune report RUN_DIR                              RUN_DIR/report.html: curves, alarms, samples
+    preftune push RUN_DIR REPO                           RUN_DIR/final + model card to the Hugging Face Hub
     preftune losses                                      registered losses and what they need
     preftune config-doc                                  every config field with its type, default and doc
 
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-doc", help="print the config reference (markdown)")
     p.set_defaults(func=_cmd_config_doc)
 
-    for module in ("preftune.data.cli", "preftune.rollout.cli", "preftune.eval.cli", "preftune.report.cli"):
+    for module in ("preftune.data.cli", "preftune.rollout.cli", "preftune.eval.cli", "preftune.report.cli",
+                   "preftune.hub"):
         __import__(module, fromlist=["register"]).register(sub)
     return parser
 

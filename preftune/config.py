@@ -160,6 +160,12 @@ class TrainingConfig:
     """Save the final model (or adapter) in Hugging Face format under `output_dir/final`."""
     progress_bar: bool = True
     """Show a progress bar with loss, margin, accuracy and tokens/s."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers for every metric and the config (accelerate's: tensorboard, wandb, mlflow, ...; [])."""
+    push_to_hub: bool = False
+    """Upload `output_dir/final` with its model card to `hub_model_id` at the end (as `preftune push`)."""
+    hub_model_id: str | None = None
+    """Hugging Face Hub repository for `push_to_hub`, `user/name`; created private when it does not exist."""
 
 
 @dataclass

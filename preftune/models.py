@@ -234,12 +234,30 @@ def save_pretrained(model: nn.Module, tokenizer, out: Path) -> None:
     shape), and a reward model is used as one standalone scorer.
     """
     out.mkdir(parents=True, exist_ok=True)
-    if is_peft(model) and model.peft_config[model.active_adapter].task_type == "SEQ_CLS":
-        model.get_base_model().save_pretrained(str(out), state_dict=merged_state_dict(model))
-    else:
-        model.save_pretrained(str(out))
+    with _no_progress_bars():  # transformers' "Writing model shards" bar would break the training bar's line
+        if is_peft(model) and model.peft_config[model.active_adapter].task_type == "SEQ_CLS":
+            model.get_base_model().save_pretrained(str(out), state_dict=merged_state_dict(model))
+        else:
+            model.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' and huggingface_hub's progress bars off for the block, each restored as it was."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    was_on, hub_was_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+            if hub_was_off:
+                disable_progress_bars()
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -30,8 +30,10 @@ from preftune.errors import PreftuneError
 from preftune.logprobs import LogpModel
 from preftune.models import MODEL_KINDS, apply_lora, freeze, load_causal_lm, load_tokenizer, reference_mode
 from preftune.monitor.monitor import Monitor
-from preftune.runlog import MetricWriter, truncate_after
+from preftune.runconfig import config_record
+from preftune.runlog import MetricWriter
 from preftune.trainer import checkpoint as ckpt
+from preftune.trainer.callbacks import Hooks
 from preftune.trainer.optim import build_optimizer, build_scheduler
 from preftune.trainer.reference import reference_logps
 from preftune.trainer.sanity import check_hyperparameters
@@ -79,6 +81,7 @@ class Run:
     start_step: int = 0
     nonfinite_total: int = 0
     t_start: float = field(default_factory=time.perf_counter)
+    hooks: Hooks = field(default_factory=Hooks)  # the caller's callbacks (``train(..., callbacks=)``)
 
     @property
     def main(self) -> bool:
@@ -91,13 +94,15 @@ class Run:
     def logp_fn(self, batch):
         return self.model(*batch.model_args())
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int) -> Path | None:
         """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position."""
         if self.main:
-            ckpt.save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
-                                 {"nonfinite_steps": self.nonfinite_total, "objective": self.objective.state_dict(),
-                                  "source": self.source.state_dict()},
-                                 self.cfg.training.save_total_limit)
+            return ckpt.save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
+                                        {"nonfinite_steps": self.nonfinite_total,
+                                         "objective": self.objective.state_dict(),
+                                         "source": self.source.state_dict()},
+                                        self.cfg.training.save_total_limit)
+        return None
 
 
 def build_run(cfg, resume, log) -> Run:
@@ -182,15 +187,14 @@ def build_run(cfg, resume, log) -> Run:
         objective.load_state_dict(state.get("objective", {}))
         source.load_state_dict(state.get("source", {}))
         say(f"resumed from {resume_from} at step {run.start_step}")
-    if main:
-        if resume_from is not None:  # records past the checkpoint are redone, so none is written twice
-            truncate_after(run_dir, run.start_step)
-        run.writer = MetricWriter(run_dir, append=resume_from is not None)
+    if main:  # config.yaml, metrics.jsonl (cut back to the checkpoint: those steps are redone) and the trackers
+        run.writer = MetricWriter(run_dir, tc.report_to, config=config_record(cfg),
+                                  resume_step=None if resume_from is None else run.start_step)
     return run
 
 
 def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autocast, accelerator, say):
-    """(reference model kept for the monitor or None, live reference scoring function or None).
+    """(separate or frozen reference model for the monitor, or None; live reference scoring function or None).
 
     Precomputed: once, before the first step (the policy *is* the reference then), cached on disk; the numbers
     are attached to each set. Otherwise: a frozen separate model, the adapter-disabled policy (LoRA), or a
@@ -205,7 +209,7 @@ def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autoca
             dataset.ref = reference_logps(source, dataset, name=name, **common)
             if dataset.kl_examples is not None:  # mismatched sequences for the KL estimate
                 dataset.kl_ref = reference_logps(source, ExampleSet(dataset.kl_examples), name=f"{name} KL", **common)
-        return None, None  # the reference lives on as numbers
+        return ref_model, None  # the reference lives on as numbers (a separate model only for the monitor's KL)
     if ref_model is None and cfg.lora is None:
         ref_model = freeze(copy.deepcopy(policy))
     ref_logp = LogpModel(ref_model if ref_model is not None else policy, cfg.engine.chunk_size, cfg.engine.compile)

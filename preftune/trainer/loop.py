@@ -23,21 +23,28 @@ from preftune.config import to_config
 from preftune.errors import PreftuneError
 from preftune.models import save_pretrained
 from preftune.trainer.build import Run, build_run
+from preftune.trainer.callbacks import Hooks
+from preftune.trainer.console import Progress, console
 from preftune.trainer.heap import reuse_freed_memory
 from preftune.trainer.metrics import MetricSums
+from preftune.trainer.record import closing_on_error, data_record, end_of_run, preflight
 from preftune.trainer.source import epoch_order  # noqa: F401  (re-exported: the order tests read it here)
 
 
-def train(config, *, resume: str | bool | None = None, log=print) -> dict:
+def train(config, *, resume: str | bool | None = None, log=print, callbacks=None) -> dict:
     """Run one training job; returns the summary also written to ``output_dir/train_summary.json``.
 
     ``config`` is a :class:`~preftune.config.Config`, a dict or a YAML path. ``config.model`` may be a loaded
     model and ``config.data.train`` a ``datasets.Dataset``. ``resume``: True/"latest" or a checkpoint path.
+    ``callbacks``: objects with ``on_step`` / ``on_eval`` / ``on_save`` / ``on_end`` (:mod:`.callbacks`).
     """
     cfg = to_config(config)
+    preflight(cfg, callbacks)
     with reuse_freed_memory(cfg.engine.reuse_freed_memory and not torch.cuda.is_available()):
-        run = build_run(cfg, resume, log)
-        return finish(run, run_steps(run))
+        run = build_run(cfg, resume, console(log))
+        run.hooks = Hooks.for_run(callbacks, run)
+        with closing_on_error(run):
+            return finish(run, run_steps(run))
 
 
 def run_steps(run: Run) -> dict:
@@ -48,7 +55,7 @@ def run_steps(run: Run) -> dict:
     run.say(f"training: {len(run.source.data)} examples, {run.total_steps} steps of {per_step} "
             f"({tc.per_device_batch_size} x {world} processes x {accum} accumulation), loss {run.cfg.loss.name}, "
             f"{tc.precision}")
-    bar = _progress(tc.progress_bar and run.main, run.total_steps, run.start_step)
+    bar = Progress(tc.progress_bar and run.main, run.total_steps, run.start_step)
     totals = {"last_train": {}, "eval": {}, "tokens": 0, "samples": 0, "train_time": 0.0}
     consecutive_bad = 0
     for step in range(run.start_step, run.total_steps):
@@ -92,20 +99,18 @@ def run_steps(run: Run) -> dict:
         if run.writer and (done % tc.logging_every == 0 or done == run.total_steps):
             run.writer.write(done, "train", values)
         run.monitor.after_step(done, values, run.writer)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", margin=f"{values.get('rewards/margins', 0):.3f}",
-                            acc=f"{values.get('rewards/accuracies', 0):.2f}", tok_s=f"{total_tokens / dt:.0f}")
+        run.hooks.on_step(done, values)
+        bar.step(values, totals["tokens"] / totals["train_time"])  # tokens/s of training time alone
         if tc.eval_every and done % tc.eval_every == 0 and done != run.total_steps:
             totals["eval"] = evaluate(run, done)
         if tc.save_every and done % tc.save_every == 0 and done != run.total_steps:
-            run.checkpoint(done)
+            path = run.checkpoint(done)
             if world > 1:
                 acc.wait_for_everyone()
+            run.hooks.on_save(done, path)
         if run.monitor.stop_reason:  # monitor.max_kl or early stopping; the eval of this step was the last
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
     return totals
 
 
@@ -148,24 +153,28 @@ def evaluate(run: Run, step: int) -> dict:
     if run.writer:
         run.writer.write(step, "eval", values)
     run.monitor.after_eval(step, values, run.writer)  # health, KL, alarms, samples, best model, early stopping
+    run.hooks.on_eval(step, values)
     return values
 
 
 def finish(run: Run, totals: dict) -> dict:
-    """The final evaluation, the saved model, ``train_summary.json`` and the plots; returns the summary."""
+    """The final evaluation, the saved model, ``train_summary.json``, the plots, report and model card (and the
+    push); returns the summary."""
     cfg, tc = run.cfg, run.cfg.training
     eval_values = totals["eval"]
     if not run.monitor.stop_reason:
         eval_values = evaluate(run, run.total_steps) or eval_values
     model_dir = run.run_dir / "final"
-    if run.main and tc.save_model:
-        save_pretrained(run.policy, run.tokenizer, model_dir)
-    runtime = time.perf_counter() - run.t_start
+    if tc.save_model:
+        if run.main:
+            save_pretrained(run.policy, run.tokenizer, model_dir)
+        run.hooks.on_save(run.monitor.stopped_at or run.total_steps, model_dir if run.main else None)
+    runtime, loop_s = time.perf_counter() - run.t_start, totals["train_time"]
     summary = {
         "train_runtime_s": runtime,
-        "train_loop_s": totals["train_time"],
-        "samples_per_second": totals["samples"] / runtime if runtime else 0.0,
-        "tokens_per_second": totals["tokens"] / runtime if runtime else 0.0,
+        "train_loop_s": loop_s,  # the optimizer steps alone: no setup, reference pass, evaluation or saving
+        "samples_per_second": totals["samples"] / loop_s if loop_s else 0.0,
+        "tokens_per_second": totals["tokens"] / loop_s if loop_s else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_loss": totals["last_train"].get("loss"),
         "steps": run.monitor.stopped_at or run.total_steps,
@@ -179,6 +188,7 @@ def finish(run: Run, totals: dict) -> dict:
         "task": cfg.task,
         "model_dir": str(model_dir) if tc.save_model else None,
         "best": run.monitor.best,
+        "data": data_record(run),
     }
     if torch.cuda.is_available():
         summary["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -186,16 +196,11 @@ def finish(run: Run, totals: dict) -> dict:
         (run.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         run.writer.close()
         _plots(run.run_dir, run.say)
+        end_of_run(run)  # the model card in final/, then the push (training.push_to_hub)
+    run.monitor.close()
     run.accelerator.wait_for_everyone()
+    run.hooks.on_end(summary)
     return summary
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
 
 def _plots(run_dir: Path, say) -> None:
