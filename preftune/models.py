@@ -182,10 +182,19 @@ MODEL_KINDS = {
 def apply_lora(model: nn.Module, lora, seed: int, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap ``model`` with a fresh LoRA adapter (peft); only adapter weights train.
 
+    In place, as peft does: the adapter layers are injected into ``model`` itself (its base weights are left
+    untouched and frozen), so a model passed from Python carries the trained adapter after training, as a
+    fully fine-tuned one carries its trained weights. A model that already has LoRA layers is refused: a
+    second adapter named ``default`` would silently mix with the first.
     ``task_type="SEQ_CLS"`` (reward models): the new head trains in full beside the adapter (modules_to_save).
     """
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
 
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise PreftuneError("lora: this model already has LoRA layers (an in-memory model keeps the adapter of "
+                            "an earlier LoRA run: peft adds it in place); pass a fresh model, one loaded from "
+                            "disk, or the earlier run's PeftModel after `.unload()`")
     torch.manual_seed(seed)
     head = [_head_name(model)] if task_type == "SEQ_CLS" else None
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

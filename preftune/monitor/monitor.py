@@ -88,6 +88,7 @@ class Monitor:
         self.state: str | None = None
         self.active: set[str] = set()
         self.metric_missing_noted = False
+        self.snapshot: WeightSnapshot | None = None  # the reference's weights on disk, when none is in memory
         split, _, key = mc.early_stopping_metric.partition("/")
         if split not in ("eval", "monitor") or not key:
             raise ConfigError(f"monitor.early_stopping_metric: expected 'eval/<key>' or 'monitor/<key>' (a "
@@ -110,7 +111,6 @@ class Monitor:
             self.kl_ref = policy
         else:
             self.kl_ref = None
-        self.snapshot: WeightSnapshot | None = None
         self.pad_id = tokenizer.pad_token_id
         self.eos = end_ids(policy, tokenizer)
         self.prompts = samples_mod.held_out_prompts(eval_set.examples, mc.num_prompts)
