@@ -128,6 +128,28 @@ def test_mlflow_file_store_read_back_through_mlflow_client(dpo_config, make_mode
     assert json.loads((tmp_path / "run" / "trackers.json").read_text()) == {"mlflow": run.info.run_id}
 
 
+def test_a_resumed_run_continues_its_mlflow_run_with_each_step_once(dpo_config, make_model, train_pairs,
+                                                                     tmp_path, monkeypatch):
+    """Resume from step 4 of a 6-step run in the same directory: one MLflow run, steps 1..6 once each (steps 5
+    and 6, redone, are not logged a second time)."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    common = {"max_steps": 6, "save_every": 2, "report_to": ["mlflow"]}
+    preftune.train(dpo_config(make_model(0), train_pairs[:24], training=common), log=lambda *_: None)
+    first = json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
+    preftune.train(dpo_config(make_model(0), train_pairs[:24], training=common),
+                   resume=str(tmp_path / "run" / "checkpoints" / "step-00000004"), log=lambda *_: None)
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments() if e.name == "preftune"])
+    assert [r.info.run_id for r in runs] == [first] and runs[0].info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(first, "train/loss"))
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_failed_run_ends_its_mlflow_run_as_failed(dpo_config, make_model, train_pairs, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     import mlflow
