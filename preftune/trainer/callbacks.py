@@ -72,7 +72,10 @@ class TrainState:
 
 
 def check_callbacks(callbacks) -> list:
-    """The callbacks as a list; an object with none of the hooks is an error that names it."""
+    """The callbacks as a list (one callback alone is taken as a list of one); an object with none of the hooks
+    is an error that names it."""
+    if callbacks is not None and any(hasattr(callbacks, h) for h in (*HOOKS, *HF_NAMES)):
+        callbacks = [callbacks]
     out = list(callbacks or [])
     for i, cb in enumerate(out):
         if not any(callable(getattr(cb, h, None)) for h in HOOKS):
