@@ -32,6 +32,7 @@ Only the main process generates, judges and writes; the stop decision is shared 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +44,7 @@ import torch
 
 from preftune.errors import ConfigError
 from preftune.eval.drift import completion_token_logps, end_ids, generate_ids, generation_stats, kl_estimates
+from preftune.losses import get_loss
 from preftune.models import is_peft, reference_mode, save_pretrained
 from preftune.monitor import samples as samples_mod
 from preftune.monitor.health import check_alarms, diagnose
@@ -59,6 +61,23 @@ def metric_direction(metric: str, mode: str) -> str:
     return "max" if any(w in metric for w in ("accurac", "margin", "reward", "win")) else "min"
 
 
+def reward_scale(loss_cfg) -> float | None:
+    """The factor of the logged implicit rewards (β for DPO, λ for ORPO), read from the loss spec's
+    ``reward_scale``: of the first loss that has one (a weighted mix logs the first component's rewards that
+    exist, and the SFT term has none), with its default when the config leaves it out. None when no loss scales
+    its rewards or the value is not a positive number (the rewards are then taken as nats)."""
+    names = loss_cfg.name if isinstance(loss_cfg.name, list) else [loss_cfg.name]
+    spec = next((s for s in map(get_loss, names) if s.reward_scale is not None), None)
+    if spec is None:
+        return None
+    value = loss_cfg.params.get(spec.reward_scale, spec.defaults.get(spec.reward_scale))
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 class Monitor:
     """Margin health, KL, reward-hacking alarms, samples, early stopping and the best model for one run.
 
@@ -68,14 +87,19 @@ class Monitor:
         tokenizer: for decoding samples and saving the best model.
         eval_set: the held-out :class:`~preftune.data.prepare.ExampleSet`; its first ``num_prompts`` distinct
             prompts are the fixed generation prompts.
-        ref_model: a separate frozen reference model, or None. With ``reference.precompute: false`` the loop
-            scores it every step and the monitor uses it as it is; with precompute it is handed over: its
-            weights are snapshot to disk and the model is moved to the meta device (freed).
+        ref_model: a separate frozen reference model, or None. If the loop scores it every step
+            (``ref_is_live``) the monitor uses it as it is; otherwise (reference log-probs precomputed) it is
+            handed over: its weights are snapshot to disk and the model is moved to the meta device (freed).
         accelerator: for the process rank and the shared stop decision.
         say: the loop's print function (main process only).
+        ref_is_live: whether the loop scores ``ref_model`` at every step; None: ``not reference.precompute``.
     """
 
-    def __init__(self, cfg, policy, tokenizer, eval_set, ref_model, accelerator, say=print):
+    def __init__(self, cfg, policy, tokenizer, eval_set, ref_model, accelerator, say=print, *,
+                 ref_is_live: bool | None = None):
+        if cfg.monitor.early_stopping_metric is None:  # the natural held-out metric of the run's kind
+            default = "eval/reward/mean" if getattr(cfg, "rollout", None) is not None else "eval/loss"
+            cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, early_stopping_metric=default))
         self.mc = mc = cfg.monitor
         self.run_dir = Path(cfg.training.output_dir)
         self.policy, self.tokenizer, self.accelerator, self.say = policy, tokenizer, accelerator, say
@@ -94,8 +118,7 @@ class Monitor:
             raise ConfigError(f"monitor.early_stopping_metric: expected 'eval/<key>' or 'monitor/<key>' (a "
                               f"metrics.jsonl split and key, e.g. eval/loss), got {mc.early_stopping_metric!r}")
         self.mode = metric_direction(mc.early_stopping_metric, mc.early_stopping_mode)
-        beta = cfg.loss.params.get("beta")
-        self.beta = float(beta) if isinstance(beta, (int, float)) and beta > 0 else None  # rewards -> nats
+        self.beta = reward_scale(cfg.loss)  # logged rewards / beta -> nats
         self.prompts: list[list[int]] = []
         self.enabled = bool(mc.enabled) and len(eval_set) > 0
         if mc.enabled and not len(eval_set):
@@ -105,7 +128,8 @@ class Monitor:
             return
         # The reference for KL: a frozen model the loop scores live, or the adapter-disabled policy (LoRA);
         # otherwise its weights are snapshot to disk below, before the first step.
-        if ref_model is not None and not cfg.reference.precompute:
+        live = (not cfg.reference.precompute) if ref_is_live is None else ref_is_live
+        if ref_model is not None and live:
             self.kl_ref = ref_model
         elif ref_model is None and is_peft(policy) and cfg.reference.model is None:
             self.kl_ref = policy

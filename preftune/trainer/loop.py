@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from preftune.config import to_config
+from preftune.data.packing import epoch_order  # noqa: F401  (re-exported: the order tests read it here)
 from preftune.errors import PreftuneError
 from preftune.models import save_pretrained
 from preftune.trainer.build import Run, build_run
@@ -28,7 +29,6 @@ from preftune.trainer.console import Progress, console
 from preftune.trainer.heap import reuse_freed_memory
 from preftune.trainer.metrics import MetricSums
 from preftune.trainer.record import closing_on_error, data_record, end_of_run, preflight
-from preftune.trainer.source import epoch_order  # noqa: F401  (re-exported: the order tests read it here)
 
 
 def train(config, *, resume: str | bool | None = None, log=print, callbacks=None) -> dict:
@@ -62,16 +62,23 @@ def run_steps(run: Run) -> dict:
         t0 = time.perf_counter()
         # -- forward and backward over the accumulation micro-batches
         sums, tokens, bad = MetricSums(), 0, False
+        source_time, t_next = 0.0, time.perf_counter()
         for m, batch in enumerate(run.source.micro_batches(step)):
+            source_time += time.perf_counter() - t_next
             sync = contextlib.nullcontext() if m == accum - 1 else acc.no_sync(run.model)
             with sync:
                 with run.autocast():
                     losses, metrics = run.step_fn(run.objective, run.logp_fn, batch, run.reference_fn)
-                loss = losses.float().mean() / accum
+                loss = batch.reduce(losses, accum)
                 bad = bad or not torch.isfinite(loss).item()
                 acc.backward(loss)
-            sums.add({"loss": losses, **metrics})
+            sums.add(batch.kept({"loss": losses, **metrics}))
             tokens += batch.num_tokens
+            t_next = time.perf_counter()
+        source_time += time.perf_counter() - t_next
+        if not sums.sums:  # the source had nothing to learn from at this step (e.g. every reward tied)
+            _no_signal(run, step)
+            continue
         # -- clip and update, unless some process saw a non-finite loss or gradient
         params = [p for p in run.policy.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
@@ -93,6 +100,8 @@ def run_steps(run: Run) -> dict:
         totals["samples"] += per_step
         values = sums.means(acc)
         values.update(run.source.metrics(step))
+        if not run.source.static:
+            values["time/train_s"] = dt - source_time
         values.update(grad_norm=float(grad_norm), learning_rate=run.scheduler.get_last_lr()[0],
                       tokens_per_second=total_tokens / dt, epoch=step / run.source.steps_per_epoch)
         totals["last_train"] = values
@@ -122,6 +131,17 @@ def _any_process(accelerator, flag: bool) -> bool:
     return value.item() > 0
 
 
+def _no_signal(run: Run, step: int) -> None:
+    """A step without a single usable example on any process: no update (the schedule still advances, so a
+    resumed run stays aligned); the source's metrics are logged and the user is told why."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    values = {**run.source.metrics(step), "learning_rate": run.scheduler.get_last_lr()[0]}
+    run.say(f"step {step + 1}: {values.get('rollout/why', 'no usable examples')}: no learning signal, update skipped")
+    if run.writer:
+        run.writer.write(step + 1, "train", {k: v for k, v in values.items() if not isinstance(v, str)})
+
+
 def _nonfinite(run: Run, step: int, consecutive: int) -> None:
     """A skipped update: say so; after ``training.max_nonfinite_steps`` in a row, checkpoint and stop."""
     run.say(f"step {step + 1}: non-finite loss or gradient, update skipped ({consecutive} in a row)")
@@ -136,8 +156,6 @@ def _nonfinite(run: Run, step: int, consecutive: int) -> None:
 
 def evaluate(run: Run, step: int) -> dict:
     """Held-out metrics at ``step`` (sharded over processes), written as an ``eval`` record; then the monitor."""
-    if not len(run.eval_set):
-        return {}
     acc, micro = run.accelerator, run.cfg.training.per_device_batch_size
     pad_id = run.tokenizer.pad_token_id
     run.model.eval()
@@ -148,8 +166,10 @@ def evaluate(run: Run, step: int) -> dict:
             batch = run.eval_set.batch(mine[start : start + micro * 2], pad_id, run.layout).to(acc.device)
             losses, metrics = run.step_fn(run.objective, run.logp_fn, batch, run.reference_fn)
             sums.add({"loss": losses, **metrics})
+        values = {**(sums.means(acc) if len(run.eval_set) else {}), **run.source.evaluate(step)}
     run.model.train()
-    values = sums.means(acc)
+    if not values:
+        return {}
     if run.writer:
         run.writer.write(step, "eval", values)
     run.monitor.after_eval(step, values, run.writer)  # health, KL, alarms, samples, best model, early stopping

@@ -54,7 +54,7 @@ def data_record(run) -> dict:
     out = {}
     for split, source, examples in (("train", run.cfg.data.train, run.source.data.examples),
                                     ("eval", run.cfg.data.eval, run.eval_set.examples)):
-        if source is None and not examples:
+        if not examples:  # no held-out set (or, on-policy, the source evaluates its own prompts)
             continue
         if source is None:
             source = f"{run.cfg.data.eval_fraction:g} of train (data.eval_fraction)"
