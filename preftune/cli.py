@@ -1,6 +1,6 @@
 """The `preftune` command line.
 
-    preftune quickstart [--out DIR]                      offline demo: toy task, SFT, DPO, before/after
+    preftune quickstart [--method M] [--out DIR]         offline demo: toy task, SFT, DPO (or M), before/after
     preftune train CONFIG.yaml [--set k.sub=v ...]       train from a YAML config (--resume to continue)
     preftune data validate|clean|convert|agreement ...   preference-data tooling
     preftune generate / judge ...                        sample responses; judge them into pairs
@@ -23,7 +23,8 @@ import traceback
 def _cmd_quickstart(args) -> int:
     from preftune.toy.quickstart import run_quickstart
 
-    report = run_quickstart(args.out, seed=args.seed)
+    report = run_quickstart(args.out or f"runs/quickstart{'' if args.method == 'dpo' else '_' + args.method}",
+                            seed=args.seed, method=args.method)
     return 0 if report.get("passed", True) else 1
 
 
@@ -67,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("quickstart", help="offline demo: toy task, SFT, DPO, before/after evaluation")
-    p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
+    p = sub.add_parser("quickstart", help="offline demo: toy task, SFT, DPO (or --method), before/after evaluation")
+    p.add_argument("--method", default="dpo",  # checked against toy.quickstart.METHODS (no torch import here)
+                   help="what trains from the SFT model: dpo (offline pairs, the default) or online_dpo (the "
+                        "policy's own samples, scored by the toy verifier, every step)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: runs/quickstart, or runs/quickstart_METHOD)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_quickstart)
 

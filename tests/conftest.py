@@ -161,3 +161,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy_sft(tmp_path_factory):
+    """The quickstart's SFT model (seed 0), trained ONCE per test session for every method's learning tests.
+
+    A :class:`preftune.toy.quickstart.SFTPhase` without its live model (load ``model_dir`` with
+    ``AutoModelForCausalLM.from_pretrained`` for a private copy): ``run_dir`` (pass it as a quickstart's
+    ``sft_dir=``), ``model_dir``, ``tokenizer``, ``items`` (train prompts SFT never saw), ``held_out``.
+    """
+    import dataclasses
+
+    import torch
+
+    from preftune.toy.quickstart import sft_phase
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the quickstart runs it: one thread is faster for a 0.1M-parameter model
+    try:
+        phase = sft_phase(tmp_path_factory.mktemp("toy-sft"), seed=0, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    return dataclasses.replace(phase, model=None)

@@ -276,6 +276,8 @@ class Monitor:
                 _save_atomically(self.policy, self.tokenizer, self.run_dir / "best", self.best)
             self._event(step, "best", f"best {self.mc.early_stopping_metric} = {value:.4g}", writer, value=value)
             return
+        if self.best is None:  # no finite value yet (e.g. NaN: nothing was scored), so nothing to wait for
+            return
         waited = len([r for r in self.records if r["split"] == "eval" and r["step"] > self.best["step"]])
         if self.mc.patience is not None and waited >= self.mc.patience and not self.stop_reason:
             self.stop_reason = (f"early stopping: {self.mc.early_stopping_metric} has not improved for {waited} "

@@ -80,6 +80,7 @@ class Run:
     total_steps: int
     start_step: int = 0
     nonfinite_total: int = 0
+    no_signal_total: int = 0
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -97,7 +98,8 @@ class Run:
         """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position."""
         if self.main:
             ckpt.save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
-                                 {"nonfinite_steps": self.nonfinite_total, "objective": self.objective.state_dict(),
+                                 {"nonfinite_steps": self.nonfinite_total, "no_signal_steps": self.no_signal_total,
+                                  "objective": self.objective.state_dict(),
                                   "source": self.source.state_dict()},
                                  self.cfg.training.save_total_limit)
 
@@ -194,6 +196,7 @@ def build_run(cfg, resume, log) -> Run:
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler)
         run.start_step, run.nonfinite_total = state["step"], state.get("nonfinite_steps", 0)
+        run.no_signal_total = state.get("no_signal_steps", 0)
         objective.load_state_dict(state.get("objective", {}))
         source.load_state_dict(state.get("source", {}))
         say(f"resumed from {resume_from} at step {run.start_step}")
