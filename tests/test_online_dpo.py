@@ -309,3 +309,277 @@ def test_pairwise_only_judge_ranks_by_wins(online, make_model, tmp_path):
     for row in (row for row in rows if row.get("kind") == "rollout"):
         assert sum(row["rewards"]) == 6  # one win per comparison, a tie split in halves
         assert len(set(row["chosen"].split())) < len(set(row["rejected"].split()))
+
+
+def test_all_none_scores_give_no_pair_and_say_why(online, make_model, quiet_log, tmp_path):
+    rows = prompt_rows(4)
+    path = tmp_path / "only_first.py"  # one scored sample per prompt: nothing to compare it with
+    path.write_text("def f(prompts, completions, **_):\n    return [1.0 if i % 4 == 0 else None "
+                    "for i in range(len(completions))]\n")
+    cfg = online(make_model(0), rows)
+    cfg["reward"] = {"functions": [f"{path}:f"]}
+    summary = preftune.train(cfg, log=quiet_log)
+    assert summary["no_signal_steps"] == 1
+    assert "no prompt has two scored samples" in quiet_log.text()
+
+
+# ---- the step's loss: the mean over its pairs, however they fall into micro-batches -------------------------
+
+
+@pytest.mark.parametrize("micro, accum", [(4, 2), (1, 8)])
+def test_step_gradient_is_the_mean_over_pairs_whatever_the_micro_batching(online, make_model, tmp_path,
+                                                                          monkeypatch, micro, accum):
+    # 8 prompts, 3 of them ties: 5 pairs. One micro-batch of 8 prompts is the plain mean over the 5 pairs;
+    # micro-batches of 4 prompts hold 3 + 2 pairs (a mean of micro-batch means would weigh them 1/6 and 1/4
+    # instead of 1/5), of 1 prompt 8 micro-batches, 3 of them weight-0 padding.
+    rows = prompt_rows(8, [0, 1, 0, 2, 1, 0, 3, 1])
+    grads = {}
+
+    def capture(key):
+        real = torch.nn.utils.clip_grad_norm_
+
+        def clip(params, max_norm, *args, **kwargs):
+            params = list(params)
+            grads.setdefault(key, [p.grad.detach().clone() for p in params])
+            return real(params, max_norm, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+
+    for key, (m, a) in {"one": (8, 1), "split": (micro, accum)}.items():
+        capture(key)
+        cfg = online(make_model(0), rows, training={"per_device_batch_size": m, "gradient_accumulation_steps": a,
+                                                    "output_dir": str(tmp_path / key)})
+        preftune.train(cfg, log=lambda *_: None)
+    (one,), (split,) = train_records(tmp_path / "one"), train_records(tmp_path / "split")
+    assert one["rollout/pairs"] == split["rollout/pairs"] == 5
+    assert split["loss"] == pytest.approx(one["loss"], abs=1e-6)  # the logged loss: mean over the same 5 pairs
+    for a, b in zip(grads["one"], grads["split"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+# ---- resume: a killed online run ends with the weights of an uninterrupted one --------------------------------
+
+RESUME_SCRIPT = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+import preftune
+config, resume = json.loads(sys.argv[1]), sys.argv[2] == "1"
+preftune.train(config, resume=True if resume else None, log=lambda *a: print(*a, flush=True))
+"""
+RESUME_STEPS = 16  # 12 prompts / 4 per step: the run crosses five epoch boundaries
+
+
+def resume_config(model_dir, train, evals, rewards, out) -> dict:
+    return {
+        "model": str(model_dir), "data": {"train": str(train), "eval": str(evals)},
+        "loss": {"name": "dpo", "beta": 0.1}, "rollout": {"num_generations": 4, "max_new_tokens": 8},
+        "reward": {"functions": [f"{rewards}:overlap"]},
+        "training": {"output_dir": str(out), "learning_rate": 1e-2, "max_steps": RESUME_STEPS, "save_every": 2,
+                     "eval_every": 4, "per_device_batch_size": 4, "max_length": 64, "progress_bar": False,
+                     "lr_scheduler": "cosine", "warmup_ratio": 0.1},
+        "monitor": {"num_prompts": 2},
+    }
+
+
+def _comparable(run_dir: Path) -> list[dict]:
+    """Train, eval and monitor records without the wall-clock ones."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and "per_second" not in k}
+            for r in read_metrics(run_dir) if r["split"] in ("train", "eval", "monitor")]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, python, saved_model_dir, rewards_py, write_jsonl):
+    from safetensors.torch import load_file
+
+    from preftune.trainer import checkpoint as ckpt
+
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT)
+    rows = prompt_rows(16)
+    train, evals = write_jsonl(tmp_path / "train.jsonl", rows[:12]), write_jsonl(tmp_path / "eval.jsonl", rows[12:])
+    killed_dir, full_dir = tmp_path / "killed", tmp_path / "full"
+    killed_cfg = json.dumps(resume_config(saved_model_dir, train, evals, rewards_py, killed_dir))
+
+    def start(resume=False):
+        return subprocess.Popen([python, str(script), killed_cfg, "1" if resume else "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    victim = start()
+    # the uninterrupted run, in this process while the victim starts (the same config, another directory)
+    preftune.train(resume_config(saved_model_dir, train, evals, rewards_py, full_dir), log=lambda *_: None)
+    target = killed_dir / "checkpoints" / "step-00000004"
+    deadline = time.monotonic() + 240
+    while not target.exists():
+        if victim.poll() is not None:
+            pytest.fail(f"the run ended before its step-4 checkpoint:\n{victim.stdout.read()}")
+        assert time.monotonic() < deadline, "no step-4 checkpoint within 240 s"
+        time.sleep(0.01)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    victim.stdout.close()
+    assert not (killed_dir / "final").exists(), "the run finished before it could be killed"
+    latest = ckpt.latest_checkpoint(killed_dir)
+    resumed_from = json.loads((latest / "trainer_state.json").read_text())["step"]
+    assert 4 <= resumed_from < RESUME_STEPS
+
+    resumed = start(resume=True)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"resumed from {latest} at step {resumed_from}" in out
+
+    a, b = load_file(killed_dir / "final" / "model.safetensors"), load_file(full_dir / "final" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+    records = _comparable(killed_dir)
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, RESUME_STEPS + 1))
+    assert any(r.get("rollout/pairs") for r in records)  # the rewards did split some prompts' samples
+    assert records == _comparable(full_dir)  # same samples, rewards, pairs and losses at every step
+    killed, full = ((d / "samples.jsonl").read_text().splitlines() for d in (killed_dir, full_dir))
+    assert killed == full and any('"kind": "rollout"' in line for line in killed)
+
+
+# ---- metrics: metrics.jsonl, TensorBoard, report --------------------------------------------------------------
+
+ROLLOUT_METRICS = ("reward/mean", "reward/std", "reward/by_column/mean", "reward/by_column/std", "reward/chosen",
+                   "reward/rejected", "rollout/skipped_fraction", "rollout/pairs", "rollout/eos_rate",
+                   "completions/mean_length", "completions/max_length", "rollout/tokens_per_second",
+                   "time/generate_s", "time/score_s", "time/train_s")
+
+
+def test_rollout_metrics_reach_metrics_tensorboard_and_report(online, make_model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from preftune.report.html import write_report
+    from preftune.report.plots import ROLLOUT_PANELS, plot_run
+
+    cfg = online(make_model(0), prompt_rows(8, [0, 1, 2, 1, 0, 1, 1, 1]), training={"max_steps": 2},
+                 data={"eval": prompt_rows(12)[8:]}, monitor={"num_prompts": 2})
+    preftune.train(cfg, log=lambda *_: None)
+    run_dir = tmp_path / "run"
+    train = train_records(run_dir)
+    for r in train:
+        missing = [k for k in (*ROLLOUT_METRICS, "loss", "rewards/margins", "grad_norm") if k not in r]
+        assert not missing, missing
+        assert r["time/generate_s"] > 0 and r["time/train_s"] > 0
+        assert 0 < r["completions/mean_length"] <= 6 and 0 <= r["rollout/eos_rate"] <= 1
+    (ev,) = train_records(run_dir, "eval")
+    assert {"reward/mean", "reward/by_column/mean", "completions/mean_length", "rollout/eos_rate"} <= set(ev)
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"train/{k}" for k in ROLLOUT_METRICS} <= tags
+    assert "eval/reward/mean" in tags
+    assert [e.value for e in events.Scalars("train/rollout/pairs")] == [r["rollout/pairs"] for r in train]
+
+    drawn = {p.stem for p in plot_run(run_dir)}
+    assert set(ROLLOUT_PANELS) <= drawn
+    html = write_report(run_dir).read_text()
+    assert "<h2>On-policy rollouts</h2>" in html and "reward/by_column/mean" in html
+    assert "rollout/skipped_fraction" in html and "Time over the 2 logged steps: generate" in html
+    rollout = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    rollout = [r for r in rollout if r.get("kind") == "rollout"]
+    assert len(rollout) == train[-1]["rollout/pairs"]
+    for row in rollout:
+        assert f"<pre>{row['rejected']}</pre>" in html
+    for panel in ROLLOUT_PANELS:
+        assert f'alt="{panel}"' in html
+
+
+# ---- the reference: live and frozen ---------------------------------------------------------------------------
+
+
+def _logps(run, batch):
+    with torch.no_grad():
+        return run.logp_fn(batch)[0], run.reference_fn(batch)[0]
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}])
+def test_reference_is_live_and_frozen(online, make_model, monkeypatch, lora):
+    def no_precompute(*_, **__):
+        raise AssertionError("an on-policy run precomputed reference log-probs")
+
+    monkeypatch.setattr("preftune.trainer.build.reference_logps", no_precompute)
+    initial = make_model(0)
+    cfg = online(make_model(0), prompt_rows(8), training={"max_steps": 3, "learning_rate": 1e-2},
+                 data={"eval": prompt_rows(10)[8:]}, monitor={"num_prompts": 2},
+                 **({"lora": lora} if lora else {}))
+    assert to_config(cfg).reference.precompute  # on by default, and still not used on-policy
+    run = build_run(to_config(cfg), None, lambda *_: None)
+    assert not run.source.static and run.reference_fn is not None
+    batch = next(iter(run.source.micro_batches(0)))
+    policy0, ref0 = _logps(run, batch)
+    torch.testing.assert_close(policy0, ref0)  # before the first step the policy is the reference
+    ref = run.monitor.kl_ref
+    if lora:
+        assert ref is run.policy  # the adapter-disabled policy: no second copy
+    else:
+        assert ref is not run.policy and not any(p.requires_grad for p in ref.parameters()) and not ref.training
+    run_steps(run)
+    policy1, ref1 = _logps(run, batch)
+    assert torch.equal(ref1, ref0)  # frozen
+    assert (policy1 - policy0).abs().max() > 1e-3  # the policy learned
+    if not lora:
+        for (name, a), b in zip(ref.state_dict().items(), initial.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+# ---- the monitor on an online run -------------------------------------------------------------------------------
+
+
+def test_early_stopping_on_held_out_reward_keeps_the_best_model(online, make_model, tmp_path):
+    # learning rate 0: the policy never changes, so eval/reward/mean (the default metric on-policy) never
+    # improves after the first evaluation; with patience 2 the run stops at the third. KL to the frozen copy: 0.
+    cfg = online(make_model(0), prompt_rows(8, [1, 2, 3, 4, 1, 2, 3, 4]),
+                 training={"max_steps": 6, "learning_rate": 0.0, "eval_every": 1, "save_model": True},
+                 data={"eval": prompt_rows(12)[8:]}, monitor={"num_prompts": 2, "patience": 2})
+    summary = preftune.train(cfg, log=lambda *_: None)
+    assert summary["steps"] == 3 and summary["stopped"].startswith("early stopping: eval/reward/mean")
+    assert summary["best"]["step"] == 1 and summary["best"]["metric"] == "eval/reward/mean"
+    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["step"] == 1
+    monitors = train_records(tmp_path / "run", "monitor")
+    assert [m["step"] for m in monitors] == [1, 2, 3] and all(m["kl/k3_seq"] == 0.0 for m in monitors)
+    events = [r["name"] for r in train_records(tmp_path / "run", "event")]
+    assert events == ["best", "early_stopping"]
+
+
+def test_max_kl_alarm_stops_an_online_run(online, make_model, tmp_path):
+    cfg = online(make_model(0), prompt_rows(8, [1, 2, 3, 4, 1, 2, 3, 4]),
+                 training={"max_steps": 6, "learning_rate": 3e-2, "eval_every": 2},
+                 data={"eval": prompt_rows(12)[8:]}, monitor={"num_prompts": 4, "max_kl": 1e-4})
+    summary = preftune.train(cfg, log=lambda *_: None)
+    assert summary["stopped"].startswith("max_kl") and summary["steps"] == 2
+    (alarm,) = train_records(tmp_path / "run", "alarm")
+    assert alarm["name"] == "max_kl" and alarm["step"] == 2
+    (monitor,) = train_records(tmp_path / "run", "monitor")
+    assert monitor["kl/k3_seq"] > 1e-4
+
+
+# ---- the demo -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_online_quickstart_meets_targets(tmp_path, toy_sft, monkeypatch):
+    from preftune.toy.quickstart import ONLINE, ONLINE_TARGETS, run_quickstart
+
+    monkeypatch.undo()  # this run draws its plots and report like the command does
+    report = run_quickstart(tmp_path, seed=0, log=lambda *_: None, method="online_dpo", sft_dir=toy_sft.run_dir)
+    before, after = report["before"]["generation_accuracy"], report["after"]["generation_accuracy"]
+    assert 0.25 <= before <= 0.75  # the SFT model answers plainly on about half of the held-out prompts
+    assert after >= ONLINE_TARGETS["generation_accuracy"] == 0.90
+    assert after - before >= ONLINE_TARGETS["gain"] == 0.25
+    assert report["passed"] and report["runs"]["online_dpo"]["steps"] == ONLINE["steps"]
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["after"]["generation_accuracy"] == after and on_disk["method"] == "online_dpo"
+    train = train_records(tmp_path)
+    assert len(train) == ONLINE["steps"] // 5 and all("rollout/skipped_fraction" in r for r in train)
+    assert "On-policy rollouts" in (tmp_path / "report.html").read_text()
+    assert (tmp_path / "plots" / "rewards.png").stat().st_size > 1000
+
+
+def test_quickstart_rejects_an_unknown_method(capsys, tmp_path):
+    from preftune.cli import main
+
+    assert main(["quickstart", "--method", "ppo_maybe", "--out", str(tmp_path)]) != 0
+    assert "quickstart --method 'ppo_maybe': one of dpo, online_dpo" in capsys.readouterr().err

@@ -163,10 +163,10 @@ class Monitor:
     # ---- parts ---------------------------------------------------------------------------------------------
 
     def _history(self, step: int) -> list[dict]:
-        """Records so far; on the first call, those of a resumed run (metrics.jsonl up to the checkpoint)."""
+        """Records so far; on the first call, those of a resumed run (metrics.jsonl up to the checkpoint; the
+        trainer cut it and samples.jsonl there before the first step)."""
         if self.records is None:
             self.records = [r for r in read_metrics(self.run_dir) if r["step"] < step]
-            samples_mod.truncate_samples(self.run_dir, step - 1)
             self._restore()
         return self.records
 

@@ -31,6 +31,7 @@ from preftune.errors import PreftuneError
 from preftune.logprobs import LogpModel
 from preftune.models import MODEL_KINDS, apply_lora, freeze, load_causal_lm, load_tokenizer, reference_mode
 from preftune.monitor.monitor import Monitor
+from preftune.monitor.samples import truncate_samples
 from preftune.rollout.sources import on_policy_source
 from preftune.runlog import MetricWriter, truncate_after
 from preftune.trainer import checkpoint as ckpt
@@ -201,8 +202,9 @@ def build_run(cfg, resume, log) -> Run:
         source.load_state_dict(state.get("source", {}))
         say(f"resumed from {resume_from} at step {run.start_step}")
     if main:
-        if resume_from is not None:  # records past the checkpoint are redone, so none is written twice
+        if resume_from is not None:  # records and samples past the checkpoint are redone, so none is written twice
             truncate_after(run_dir, run.start_step)
+            truncate_samples(run_dir, run.start_step)
         run.writer = MetricWriter(run_dir, append=resume_from is not None)
     return run
 

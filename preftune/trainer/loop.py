@@ -151,8 +151,9 @@ def _no_signal(run: Run, step: int) -> None:
         run.say(f"warning: step {step + 1}: {values.get('rollout/why', 'no usable examples')}: no learning "
                 "signal, update skipped (further such steps are skipped silently and counted as no_signal_steps "
                 "in train_summary.json; a reward that never varies within a prompt's samples never trains)")
-    if run.writer:
-        run.writer.write(step + 1, "train", {k: v for k, v in values.items() if not isinstance(v, str)})
+    done, tc = step + 1, run.cfg.training
+    if run.writer and (done % tc.logging_every == 0 or done == run.total_steps):
+        run.writer.write(done, "train", {k: v for k, v in values.items() if not isinstance(v, str)})
 
 
 def _nonfinite(run: Run, step: int, consecutive: int) -> None:
