@@ -79,7 +79,8 @@ class ReferenceConfig:
     model: str | None = None
     """Reference model path or hub id; None uses the initial policy (the adapter-disabled base with LoRA)."""
     precompute: bool = True
-    """Compute reference log-probs once before training and cache them on disk instead of every step."""
+    """Compute reference log-probs once before training and cache them on disk instead of every step. Static
+    data only: an on-policy run (`rollout:`) scores its fresh samples with the live reference every step."""
     cache_dir: str | None = None
     """Where cached reference log-probs live; default `$PREFTUNE_CACHE` or `~/.cache/preftune/reference`."""
 
@@ -123,7 +124,8 @@ class TrainingConfig:
     learning_rate: float = REQUIRED
     """Peak learning rate (DPO full fine-tuning usually 5e-7..5e-6; LoRA 5e-6..5e-5)."""
     per_device_batch_size: int = 2
-    """Preference pairs (or completions, for unpaired losses) per process per micro-batch."""
+    """Preference pairs (or completions, for unpaired losses) per process per micro-batch; on-policy runs
+    (`rollout:`): prompts, each sampled `rollout.num_generations` times."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; global batch = per_device_batch_size x this x processes."""
     num_epochs: float = 1.0
@@ -237,14 +239,19 @@ class RewardConfig:
     functions: list[str] = field(default_factory=list)
     """Reward functions `path/to/file.py:fn` or `package.module:fn`, called as `fn(prompts=[...],
     completions=[...], **columns)` and returning one float (or None: no score) per completion: TRL's
-    signature, so a TRL reward function works unchanged. Built-ins: `preftune.rewards:toy_verifier`,
-    `preftune.rewards:format_reward`, `preftune.rewards:length_penalty`."""
+    signature, so a TRL reward function works unchanged. A mapping `{function: ref, name: ..., kwargs: {...}}`
+    passes keyword arguments. Paths are relative to the working directory. Built-ins:
+    `preftune.rewards:toy_verifier`, `format_reward`, `exact_answer`, `length_penalty` (docs/online_dpo.md)."""
     weights: list[float] | None = None
     """One weight per function (default 1.0 each); the weighted sum is the reward."""
     judge: Any = None
     """Instead of (or besides) functions: a judge config (a YAML path or a mapping; see docs/judges.md) or a
     `--judge` value such as `toy-verifier`. A judge with a score (verifier, reward model, scored LLM judge)
     scores each completion; a pairwise-only judge ranks the samples of a prompt by wins, asked in both orders."""
+    judge_mode: Literal["auto", "score", "pairwise"] = "auto"
+    """How `judge` rewards: `score` each completion alone (verifiers, reward models, an LLM's 1-10 score),
+    or `pairwise`: every two samples of a prompt compared, both orders (a flip is a tie), the reward is the
+    number of wins (n·(n−1) judge calls per prompt); `auto`: score when the judge can, else pairwise."""
     min_margin: float = 0.0
     """Online DPO: a prompt whose best and worst reward differ by no more than this gives no pair (skipped
     and counted as `rollout/skipped_fraction`); 0 skips exact ties only."""
@@ -481,6 +488,7 @@ def check_loss_params(config: Config) -> None:
         except KeyError as e:
             raise ConfigError(f"loss.name: {e.args[0]}") from None
     _check_task(config, names, specs)
+    _check_on_policy(config)
     accepted = sorted({p for s in specs for p in s.hyperparameters})
     for key in config.loss.params:
         if key not in accepted:
@@ -516,6 +524,17 @@ def _check_task(config: Config, names: list[str], specs: list) -> None:
         raise ConfigError(f"loss {'/'.join(names)} trains a reward model: set `task: reward`")
     if config.task == "policy" and config.data.reward_margin in ("margin", "ratings"):
         raise ConfigError(f"data.reward_margin: {config.data.reward_margin} is for reward models (`task: reward`)")
+
+
+def _check_on_policy(config: Config) -> None:
+    """`rollout` and `reward` come together: sampling needs a scorer, and a scorer without sampling is unused."""
+    if config.reward is not None and config.rollout is None:
+        raise ConfigError("reward: scores on-policy samples, but there is no rollout: section (add e.g. "
+                          "`rollout: {num_generations: 4}` to train on-policy, or remove reward:)")
+    if config.rollout is not None and (config.reward is None or (not config.reward.functions
+                                                                 and config.reward.judge is None)):
+        raise ConfigError("rollout: needs reward.functions (e.g. ['my_rewards.py:score']) or reward.judge "
+                          "to score the samples")
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -29,7 +29,7 @@ from preftune.errors import PreftuneError
 from preftune.rollout.scoring import RewardError, RewardFunction
 from preftune.runlog import read_metrics
 from preftune.trainer.build import build_run
-from preftune.trainer.loop import finish, run_steps
+from preftune.trainer.loop import run_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -321,6 +321,36 @@ def test_all_none_scores_give_no_pair_and_say_why(online, make_model, quiet_log,
     summary = preftune.train(cfg, log=quiet_log)
     assert summary["no_signal_steps"] == 1
     assert "no prompt has two scored samples" in quiet_log.text()
+
+
+def test_judge_mode_pairwise_counts_wins_in_both_orders():
+    from preftune.judges.spec import make_judge
+    from preftune.rollout.scoring import judge_function
+
+    verifier = make_judge("toy-verifier")  # scores; judge_mode pairwise compares its scores instead
+    wins = judge_function(verifier, 4, "pairwise")
+    p, q = "say : cat dog", "copy : owl bee fox"
+    out = wins(prompts=[p] * 4 + [q], completions=["cat dog", "cat", "cat dog", "dog cat", "owl bee fox"])
+    # prompt p: each right answer beats the 2 wrong ones and ties the other right one (0.5): 2.5; each wrong
+    # answer ties the other wrong one: 0.5. 6 comparisons, 6 wins in all. q's lone sample: nothing to compare.
+    assert out == [2.5, 0.5, 2.5, 0.5, None]
+    assert judge_function(verifier, 4, "auto")(prompts=[p], completions=["cat dog"]) == [1.0]
+
+
+def test_rollout_and_reward_come_together(online, make_model):
+    cfg = online(make_model(0), prompt_rows(4))
+    no_rollout = {k: v for k, v in cfg.items() if k != "rollout"}
+    with pytest.raises(PreftuneError, match="reward: scores on-policy samples, but there is no rollout"):
+        preftune.train(no_rollout, log=lambda *_: None)
+    with pytest.raises(PreftuneError, match="rollout: needs reward.functions"):
+        preftune.train({k: v for k, v in cfg.items() if k != "reward"}, log=lambda *_: None)
+    from preftune.rollout.scoring import judge_function
+
+    class PairwiseOnly:
+        name, supports_score, supports_pairwise = "pairwise-only", False, True
+
+    with pytest.raises(PreftuneError, match="judge_mode: score, but judge pairwise-only does not score single"):
+        judge_function(PairwiseOnly(), 4, "score")
 
 
 # ---- the step's loss: the mean over its pairs, however they fall into micro-batches -------------------------

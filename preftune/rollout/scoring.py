@@ -116,8 +116,9 @@ def _failing_row(fn, prompts, completions, columns) -> int | None:
     return None
 
 
-def judge_function(judge, group_size: int) -> Callable[..., list[float | None]]:
-    """A judge as a reward function: ``judge.score`` per completion when it scores, else per-prompt wins.
+def judge_function(judge, group_size: int, mode: str = "auto") -> Callable[..., list[float | None]]:
+    """A judge as a reward function: ``judge.score`` per completion (``mode`` "score", or "auto" when the judge
+    scores), else per-prompt wins ("pairwise").
 
     Wins: within each group of samples of one prompt (a run of consecutive completions of the same prompt, at
     most ``group_size`` long), every pair is judged (both orders, through the judge's own position-bias
@@ -148,7 +149,12 @@ def judge_function(judge, group_size: int) -> Callable[..., list[float | None]]:
                     wins[b] += 0.5
         return wins
 
-    return by_score if judge.supports_score else by_wins
+    if mode == "auto":
+        mode = "score" if judge.supports_score else "pairwise"
+    if mode == "score" and not judge.supports_score or mode == "pairwise" and not judge.supports_pairwise:
+        raise ConfigError(f"reward.judge_mode: {mode}, but judge {judge.name} does not "
+                          f"{'score single responses' if mode == 'score' else 'compare pairs'}")
+    return by_score if mode == "score" else by_wins
 
 
 def _prompt_groups(prompts: list, group_size: int) -> list[range]:
@@ -193,7 +199,7 @@ def build_reward_functions(reward_cfg, group_size: int) -> list[RewardFunction]:
         from preftune.judges.spec import make_judge
 
         judge = make_judge(reward_cfg.judge) if isinstance(reward_cfg.judge, str) else build_judge(reward_cfg.judge)
-        out.append(RewardFunction(f"judge:{judge.name}", judge_function(judge, group_size)))
+        out.append(RewardFunction(f"judge:{judge.name}", judge_function(judge, group_size, reward_cfg.judge_mode)))
     weights = reward_cfg.weights
     if weights is not None:
         if len(weights) != len(out):
