@@ -340,9 +340,9 @@ def test_judge_mode_pairwise_counts_wins_in_both_orders():
 def test_rollout_and_reward_come_together(online, make_model):
     cfg = online(make_model(0), prompt_rows(4))
     no_rollout = {k: v for k, v in cfg.items() if k != "rollout"}
-    with pytest.raises(PreftuneError, match="reward: scores on-policy samples, but there is no rollout"):
+    with pytest.raises(PreftuneError, match="reward: scores on-policy samples, but there is no `rollout:` section"):
         preftune.train(no_rollout, log=lambda *_: None)
-    with pytest.raises(PreftuneError, match="rollout: needs reward.functions"):
+    with pytest.raises(PreftuneError, match=r"an on-policy run \(a `rollout:` section\) needs `reward.functions`"):
         preftune.train({k: v for k, v in cfg.items() if k != "reward"}, log=lambda *_: None)
     from preftune.rollout.scoring import judge_function
 
@@ -467,6 +467,45 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, python, saved_model_
     assert records == _comparable(full_dir)  # same samples, rewards, pairs and losses at every step
     killed, full = ((d / "samples.jsonl").read_text().splitlines() for d in (killed_dir, full_dir))
     assert killed == full and any('"kind": "rollout"' in line for line in killed)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, python, saved_model_dir, rewards_py, write_jsonl):
+    """2 processes x 2 prompts sample the prompts (and seeds) 1 process x 4 samples; each process trains on its
+    own pairs, weighted so that the step's loss is still the mean over all of them (ties leave rank 1 with
+    fewer pairs than rank 0 at some steps)."""
+    import shutil
+    import socket
+    import sys
+
+    launcher = Path(sys.executable).with_name("accelerate")
+    launcher = launcher if launcher.exists() else shutil.which("accelerate")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    train = write_jsonl(tmp_path / "train.jsonl", prompt_rows(8, [1, 0, 2, 0, 1, 1, 0, 3]))
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT)
+
+    def config(out, micro):
+        cfg = resume_config(saved_model_dir, train, train, rewards_py, out)
+        cfg["reward"]["functions"] = [f"{rewards_py}:by_column"]
+        cfg["data"].pop("eval")
+        cfg["training"].update(max_steps=4, per_device_batch_size=micro, save_every=0, eval_every=0)
+        return cfg
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                           str(script), json.dumps(config(tmp_path / "two", 2)), "0"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "4 steps of 4 (2 x 2 processes x 1 accumulation)" in proc.stdout
+    preftune.train(config(tmp_path / "one", 4), log=lambda *_: None)
+    two, one = train_records(tmp_path / "two"), train_records(tmp_path / "one")
+    assert [r["rollout/pairs"] for r in two] == [r["rollout/pairs"] for r in one]  # counted over both processes
+    for key in ("loss", "rewards/margins", "grad_norm"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
 
 
 # ---- metrics: metrics.jsonl, TensorBoard, report --------------------------------------------------------------

@@ -422,9 +422,25 @@ def test_repeated_nonfinite_steps_stop_with_checkpoint(dpo_config, make_model, t
 # ---- precision and drops ----------------------------------------------------------------------------------
 
 
+def test_bf16_is_refused_on_a_cpu_without_native_bf16(dpo_config, make_model, train_pairs, monkeypatch):
+    """An AVX2-only CPU emulates bf16 products tens of times slower than fp32: one line says so, up front."""
+    from preftune import hardware
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: {"avx2", "fma"})
+    with pytest.raises(PreftuneError, match="no AMX or AVX512-BF16.*training.precision: fp32"):
+        preftune.train(dpo_config(make_model(seed=8), train_pairs[:16], training={"precision": "bf16"}),
+                       log=lambda *_: None)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None: {"avx2", "avx512_bf16"})
+    assert hardware.bf16_refusal("cpu", False) is None and hardware.bf16_refusal("cuda", False, {"avx2"}) is None
+    assert hardware.cpu_has_native_bf16({"amx_bf16"}) and not hardware.cpu_has_native_bf16({"avx2"})
+    monkeypatch.undo()
+    assert hardware.cpu_flags("processor : 0\nflags\t\t: fpu avx2 amx_bf16\n") == {"fpu", "avx2", "amx_bf16"}
+
+
 def test_bf16_run_on_cpu(dpo_config, make_model, train_pairs, tmp_path):
     model = make_model(seed=8)
-    summary = preftune.train(dpo_config(model, train_pairs[:16], training={"precision": "bf16", "max_steps": 2}),
+    summary = preftune.train(dpo_config(model, train_pairs[:16], training={"precision": "bf16", "max_steps": 2,
+                                                                          "allow_slow_bf16": True}),
                              log=lambda *_: None)
     assert math.isfinite(summary["final_loss"]) and summary["nonfinite_steps"] == 0
     assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -25,6 +25,14 @@ class TokenizedPair:
 
 
 @dataclass
+class TokenizedGroup:
+    """G completions of one prompt (an on-policy group: GRPO); completion k of group u is sequence u + k·n."""
+
+    prompt_ids: list[int]
+    completions: list[list[int]]
+
+
+@dataclass
 class TokenizedSingle:
     """One completion (unpaired losses, SFT)."""
 

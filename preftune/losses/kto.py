@@ -11,6 +11,11 @@ from __future__ import annotations
 import torch
 
 from preftune.losses.base import LossOutput, LossSpec, register_loss
+from preftune.losses.pair import BETA, BETA_TYPICAL
+from preftune.losses.ranges import positive
+
+# A class weight scales that class's loss: 0 discards the class, below 0 it is trained the wrong way.
+CLASS_WEIGHT = positive("a class weight; 0 would discard the class and below 0 it is trained the wrong way")
 
 
 def kto(
@@ -60,7 +65,10 @@ register_loss(
         needs_reference=True,
         data="unpaired",
         needs_kl=True,
-        hyperparameters=("beta", "desirable_weight", "undesirable_weight"),
+        ranges={"beta": BETA, "desirable_weight": CLASS_WEIGHT, "undesirable_weight": CLASS_WEIGHT},
+        typical={"beta": BETA_TYPICAL},
+        reward_scale="beta",
+        auto=("desirable_weight", "undesirable_weight"),
         description="KTO: prospect-theoretic loss on unpaired desirable/undesirable completions.",
     )
 )

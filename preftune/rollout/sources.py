@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from preftune.errors import ConfigError
+from preftune.rollout.groups import build_group_source
 from preftune.rollout.online import build_online_source
 
 # data kind -> builder(cfg, train prompts, eval prompts, *, policy, tokenizer, functions, ..., geometry) -> source
-ON_POLICY: dict[str, Callable] = {"paired": build_online_source}
+ON_POLICY: dict[str, Callable] = {"paired": build_online_source, "policy": build_group_source}
 
 
 def on_policy_source(kind: str, cfg, train_prompts, eval_prompts, *, policy, tokenizer, run_dir, accelerator,

@@ -28,6 +28,7 @@ from preftune.data.prepare import ExampleSet, prepare_data
 from preftune.data.prompts import prepare_prompts
 from preftune.data.tokenize import Tokenization
 from preftune.errors import PreftuneError
+from preftune.hardware import bf16_refusal
 from preftune.logprobs import LogpModel
 from preftune.models import MODEL_KINDS, apply_lora, freeze, load_causal_lm, load_tokenizer, reference_mode
 from preftune.monitor.monitor import Monitor
@@ -93,7 +94,7 @@ class Run:
                               enabled=self.cfg.training.precision == "bf16")
 
     def logp_fn(self, batch):
-        return self.model(*batch.model_args())
+        return self.model(*batch.model_args(), **batch.model_kwargs())
 
     def checkpoint(self, step: int) -> None:
         """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position."""
@@ -126,6 +127,9 @@ def build_run(cfg, resume, log) -> Run:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     bf16 = tc.precision == "bf16"
+    refusal = bf16_refusal(device.type, tc.allow_slow_bf16) if bf16 else None
+    if refusal:
+        raise PreftuneError(refusal)
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -233,6 +237,6 @@ def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autoca
 
     def reference_fn(batch):
         with reference_mode(ref_logp.model):
-            return ref_logp(*batch.model_args())
+            return ref_logp(*batch.model_args(), **batch.model_kwargs())
 
     return ref_model, reference_fn

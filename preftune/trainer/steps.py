@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from preftune.data.batch import padded
 from preftune.errors import ConfigError
 from preftune.eval.preference_accuracy import preference_accuracy
 from preftune.losses import LossOutput, LossSpec, combine, get_loss
@@ -70,12 +71,6 @@ class RewardMean:
 TRAINER_STATE: dict[str, type] = {"delta": RewardMean}
 # Unpaired class weights that accept "auto" (chosen from the class counts by :func:`balanced_weights`).
 CLASS_WEIGHTS = ("desirable_weight", "undesirable_weight")
-# Which token count turns a summed log-prob input into a per-token mean (specs with reduction="mean").
-_LENGTH_OF = {
-    "policy_chosen_logps": "chosen_lengths", "reference_chosen_logps": "chosen_lengths",
-    "policy_rejected_logps": "rejected_lengths", "reference_rejected_logps": "rejected_lengths",
-    "policy_logps": "lengths", "reference_logps": "lengths",
-}
 
 
 @dataclass
@@ -118,7 +113,7 @@ class Objective:
 
     @property
     def needs_reference(self) -> bool:
-        return any(s.needs_reference for s in self.specs)
+        return any(s.uses_reference(self.params) for s in self.specs)
 
     @property
     def needs_kl(self) -> bool:
@@ -160,9 +155,7 @@ class Objective:
     def __call__(self, **inputs) -> LossOutput:
         outputs = []
         for spec in self.specs:
-            args = {k: inputs[k] for k in _input_names(spec)}
-            if spec.reduction == "mean":
-                args = {k: v / inputs[_LENGTH_OF[k]].clamp(min=1) if k in _LENGTH_OF else v for k, v in args.items()}
+            args = {k: inputs[k] for k in _input_names(spec, spec.uses_reference(self.params))}
             hp = {k: v for k, v in self.params.items() if k in spec.hyperparameters}
             keepers = {n: self.state[f"{spec.name}/{n}"] for n in TRAINER_STATE if f"{spec.name}/{n}" in self.state}
             out = spec.fn(**args, **hp, **{n: k.value for n, k in keepers.items()})
@@ -205,16 +198,22 @@ def balanced_weights(n_d: int, n_u: int, desirable: float | str = "auto",
     return d, u
 
 
-def _input_names(spec: LossSpec) -> tuple[str, ...]:
+POLICY_INPUTS = ("logps", "old_logps", "advantages", "mask", "num_sequences_in_step", "num_tokens_in_step",
+                 "max_completion_length", "world_size")
+
+
+def _input_names(spec: LossSpec, reference: bool) -> tuple[str, ...]:
+    if spec.data == "policy":
+        return POLICY_INPUTS + (("ref_logps",) if reference else ())
     if spec.data == "reward":
         return ("chosen_scores", "rejected_scores", "margin")
     if spec.data == "sft":
         return ("policy_chosen_logps", "chosen_lengths")
     if spec.data == "unpaired":
-        return (("policy_logps",) + (("reference_logps",) if spec.needs_reference else ()) + ("labels",)
+        return (("policy_logps",) + (("reference_logps",) if reference else ()) + ("labels",)
                 + (("kl",) if spec.needs_kl else ()))
     names = ("policy_chosen_logps", "policy_rejected_logps")
-    if spec.needs_reference:
+    if reference:
         names += ("reference_chosen_logps", "reference_rejected_logps")
     if spec.needs_lengths:
         names += ("chosen_lengths", "rejected_lengths")
@@ -340,4 +339,29 @@ def reward_step(objective: Objective, score_fn: LogpFn, batch, reference_fn: Log
     return out.losses, metrics
 
 
-STEPS = {"paired": paired_step, "sft": sft_step, "unpaired": unpaired_step, "reward": reward_step}
+def policy_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: LogpFn | None):
+    """On-policy groups (``data.batch.GroupBatch``) trained by a policy-gradient loss (GRPO family).
+
+    The engine returns per-token log-probs (N,) at the sampling temperature; they, π_old and the reference
+    are laid out (S, T) per sequence for the loss, whose per-sequence contributions are globally normalized
+    (the batch's ``reduce`` sums them).
+    """
+    seqs = batch.seqs
+    S, ts = seqs.num_sequences, seqs.target_seq
+    tok, _ = logp_fn(batch)  # (N,) per-token log-probs
+    logps = padded(tok, ts, S)  # (S, T)
+    inputs = {
+        "logps": logps, "old_logps": None if batch.old_logps is None else padded(batch.old_logps, ts, S),
+        "advantages": batch.advantages, "mask": batch.token_mask(),
+        "num_sequences_in_step": batch.step_sequences, "num_tokens_in_step": batch.step_tokens,
+        "max_completion_length": batch.max_length, "world_size": batch.world_size,
+    }
+    if objective.needs_reference:
+        ref = batch.ref_logps if batch.ref_logps is not None else reference_fn(batch)[0]  # (N,)
+        inputs["ref_logps"] = padded(ref.detach(), ts, S)
+    out = objective(**inputs)
+    return out.losses, {k: v.detach() for k, v in out.metrics.items()}
+
+
+STEPS = {"paired": paired_step, "sft": sft_step, "unpaired": unpaired_step, "reward": reward_step,
+         "policy": policy_step}
