@@ -89,9 +89,13 @@ def reward(completions, **kwargs):
 '''
 
 
+DRAWS_PLOTS = {"test_online_quickstart_meets_targets"}  # runs as the command does, plots and report included
+
+
 @pytest.fixture(autouse=True)
-def _no_plots(monkeypatch):
-    monkeypatch.setattr("preftune.trainer.loop._plots", lambda run_dir, say: None)
+def _no_plots(monkeypatch, request):
+    if request.node.name not in DRAWS_PLOTS:
+        monkeypatch.setattr("preftune.trainer.loop._plots", lambda run_dir, say: None)
 
 
 @pytest.fixture(scope="module")
@@ -629,10 +633,9 @@ def test_max_kl_alarm_stops_an_online_run(online, make_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_online_quickstart_meets_targets(tmp_path, toy_sft, monkeypatch):
+def test_online_quickstart_meets_targets(tmp_path, toy_sft):
     from preftune.toy.quickstart import ONLINE, ONLINE_TARGETS, run_quickstart
 
-    monkeypatch.undo()  # this run draws its plots and report like the command does
     report = run_quickstart(tmp_path, seed=0, log=lambda *_: None, method="online_dpo", sft_dir=toy_sft.run_dir)
     before, after = report["before"]["generation_accuracy"], report["after"]["generation_accuracy"]
     assert 0.25 <= before <= 0.75  # the SFT model answers plainly on about half of the held-out prompts
@@ -652,3 +655,30 @@ def test_quickstart_rejects_an_unknown_method(capsys, tmp_path):
 
     assert main(["quickstart", "--method", "ppo_maybe", "--out", str(tmp_path)]) != 0
     assert "quickstart --method 'ppo_maybe': one of dpo, online_dpo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", [{"name": "ipo", "beta": 0.1}, {"name": "simpo", "beta": 2.0, "gamma": 0.5}])
+def test_other_paired_losses_train_online(online, make_model, tmp_path, loss):
+    model = make_model(0)
+    before = copy.deepcopy(model.state_dict())
+    preftune.train(online(model, prompt_rows(4), loss=loss), log=lambda *_: None)
+    (r,) = train_records(tmp_path / "run")
+    assert r["rollout/pairs"] == 4 and math.isfinite(r["loss"])
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_examples_parse_and_their_reward_functions_work(monkeypatch):
+    from preftune.rollout.scoring import build_reward_functions
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("online_dpo_verifiable", "online_dpo_reward_model", "online_dpo_llm_judge"):
+        cfg = to_config(str(root / "examples" / f"{name}.yaml"))
+        assert cfg.rollout is not None and cfg.reward is not None, name
+    cfg = to_config(str(root / "examples" / "online_dpo_verifiable.yaml"))
+    monkeypatch.chdir(root)  # the example's paths are relative to the repository root
+    functions = build_reward_functions(cfg.reward, cfg.rollout.num_generations)
+    chat = [{"role": "user", "content": "2+2?"}]
+    completions = [[{"role": "assistant", "content": c}] for c in ("So 4.\nAnswer: 4", "it is 5", "4,000")]
+    scores = [f([chat] * 3, completions, {"answer": ["4", "4", None]}) for f in functions]
+    assert scores[0][:2] == [1.0, 0.0] and math.isnan(scores[0][2])  # correct_answer; None without an answer
+    assert scores[1] == [0.2, 0.0, 0.0]  # states_answer: the format reward
