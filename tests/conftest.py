@@ -184,3 +184,47 @@ def toy_sft(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return dataclasses.replace(phase, model=None)
+
+
+# ---- online DPO (tests/test_online_*.py) ---------------------------------------------------------------------
+
+DRAWS_PLOTS = {"test_online_quickstart_meets_targets"}  # runs as the command does, plots and report included
+
+
+@pytest.fixture
+def no_plots(monkeypatch, request):
+    """Skip the end-of-run plots (seconds per run) except in the tests named in DRAWS_PLOTS."""
+    if request.node.name not in DRAWS_PLOTS:
+        monkeypatch.setattr("preftune.trainer.loop._plots", lambda run_dir, say: None)
+
+
+@pytest.fixture(scope="session")
+def online_rewards(tmp_path_factory) -> Path:
+    """``online_helpers.REWARDS`` written to a file: reference its functions as ``f"{online_rewards}:by_column"``."""
+    path = tmp_path_factory.mktemp("rewards") / "my_rewards.py"
+    from online_helpers import REWARDS
+
+    path.write_text(REWARDS)
+    return path
+
+
+@pytest.fixture
+def online_config(toy_tok, tmp_path, online_rewards):
+    """Factory: an online DPO config dict; ``fn`` names reward functions of ``online_helpers.REWARDS``;
+    keyword sections merge into the defaults."""
+
+    def make(model, train, *, fn=("by_column",), eval=None, reward=None, rollout=None, training=None, **sections):
+        cfg = {
+            "model": model, "tokenizer": toy_tok, "data": {"train": train, "eval": eval},
+            "loss": {"name": "dpo", "beta": 0.1},
+            "rollout": {"num_generations": 4, "max_new_tokens": 6, **(rollout or {})},
+            "reward": {"functions": [f"{online_rewards}:{f}" for f in fn], **(reward or {})},
+            "training": {"output_dir": str(tmp_path / "run"), "learning_rate": 1e-3, "per_device_batch_size": 4,
+                         "max_steps": 1, "max_length": 64, "progress_bar": False, "save_model": False,
+                         **(training or {})},
+        }
+        for key, value in sections.items():
+            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+        return cfg
+
+    return make

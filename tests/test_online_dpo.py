@@ -13,68 +13,21 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from online_helpers import prompt_rows, train_records
 
 import preftune
 from preftune import toy
 from preftune.config import to_config
 from preftune.errors import PreftuneError
 from preftune.rollout.scoring import RewardError, RewardFunction
-from preftune.runlog import read_metrics
 from preftune.trainer.build import build_run
 from preftune.trainer.loop import run_steps
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-REWARDS = '''
-import math
-
-
-def by_column(prompts, completions, spread, n=4, **_):
-    """Sample j of a prompt scores spread * j (the samples of a prompt are consecutive)."""
-    return [float(s) * (i % n) for i, s in enumerate(spread)]
-
-
-def none_first(prompts, completions, spread, n=4, **_):
-    """by_column, but no score (None) for sample 0 of every prompt."""
-    return [None if i % n == 0 else float(s) * (i % n) for i, s in enumerate(spread)]
-
-
-def constant(prompts, completions, **_):
-    return [1.0] * len(completions)
-
-
-def zero(prompts, completions, **_):
-    return [0.0] * len(completions)
-
-
-def boom(prompts, completions, explode, **_):
-    for e in explode:
-        if e:
-            raise ValueError("cannot score this one")
-    return [0.0] * len(completions)
-
-
-def short(prompts, completions, **_):
-    return [1.0] * (len(completions) - 1)
-
-
-def text(prompts, completions, **_):
-    return ["good"] * len(completions)
-
-
-def overlap(prompts, completions, **_):
-    """Words of the completion that occur in the prompt: content-dependent, so a resumed run that sampled
-    differently would score differently."""
-    return [float(sum(w in p.split() for w in c.split())) for p, c in zip(prompts, completions)]
-'''
+pytestmark = pytest.mark.usefixtures("one_thread", "no_plots")
 
 # A reward function file exactly as TRL's GRPOTrainer documentation writes them: completions first, prompts
 # only through **kwargs, conversational completions as [{"role": "assistant", "content": ...}].
@@ -86,64 +39,21 @@ def reward(completions, **kwargs):
     assert len(kwargs["answer"]) == len(completions) and len(kwargs["completion_ids"]) == len(completions)
     contents = [c[0]["content"] for c in completions]
     return [-abs(3 - len(text.split())) for text in contents]
+
+
+def reward_words(completions, **kwargs):
+    """Text prompts: completions are plain strings."""
+    assert all(isinstance(c, str) for c in completions) and all(isinstance(p, str) for p in kwargs["prompts"])
+    return [-abs(3 - len(c.split())) for c in completions]
 '''
-
-
-DRAWS_PLOTS = {"test_online_quickstart_meets_targets"}  # runs as the command does, plots and report included
-
-
-@pytest.fixture(autouse=True)
-def _no_plots(monkeypatch, request):
-    if request.node.name not in DRAWS_PLOTS:
-        monkeypatch.setattr("preftune.trainer.loop._plots", lambda run_dir, say: None)
-
-
-@pytest.fixture(scope="module")
-def rewards_py(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("rewards") / "my_rewards.py"
-    path.write_text(REWARDS)
-    return path
-
-
-def prompt_rows(n: int, spread=1.0, **columns) -> list[dict]:
-    """n toy prompts with a ``spread`` column (a number for all, or one per row) and other columns."""
-    items = toy.split_items(0, n, 0)[0]
-    spreads = spread if isinstance(spread, list) else [spread] * n
-    return [{"prompt": it.prompt, "spread": s, **{k: v[i] for k, v in columns.items()}}
-            for i, (it, s) in enumerate(zip(items, spreads))]
-
-
-@pytest.fixture
-def online(toy_tok, tmp_path, rewards_py):
-    """Factory: an online DPO config dict; ``fn`` names reward functions of REWARDS; sections merge in."""
-
-    def make(model, train, *, fn=("by_column",), eval=None, reward=None, rollout=None, training=None, **sections):
-        cfg = {
-            "model": model, "tokenizer": toy_tok, "data": {"train": train, "eval": eval},
-            "loss": {"name": "dpo", "beta": 0.1},
-            "rollout": {"num_generations": 4, "max_new_tokens": 6, **(rollout or {})},
-            "reward": {"functions": [f"{rewards_py}:{f}" for f in fn], **(reward or {})},
-            "training": {"output_dir": str(tmp_path / "run"), "learning_rate": 1e-3, "per_device_batch_size": 4,
-                         "max_steps": 1, "max_length": 64, "progress_bar": False, "save_model": False,
-                         **(training or {})},
-        }
-        for key, value in sections.items():
-            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-        return cfg
-
-    return make
-
-
-def train_records(run_dir: Path, split: str = "train") -> list[dict]:
-    return [r for r in read_metrics(run_dir) if r["split"] == split]
 
 
 # ---- pairs: ties, margins, None, penalties -------------------------------------------------------------------
 
 
-def test_ties_are_skipped_and_counted(online, make_model, tmp_path):
+def test_ties_are_skipped_and_counted(online_config, make_model, tmp_path):
     # spreads 0, 0, 1, 2: the first two prompts tie (every sample 0); the others give sample 3 vs sample 0
-    preftune.train(online(make_model(0), prompt_rows(4, [0, 0, 1, 2])), log=lambda *_: None)
+    preftune.train(online_config(make_model(0), prompt_rows(4, [0, 0, 1, 2])), log=lambda *_: None)
     (r,) = train_records(tmp_path / "run")
     assert r["rollout/skipped_fraction"] == 0.5 and r["rollout/pairs"] == 2
     assert r["reward/chosen"] == pytest.approx((3 * 1 + 3 * 2) / 2)  # best = sample 3: 3s, over the 2 pairs
@@ -153,10 +63,10 @@ def test_ties_are_skipped_and_counted(online, make_model, tmp_path):
     assert math.isfinite(r["loss"])
 
 
-def test_min_margin_skips_small_spreads(online, make_model, tmp_path):
+def test_min_margin_skips_small_spreads(online_config, make_model, tmp_path):
     # best - worst = 3s: 0, 0.6, 3, 6. min_margin 1.0 keeps 3 and 6; 0.5 would also keep 0.6
     for margin, kept, chosen in ((1.0, 2, (3 + 6) / 2), (0.5, 3, (0.6 + 3 + 6) / 3)):
-        cfg = online(make_model(0), prompt_rows(4, [0, 0.2, 1, 2]), reward={"min_margin": margin},
+        cfg = online_config(make_model(0), prompt_rows(4, [0, 0.2, 1, 2]), reward={"min_margin": margin},
                      training={"output_dir": str(tmp_path / f"m{margin}")})
         preftune.train(cfg, log=lambda *_: None)
         (r,) = train_records(tmp_path / f"m{margin}")
@@ -164,19 +74,19 @@ def test_min_margin_skips_small_spreads(online, make_model, tmp_path):
         assert r["reward/chosen"] == pytest.approx(chosen)
 
 
-def test_none_scores_are_masked(online, make_model, tmp_path):
+def test_none_scores_are_masked(online_config, make_model, tmp_path):
     # sample 0 has no score: the worst SCORED sample is sample 1 (reward s·1), not a None read as 0
-    preftune.train(online(make_model(0), prompt_rows(4, 2.0), fn=("none_first",)), log=lambda *_: None)
+    preftune.train(online_config(make_model(0), prompt_rows(4, 2.0), fn=("none_first",)), log=lambda *_: None)
     (r,) = train_records(tmp_path / "run")
     assert r["rollout/pairs"] == 4
     assert r["reward/rejected"] == pytest.approx(2.0) and r["reward/chosen"] == pytest.approx(6.0)
     assert r["reward/none_first/mean"] == pytest.approx((2 + 4 + 6) / 3)  # over the 12 scored samples
 
 
-def test_weighted_functions_sum_over_the_scored_ones(online, make_model, tmp_path):
+def test_weighted_functions_sum_over_the_scored_ones(online_config, make_model, tmp_path):
     # none_first (weight 1) and by_column (weight 2), s = 1: sample j scores j + 2j = 3j, except sample 0,
     # scored by by_column alone: 2·0 = 0. Rewards 0, 3, 6, 9.
-    cfg = online(make_model(0), prompt_rows(4, 1.0), fn=("none_first", "by_column"), reward={"weights": [1.0, 2.0]})
+    cfg = online_config(make_model(0), prompt_rows(4, 1.0), fn=("none_first", "by_column"), reward={"weights": [1.0, 2.0]})
     preftune.train(cfg, log=lambda *_: None)
     (r,) = train_records(tmp_path / "run")
     assert r["reward/mean"] == pytest.approx((0 + 3 + 6 + 9) / 4)
@@ -184,10 +94,10 @@ def test_weighted_functions_sum_over_the_scored_ones(online, make_model, tmp_pat
     assert r["reward/by_column/mean"] == pytest.approx(1.5) and r["reward/none_first/mean"] == pytest.approx(2.0)
 
 
-def test_constant_reward_warns_once_and_never_updates(online, make_model, tmp_path, quiet_log):
+def test_constant_reward_warns_once_and_never_updates(online_config, make_model, tmp_path, quiet_log):
     model = make_model(0)
     before = copy.deepcopy(model.state_dict())
-    cfg = online(model, prompt_rows(8), fn=("constant",), training={"max_steps": 3, "save_model": True})
+    cfg = online_config(model, prompt_rows(8), fn=("constant",), training={"max_steps": 3, "save_model": True})
     summary = preftune.train(cfg, log=quiet_log)
     warnings = [line for line in quiet_log if "no learning signal" in line]
     assert len(warnings) == 1, quiet_log.text()  # once, not at every step
@@ -201,10 +111,10 @@ def test_constant_reward_warns_once_and_never_updates(online, make_model, tmp_pa
     assert (tmp_path / "run" / "final").is_dir()  # the run finished normally
 
 
-def test_missing_eos_penalty(online, toy_sft, tmp_path):
+def test_missing_eos_penalty(online_config, toy_sft, tmp_path):
     # The SFT model answers 3-5 words then EOS; with 5 new tokens some samples stop and some are cut.
     # reward 0 for all, minus 1 for a completion without EOS: stopped samples beat cut ones.
-    cfg = online(str(toy_sft.model_dir), prompt_rows(8), fn=("zero",), reward={"missing_eos_penalty": 1.0},
+    cfg = online_config(str(toy_sft.model_dir), prompt_rows(8), fn=("zero",), reward={"missing_eos_penalty": 1.0},
                  rollout={"max_new_tokens": 5}, training={"per_device_batch_size": 8})
     run = build_run(to_config(cfg), None, lambda *_: None)
     out = run.source.rollouts.sample(list(range(8)), list(range(8)))
@@ -220,10 +130,10 @@ def test_missing_eos_penalty(online, toy_sft, tmp_path):
 # ---- reward functions: errors name the function and the row ---------------------------------------------------
 
 
-def test_reward_function_that_raises_names_function_and_row(online, make_model):
+def test_reward_function_that_raises_names_function_and_row(online_config, make_model):
     rows = prompt_rows(4, explode=[False, False, True, False])
     with pytest.raises(RewardError) as err:
-        preftune.train(online(make_model(0), rows, fn=("boom",)), log=lambda *_: None)
+        preftune.train(online_config(make_model(0), rows, fn=("boom",)), log=lambda *_: None)
     message = str(err.value)
     assert "reward function boom raised ValueError: cannot score this one" in message
     assert f"(prompt {rows[2]['prompt']!r}" in message  # the exploding prompt's row is named
@@ -235,9 +145,9 @@ def test_reward_function_that_raises_names_function_and_row(online, make_model):
     ("short", "reward function short returned 0 values for 1 completions"),
     ("text", "reward function text returned 'good' (str) for row 0"),
 ])
-def test_wrong_count_or_non_number_fails_before_sampling(online, make_model, fn, expected):
+def test_wrong_count_or_non_number_fails_before_sampling(online_config, make_model, fn, expected):
     with pytest.raises(RewardError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        preftune.train(online(make_model(0), prompt_rows(4), fn=(fn,)), log=lambda *_: None)
+        preftune.train(online_config(make_model(0), prompt_rows(4), fn=(fn,)), log=lambda *_: None)
 
 
 def test_reward_function_results_are_checked_per_call():
@@ -251,25 +161,32 @@ def test_reward_function_results_are_checked_per_call():
         g(["p", "q"], ["a", "b"], {})
 
 
-def test_trl_reward_file_with_conversational_prompts(online, make_model, tmp_path):
+def test_trl_reward_file_works_unchanged_text_and_conversational(online_config, make_model, tmp_path):
     path = tmp_path / "trl_rewards.py"
     path.write_text(TRL_REWARD)
     rows = [{"prompt": [{"role": "user", "content": it.prompt}], "answer": " ".join(it.words)}
             for it in toy.split_items(0, 8, 0)[0]]
-    cfg = online(make_model(0), rows, training={"max_steps": 2})
+    cfg = online_config(make_model(0), rows, training={"max_steps": 2})
     cfg["reward"] = {"functions": [f"{path}:reward"]}
     preftune.train(cfg, log=lambda *_: None)
     records = train_records(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["reward/reward/mean"] <= 0 and "reward/reward/std" in r for r in records)
+    assert all(r["rollout/pairs"] > 0 for r in records)  # the scores varied: the run trained on them
+
+    text = online_config(make_model(0), prompt_rows(8), training={"output_dir": str(tmp_path / "text")})
+    text["reward"] = {"functions": [f"{path}:reward_words"]}
+    preftune.train(text, log=lambda *_: None)
+    (r,) = train_records(tmp_path / "text")
+    assert r["reward/reward_words/mean"] <= 0 and r["rollout/pairs"] > 0
 
 
 # ---- judges as reward functions -------------------------------------------------------------------------------
 
 
-def test_toy_verifier_judge_as_reward(online, toy_sft, tmp_path):
+def test_toy_verifier_judge_as_reward(online_config, toy_sft, tmp_path):
     prompts = [{"prompt": it.prompt} for it in toy_sft.items[:8]]
-    cfg = online(str(toy_sft.model_dir), prompts, fn=(), reward={"judge": "toy-verifier"},
+    cfg = online_config(str(toy_sft.model_dir), prompts, fn=(), reward={"judge": "toy-verifier"},
                  rollout={"max_new_tokens": 16}, training={"per_device_batch_size": 8, "max_steps": 1},
                  data={"eval": [{"prompt": it.prompt} for it in toy_sft.held_out[:8]]}, monitor={"num_prompts": 2})
     preftune.train(cfg, log=lambda *_: None)
@@ -283,7 +200,7 @@ def test_toy_verifier_judge_as_reward(online, toy_sft, tmp_path):
         assert max(row["rewards"]) == 1.0 and min(row["rewards"]) == 0.0
 
 
-def test_pairwise_only_judge_ranks_by_wins(online, make_model, tmp_path):
+def test_pairwise_only_judge_ranks_by_wins(online_config, make_model, tmp_path):
     from preftune.judges.base import Judge, Verdict
     from preftune.judges.registry import build_judge, register_judge, registered_judge_types
 
@@ -300,7 +217,7 @@ def test_pairwise_only_judge_ranks_by_wins(online, make_model, tmp_path):
     if "test_fewer_words" not in registered_judge_types():
         register_judge("test_fewer_words", lambda name=None: Fewer(name))
     assert not build_judge({"type": "test_fewer_words"}).supports_score
-    cfg = online(make_model(0), prompt_rows(4), fn=(), reward={"judge": {"type": "test_fewer_words"}},
+    cfg = online_config(make_model(0), prompt_rows(4), fn=(), reward={"judge": {"type": "test_fewer_words"}},
                  data={"eval": [{"prompt": "repeat : cat dog"}, {"prompt": "say : owl bee"}]},
                  monitor={"num_prompts": 0})
     preftune.train(cfg, log=lambda *_: None)
@@ -315,12 +232,12 @@ def test_pairwise_only_judge_ranks_by_wins(online, make_model, tmp_path):
         assert len(set(row["chosen"].split())) < len(set(row["rejected"].split()))
 
 
-def test_all_none_scores_give_no_pair_and_say_why(online, make_model, quiet_log, tmp_path):
+def test_all_none_scores_give_no_pair_and_say_why(online_config, make_model, quiet_log, tmp_path):
     rows = prompt_rows(4)
     path = tmp_path / "only_first.py"  # one scored sample per prompt: nothing to compare it with
     path.write_text("def f(prompts, completions, **_):\n    return [1.0 if i % 4 == 0 else None "
                     "for i in range(len(completions))]\n")
-    cfg = online(make_model(0), rows)
+    cfg = online_config(make_model(0), rows)
     cfg["reward"] = {"functions": [f"{path}:f"]}
     summary = preftune.train(cfg, log=quiet_log)
     assert summary["no_signal_steps"] == 1
@@ -341,8 +258,8 @@ def test_judge_mode_pairwise_counts_wins_in_both_orders():
     assert judge_function(verifier, 4, "auto")(prompts=[p], completions=["cat dog"]) == [1.0]
 
 
-def test_rollout_and_reward_come_together(online, make_model):
-    cfg = online(make_model(0), prompt_rows(4))
+def test_rollout_and_reward_come_together(online_config, make_model):
+    cfg = online_config(make_model(0), prompt_rows(4))
     no_rollout = {k: v for k, v in cfg.items() if k != "rollout"}
     with pytest.raises(PreftuneError, match="reward: scores on-policy samples, but there is no `rollout:` section"):
         preftune.train(no_rollout, log=lambda *_: None)
@@ -361,7 +278,7 @@ def test_rollout_and_reward_come_together(online, make_model):
 
 
 @pytest.mark.parametrize("micro, accum", [(4, 2), (1, 8)])
-def test_step_gradient_is_the_mean_over_pairs_whatever_the_micro_batching(online, make_model, tmp_path,
+def test_step_gradient_is_the_mean_over_pairs_whatever_the_micro_batching(online_config, make_model, tmp_path,
                                                                           monkeypatch, micro, accum):
     # 8 prompts, 3 of them ties: 5 pairs. One micro-batch of 8 prompts is the plain mean over the 5 pairs;
     # micro-batches of 4 prompts hold 3 + 2 pairs (a mean of micro-batch means would weigh them 1/6 and 1/4
@@ -381,7 +298,7 @@ def test_step_gradient_is_the_mean_over_pairs_whatever_the_micro_batching(online
 
     for key, (m, a) in {"one": (8, 1), "split": (micro, accum)}.items():
         capture(key)
-        cfg = online(make_model(0), rows, training={"per_device_batch_size": m, "gradient_accumulation_steps": a,
+        cfg = online_config(make_model(0), rows, training={"per_device_batch_size": m, "gradient_accumulation_steps": a,
                                                     "output_dir": str(tmp_path / key)})
         preftune.train(cfg, log=lambda *_: None)
     (one,), (split,) = train_records(tmp_path / "one"), train_records(tmp_path / "split")
@@ -389,127 +306,6 @@ def test_step_gradient_is_the_mean_over_pairs_whatever_the_micro_batching(online
     assert split["loss"] == pytest.approx(one["loss"], abs=1e-6)  # the logged loss: mean over the same 5 pairs
     for a, b in zip(grads["one"], grads["split"]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
-
-
-# ---- resume: a killed online run ends with the weights of an uninterrupted one --------------------------------
-
-RESUME_SCRIPT = """
-import json, sys
-import torch
-torch.set_num_threads(1)
-import preftune
-config, resume = json.loads(sys.argv[1]), sys.argv[2] == "1"
-preftune.train(config, resume=True if resume else None, log=lambda *a: print(*a, flush=True))
-"""
-RESUME_STEPS = 16  # 12 prompts / 4 per step: the run crosses five epoch boundaries
-
-
-def resume_config(model_dir, train, evals, rewards, out) -> dict:
-    return {
-        "model": str(model_dir), "data": {"train": str(train), "eval": str(evals)},
-        "loss": {"name": "dpo", "beta": 0.1}, "rollout": {"num_generations": 4, "max_new_tokens": 8},
-        "reward": {"functions": [f"{rewards}:overlap"]},
-        "training": {"output_dir": str(out), "learning_rate": 1e-2, "max_steps": RESUME_STEPS, "save_every": 2,
-                     "eval_every": 4, "per_device_batch_size": 4, "max_length": 64, "progress_bar": False,
-                     "lr_scheduler": "cosine", "warmup_ratio": 0.1},
-        "monitor": {"num_prompts": 2},
-    }
-
-
-def _comparable(run_dir: Path) -> list[dict]:
-    """Train, eval and monitor records without the wall-clock ones."""
-    return [{k: v for k, v in r.items() if not k.startswith("time/") and "per_second" not in k}
-            for r in read_metrics(run_dir) if r["split"] in ("train", "eval", "monitor")]
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, python, saved_model_dir, rewards_py, write_jsonl):
-    from safetensors.torch import load_file
-
-    from preftune.trainer import checkpoint as ckpt
-
-    script = tmp_path / "run.py"
-    script.write_text(RESUME_SCRIPT)
-    rows = prompt_rows(16)
-    train, evals = write_jsonl(tmp_path / "train.jsonl", rows[:12]), write_jsonl(tmp_path / "eval.jsonl", rows[12:])
-    killed_dir, full_dir = tmp_path / "killed", tmp_path / "full"
-    killed_cfg = json.dumps(resume_config(saved_model_dir, train, evals, rewards_py, killed_dir))
-
-    def start(resume=False):
-        return subprocess.Popen([python, str(script), killed_cfg, "1" if resume else "0"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    victim = start()
-    # the uninterrupted run, in this process while the victim starts (the same config, another directory)
-    preftune.train(resume_config(saved_model_dir, train, evals, rewards_py, full_dir), log=lambda *_: None)
-    target = killed_dir / "checkpoints" / "step-00000004"
-    deadline = time.monotonic() + 240
-    while not target.exists():
-        if victim.poll() is not None:
-            pytest.fail(f"the run ended before its step-4 checkpoint:\n{victim.stdout.read()}")
-        assert time.monotonic() < deadline, "no step-4 checkpoint within 240 s"
-        time.sleep(0.01)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    victim.stdout.close()
-    assert not (killed_dir / "final").exists(), "the run finished before it could be killed"
-    latest = ckpt.latest_checkpoint(killed_dir)
-    resumed_from = json.loads((latest / "trainer_state.json").read_text())["step"]
-    assert 4 <= resumed_from < RESUME_STEPS
-
-    resumed = start(resume=True)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert f"resumed from {latest} at step {resumed_from}" in out
-
-    a, b = load_file(killed_dir / "final" / "model.safetensors"), load_file(full_dir / "final" / "model.safetensors")
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
-    records = _comparable(killed_dir)
-    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, RESUME_STEPS + 1))
-    assert any(r.get("rollout/pairs") for r in records)  # the rewards did split some prompts' samples
-    assert records == _comparable(full_dir)  # same samples, rewards, pairs and losses at every step
-    killed, full = ((d / "samples.jsonl").read_text().splitlines() for d in (killed_dir, full_dir))
-    assert killed == full and any('"kind": "rollout"' in line for line in killed)
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path, python, saved_model_dir, rewards_py, write_jsonl):
-    """2 processes x 2 prompts sample the prompts (and seeds) 1 process x 4 samples; each process trains on its
-    own pairs, weighted so that the step's loss is still the mean over all of them (ties leave rank 1 with
-    fewer pairs than rank 0 at some steps)."""
-    import shutil
-    import socket
-    import sys
-
-    launcher = Path(sys.executable).with_name("accelerate")
-    launcher = launcher if launcher.exists() else shutil.which("accelerate")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    train = write_jsonl(tmp_path / "train.jsonl", prompt_rows(8, [1, 0, 2, 0, 1, 1, 0, 3]))
-    script = tmp_path / "run.py"
-    script.write_text(RESUME_SCRIPT)
-
-    def config(out, micro):
-        cfg = resume_config(saved_model_dir, train, train, rewards_py, out)
-        cfg["reward"]["functions"] = [f"{rewards_py}:by_column"]
-        cfg["data"].pop("eval")
-        cfg["training"].update(max_steps=4, per_device_batch_size=micro, save_every=0, eval_every=0)
-        return cfg
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-                           str(script), json.dumps(config(tmp_path / "two", 2)), "0"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "4 steps of 4 (2 x 2 processes x 1 accumulation)" in proc.stdout
-    preftune.train(config(tmp_path / "one", 4), log=lambda *_: None)
-    two, one = train_records(tmp_path / "two"), train_records(tmp_path / "one")
-    assert [r["rollout/pairs"] for r in two] == [r["rollout/pairs"] for r in one]  # counted over both processes
-    for key in ("loss", "rewards/margins", "grad_norm"):
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
 
 
 # ---- metrics: metrics.jsonl, TensorBoard, report --------------------------------------------------------------
@@ -520,13 +316,13 @@ ROLLOUT_METRICS = ("reward/mean", "reward/std", "reward/by_column/mean", "reward
                    "time/generate_s", "time/score_s", "time/train_s")
 
 
-def test_rollout_metrics_reach_metrics_tensorboard_and_report(online, make_model, tmp_path):
+def test_rollout_metrics_reach_metrics_tensorboard_and_report(online_config, make_model, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from preftune.report.html import write_report
     from preftune.report.plots import ROLLOUT_PANELS, plot_run
 
-    cfg = online(make_model(0), prompt_rows(8, [0, 1, 2, 1, 0, 1, 1, 1]), training={"max_steps": 2},
+    cfg = online_config(make_model(0), prompt_rows(8, [0, 1, 2, 1, 0, 1, 1, 1]), training={"max_steps": 2},
                  data={"eval": prompt_rows(12)[8:]}, monitor={"num_prompts": 2})
     preftune.train(cfg, log=lambda *_: None)
     run_dir = tmp_path / "run"
@@ -569,13 +365,13 @@ def _logps(run, batch):
 
 
 @pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}])
-def test_reference_is_live_and_frozen(online, make_model, monkeypatch, lora):
+def test_reference_is_live_and_frozen(online_config, make_model, monkeypatch, lora):
     def no_precompute(*_, **__):
         raise AssertionError("an on-policy run precomputed reference log-probs")
 
     monkeypatch.setattr("preftune.trainer.build.reference_logps", no_precompute)
     initial = make_model(0)
-    cfg = online(make_model(0), prompt_rows(8), training={"max_steps": 3, "learning_rate": 1e-2},
+    cfg = online_config(make_model(0), prompt_rows(8), training={"max_steps": 3, "learning_rate": 1e-2},
                  data={"eval": prompt_rows(10)[8:]}, monitor={"num_prompts": 2},
                  **({"lora": lora} if lora else {}))
     assert to_config(cfg).reference.precompute  # on by default, and still not used on-policy
@@ -601,10 +397,10 @@ def test_reference_is_live_and_frozen(online, make_model, monkeypatch, lora):
 # ---- the monitor on an online run -------------------------------------------------------------------------------
 
 
-def test_early_stopping_on_held_out_reward_keeps_the_best_model(online, make_model, tmp_path):
+def test_early_stopping_on_held_out_reward_keeps_the_best_model(online_config, make_model, tmp_path):
     # learning rate 0: the policy never changes, so eval/reward/mean (the default metric on-policy) never
     # improves after the first evaluation; with patience 2 the run stops at the third. KL to the frozen copy: 0.
-    cfg = online(make_model(0), prompt_rows(8, [1, 2, 3, 4, 1, 2, 3, 4]),
+    cfg = online_config(make_model(0), prompt_rows(8, [1, 2, 3, 4, 1, 2, 3, 4]),
                  training={"max_steps": 6, "learning_rate": 0.0, "eval_every": 1, "save_model": True},
                  data={"eval": prompt_rows(12)[8:]}, monitor={"num_prompts": 2, "patience": 2})
     summary = preftune.train(cfg, log=lambda *_: None)
@@ -617,8 +413,8 @@ def test_early_stopping_on_held_out_reward_keeps_the_best_model(online, make_mod
     assert events == ["best", "early_stopping"]
 
 
-def test_max_kl_alarm_stops_an_online_run(online, make_model, tmp_path):
-    cfg = online(make_model(0), prompt_rows(8, [1, 2, 3, 4, 1, 2, 3, 4]),
+def test_max_kl_alarm_stops_an_online_run(online_config, make_model, tmp_path):
+    cfg = online_config(make_model(0), prompt_rows(8, [1, 2, 3, 4, 1, 2, 3, 4]),
                  training={"max_steps": 6, "learning_rate": 3e-2, "eval_every": 2},
                  data={"eval": prompt_rows(12)[8:]}, monitor={"num_prompts": 4, "max_kl": 1e-4})
     summary = preftune.train(cfg, log=lambda *_: None)
@@ -658,10 +454,10 @@ def test_quickstart_rejects_an_unknown_method(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("loss", [{"name": "ipo", "beta": 0.1}, {"name": "simpo", "beta": 2.0, "gamma": 0.5}])
-def test_other_paired_losses_train_online(online, make_model, tmp_path, loss):
+def test_other_paired_losses_train_online(online_config, make_model, tmp_path, loss):
     model = make_model(0)
     before = copy.deepcopy(model.state_dict())
-    preftune.train(online(model, prompt_rows(4), loss=loss), log=lambda *_: None)
+    preftune.train(online_config(model, prompt_rows(4), loss=loss), log=lambda *_: None)
     (r,) = train_records(tmp_path / "run")
     assert r["rollout/pairs"] == 4 and math.isfinite(r["loss"])
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
