@@ -13,6 +13,12 @@ an exact tie counting 0.5 (:func:`preftune.eval.preference_accuracy.preference_a
 the reference, every margin is exactly 0 and the accuracy is 0.5 by construction; after DPO it is the final
 evaluation of the DPO run (``rewards/accuracies``). ``generation_accuracy``: greedy generations on the
 held-out prompts that :func:`preftune.toy.verify` accepts.
+
+``--method online_dpo`` (:func:`run_online_dpo_quickstart`) keeps the task and the SFT phase
+(:func:`sft_phase`, which every method shares) and replaces the pairs and DPO with online DPO: every step the
+policy answers 16 train prompts 4 times, ``preftune.rewards:toy_verifier`` scores the answers and DPO trains on
+each prompt's best vs worst (:data:`ONLINE`); its ``report.json`` has ``before`` / ``after``
+``generation_accuracy`` and ``"method": "online_dpo"``.
 """
 
 from __future__ import annotations
@@ -98,19 +104,24 @@ def implicit_reward_accuracy(policy_logps: torch.Tensor, reference_logps: torch.
     return float(preference_accuracy(margins).mean())
 
 
-def run_quickstart(out_dir: str | Path, seed: int = 0, log=print, *, method: str = "dpo",
-                   sft_dir: str | Path | None = None) -> dict:
-    """Build the toy task, SFT a tiny Llama, train it with ``method`` (a key of :data:`METHODS`), evaluate
-    before and after.
+def run_quickstart(out_dir: str | Path, seed: int = 0, log=print, *, sft_dir: str | Path | None = None) -> dict:
+    """Build the toy task, SFT a tiny Llama, DPO it on preference pairs, evaluate before and after.
 
     Writes ``out_dir/report.json`` (and the runs' files, see the module docstring); returns the report.
     ``sft_dir``: the ``sft`` directory of an earlier quickstart with the same seed, reused instead of training
     SFT again (the tests share one). Same seed, same machine: same numbers.
     """
-    if method not in METHODS:
-        from preftune.errors import PreftuneError
+    return _one_thread(_dpo, out_dir, seed, log, sft_dir)
 
-        raise PreftuneError(f"quickstart --method {method!r}: one of {', '.join(METHODS)}")
+
+def run_online_dpo_quickstart(out_dir: str | Path, seed: int = 0, log=print, *,
+                              sft_dir: str | Path | None = None) -> dict:
+    """``preftune quickstart --method online_dpo``: the same task and SFT model, then online DPO (every step the
+    policy samples, the toy verifier scores, DPO trains best vs worst); before / after generation accuracy."""
+    return _one_thread(_online_dpo, out_dir, seed, log, sft_dir)
+
+
+def _one_thread(run, out_dir, seed: int, log, sft_dir) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -119,7 +130,7 @@ def run_quickstart(out_dir: str | Path, seed: int = 0, log=print, *, method: str
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return METHODS[method](out, seed, log, t_start, sft_dir)
+        return run(out, seed, log, t_start, sft_dir)
     finally:
         torch.set_num_threads(threads)
 
@@ -353,7 +364,3 @@ def _table(report: dict, keys: tuple[str, ...], targets: dict) -> str:
     lines.append("")
     lines.extend(f"  {s['prompt']!r}: {s['before']!r} -> {s['after']!r}" for s in report["samples"][:3])
     return "\n".join(lines)
-
-
-# --method -> run(out, seed, log, t_start, sft_dir) -> report; each writes out/report.json with before / after.
-METHODS = {"dpo": _dpo, "online_dpo": _online_dpo}
