@@ -16,7 +16,8 @@ those. HF repeats every prompt n times before its prefill; the engine prefills e
 the KV cache (and writes it in place instead of re-concatenating it every step), and also returns every
 sampled token's log-prob. Each side is warmed up with a 2-token call, then the two alternate ``--repeats``
 times (same process, same threads); the table shows the best run of each (the least disturbed by other jobs on
-a shared machine) and the median in brackets.
+a shared machine) and the median in brackets, by wall time and by the process's CPU time (user + system, all
+threads: on a shared machine the measure least disturbed by other jobs, as in ``vs_trl.py``).
 """
 
 from __future__ import annotations
@@ -79,19 +80,22 @@ def bench(kind: str, args) -> dict:
     prompts = make_prompts(args.prompts, vocab)
     sides = {"preftune": run_engine, "hf": run_hf}
     times: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
     tokens = {}
     for fn in sides.values():  # warm-up (2 new tokens), untimed
         fn(model, prompts, pad_id, args.n, 2)
     for _ in range(args.repeats):
         for name, fn in sides.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             tokens[name] = fn(model, prompts, pad_id, args.n, args.new)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     assert tokens["preftune"] == tokens["hf"] == args.prompts * args.n * args.new, tokens
     tps = {k: tokens[k] / min(v) for k, v in times.items()}
     med = {k: tokens[k] / statistics.median(v) for k, v in times.items()}
+    per_cpu = {k: tokens[k] / min(v) for k, v in cpu.items()}
     params = sum(p.numel() for p in model.parameters())
-    return {"model": kind, "params": params, "tps": tps, "median": med, "tokens": tokens["hf"]}
+    return {"model": kind, "params": params, "tps": tps, "median": med, "per_cpu": per_cpu, "tokens": tokens["hf"]}
 
 
 def main() -> None:
@@ -106,13 +110,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = [bench(kind, args) for kind in args.models.split(",")]
     print(f"\n{args.prompts} prompts (124-132 tokens) x n={args.n} samples x {args.new} new tokens, fp32, "
-          f"{args.threads} threads, torch {torch.__version__}; tokens/s, best of {args.repeats} [median]\n")
-    print("| model | parameters | preftune engine | HF generate | speed-up |")
-    print("|---|---|---|---|---|")
+          f"{args.threads} threads, torch {torch.__version__}; best of {args.repeats} [median]\n")
+    print("| model | parameters | preftune engine, tokens/s | HF generate, tokens/s | speed-up | "
+          "preftune, tokens per CPU s | HF, tokens per CPU s | speed-up (CPU) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        t, m = r["tps"], r["median"]
+        t, m, c = r["tps"], r["median"], r["per_cpu"]
         print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {t['preftune']:.0f} [{m['preftune']:.0f}] | "
-              f"{t['hf']:.0f} [{m['hf']:.0f}] | {t['preftune'] / t['hf']:.2f}x [{m['preftune'] / m['hf']:.2f}x] |")
+              f"{t['hf']:.0f} [{m['hf']:.0f}] | {t['preftune'] / t['hf']:.2f}x [{m['preftune'] / m['hf']:.2f}x] | "
+              f"{c['preftune']:.0f} | {c['hf']:.0f} | {c['preftune'] / c['hf']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ of padded attention, which move a token only when a uniform lands on a CDF bound
 
 **Work.** The rows of one batch share a left-padded prefill: each distinct prompt runs forward ONCE, only its
 last position through the LM head, and the KV cache is then expanded to its n samples
-(``Cache.batch_repeat_interleave`` / ``batch_select_indices``). Decoding runs all rows together with the
+(``Cache.batch_repeat_interleave`` / ``batch_select_indices``) into buffers with room for every new position,
+written in place (no per-step ``torch.cat`` of the whole cache). Decoding runs all rows together with the
 cache, an attention mask and per-row position ids. Rows that finished are dropped from the batch once a
 quarter of it is done, and the loop ends when every row is. Greedy samples of one prompt are identical, so
 one row is decoded and copied n times; greedy steps do an argmax and one log-sum-exp, nothing else over the
@@ -175,10 +176,11 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: the model needs at least one token to condition on")
     # One row per sequence to decode: (prompt index, generator seed). Greedy: one row per prompt, copied later.
-    counts = [params.n if isinstance(s, int) else len(s) for s in seeds]
+    per_prompt = [[int(x) for x in s] if isinstance(s, Sequence) else [sample_seed(s, j) for j in range(params.n)]
+                  for s in seeds]
+    counts = [len(x) for x in per_prompt]
     rows: list[tuple[int, int]] = []
-    for i, s in enumerate(seeds):
-        row_seeds = [sample_seed(s, j) for j in range(params.n)] if isinstance(s, int) else [int(x) for x in s]
+    for i, row_seeds in enumerate(per_prompt):
         rows.extend((i, x) for x in (row_seeds[:1] if params.greedy and row_seeds else row_seeds))
     was_training = model.training
     model.eval()
