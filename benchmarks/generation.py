@@ -1,6 +1,7 @@
 """Sampling speed: preftune's generation engine vs plain Hugging Face ``model.generate``, side by side.
 
     python benchmarks/generation.py [--threads 2] [--prompts 4] [--n 4] [--new 64] [--repeats 2]
+    python benchmarks/generation.py --models smol135m --threads 1 --breakdown   # prefill vs decoding step
 
 Two randomly initialised Llamas built in memory: ``toy`` (the quickstart's model, ``preftune.toy.build_model``,
 about 0.1M parameters, 50-token vocabulary) and ``smol135m`` (SmolLM2-135M's shape: 576 hidden, 30 layers,
@@ -98,6 +99,22 @@ def bench(kind: str, args) -> dict:
     return {"model": kind, "params": params, "tps": tps, "median": med, "per_cpu": per_cpu, "tokens": tokens["hf"]}
 
 
+def breakdown(kind: str, args) -> None:
+    """Prefill and per-step CPU seconds of each side, from two runs of 2 and 18 new tokens:
+    step = (cpu(18) - cpu(2)) / 16, prefill = cpu(2) - 2 * step."""
+    model, vocab, pad_id = build(kind)
+    prompts = make_prompts(args.prompts, vocab)
+    run_engine(model, prompts, pad_id, args.n, 2)  # warm-up
+    for name, fn in (("preftune", run_engine), ("hf", run_hf)):
+        cpu = {}
+        for new in (2, 18):
+            c0 = time.process_time()
+            fn(model, prompts, pad_id, args.n, new)
+            cpu[new] = time.process_time() - c0
+        step = (cpu[18] - cpu[2]) / 16
+        print(f"{kind} {name}: prefill {cpu[2] - 2 * step:.3f} CPU s, decoding step {step * 1e3:.1f} CPU ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="toy,smol135m")
@@ -106,8 +123,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--breakdown", action="store_true", help="print prefill and per-step CPU time instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.breakdown:
+        for kind in args.models.split(","):
+            breakdown(kind, args)
+        return
     rows = [bench(kind, args) for kind in args.models.split(",")]
     print(f"\n{args.prompts} prompts (124-132 tokens) x n={args.n} samples x {args.new} new tokens, fp32, "
           f"{args.threads} threads, torch {torch.__version__}; best of {args.repeats} [median]\n")
