@@ -10,8 +10,8 @@ import pytest
 from preftune.config import DataConfig
 from preftune.data.formats import DropLog, PairRecord, normalize
 from preftune.data.load import DataError, read_rows
+from preftune.data.prepare import prepare_data
 from preftune.data.tokenize import Tokenization
-from preftune.trainer.data import prepare_data
 
 ROWS = [
     {"prompt": "repeat : cat dog", "chosen": "cat dog", "rejected": "cat dog , hope this helps !"},

@@ -66,7 +66,7 @@ def test_length_controlled_win_rate_discounts_wins_bought_by_length():
 def test_model_against_itself(toy_tok, make_model, eval_pairs):
     """Reference = the model: every margin is exactly 0 (accuracy 0.5: ties count half), KL exactly 0, every
     verdict a tie, both sides generate the same."""
-    from preftune.rollout.cli import make_judge
+    from preftune.judges.spec import make_judge
 
     model = make_model(0)
     res = evaluate_model(model, toy_tok, eval_pairs[:12], reference=model, judge=make_judge("toy-verifier"),

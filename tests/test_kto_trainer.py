@@ -6,14 +6,15 @@ hand-computed numbers, not learning (tests/test_methods.py checks that KTO learn
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import preftune
 from preftune import toy
+from preftune.data.prepare import mismatched
 from preftune.data.tokenize import TokenizedSingle
-from preftune.trainer.data import mismatched
 from preftune.trainer.steps import balanced_weights, kl_reference_point
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,7 +73,7 @@ def test_balanced_weights_hand_computed():
 
 
 def test_kl_reference_point_is_a_clamped_detached_batch_mean():
-    batch = type("B", (), {"extras": {"ref_logps": torch.tensor([-3.0, -5.0, -4.0])}})()
+    batch = SimpleNamespace(ref_logps=torch.tensor([-3.0, -5.0, -4.0]))
     policy = torch.tensor([-2.0, -5.5, -3.0], requires_grad=True)
 
     def logp_fn(b):
@@ -81,7 +82,7 @@ def test_kl_reference_point_is_a_clamped_detached_batch_mean():
     # (−2 − −3) + (−5.5 − −5) + (−3 − −4) = 1 − 0.5 + 1 = 1.5; mean 0.5
     z0 = kl_reference_point(logp_fn, batch, None, across_processes=False)
     assert z0.item() == pytest.approx(0.5) and not z0.requires_grad
-    batch.extras["ref_logps"] = torch.tensor([0.0, 0.0, 0.0])  # policy below reference: mean −3.5, clamped
+    batch.ref_logps = torch.tensor([0.0, 0.0, 0.0])  # policy below reference: mean −3.5, clamped
     assert kl_reference_point(logp_fn, batch, None, across_processes=False).item() == 0.0
 
 
@@ -91,7 +92,7 @@ def _kl_worker(rank, world, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     # rank 0: mean log-ratio 2.0; rank 1: −1.0. Across processes (2 − 1)/2 = 0.5, then clamped (stays 0.5);
     # clamping each process first would give (2 + 0)/2 = 1.0 instead.
-    batch = type("B", (), {"extras": {"ref_logps": torch.zeros(2)}})()
+    batch = SimpleNamespace(ref_logps=torch.zeros(2))
     value = torch.full((2,), 2.0 if rank == 0 else -1.0)
     z0 = kl_reference_point(lambda b: (value, torch.ones(2)), batch, None, across_processes=True)
     out[rank] = z0.item()

@@ -19,14 +19,14 @@ import torch
 import preftune
 from preftune import toy
 from preftune.config import LossConfig, check_loss_params, to_config
+from preftune.data.prepare import prepare_data
 from preftune.data.tokenize import Tokenization
 from preftune.errors import ConfigError
 from preftune.judges import RewardModelJudge, ScoreBasedJudge, build_judge
 from preftune.losses import get_loss
 from preftune.losses.reward import bradley_terry
 from preftune.reward import MultiAxisReward, RewardEnsemble, train_ensemble
-from preftune.trainer.data import prepare_data
-from preftune.trainer.metrics import read_metrics
+from preftune.runlog import read_metrics
 from preftune.trainer.steps import Objective, reward_step
 
 
@@ -67,7 +67,8 @@ def test_spec_and_config():
     assert spec.data == "reward" and not spec.needs_reference and spec.hyperparameters == ("center_coef",)
     cfg = to_config({"task": "reward", "model": "m", "training": {"output_dir": "o", "learning_rate": 1e-5}})
     assert cfg.loss.name == "bradley_terry"  # the task's default loss
-    assert to_config({"model": "m", "training": {"output_dir": "o", "learning_rate": 1e-5}}).loss.name == "dpo"
+    assert to_config({"model": "m", "loss": {"beta": 0.1},  # beta: dpo has no safe default
+                      "training": {"output_dir": "o", "learning_rate": 1e-5}}).loss.name == "dpo"
     with pytest.raises(ConfigError, match="is a policy loss"):
         check_loss_params(to_config({"task": "reward", "model": "m", "loss": {"name": "dpo", "beta": 0.1},
                                      "training": {"output_dir": "o", "learning_rate": 1e-5}}))
@@ -97,7 +98,7 @@ def test_margins_from_column_and_ratings(toy_tok):
     train, _, drops = prepare_data(_data_cfg(rows), "reward", t, 0, None, lambda *_: None)
     # auto: rows have `margin`, so it is used; the row without one is dropped with its reason
     assert train.margins.tolist() == [1.5, 0.25] and drops.counts == {"missing_margin": 1}
-    assert train.batch([1], toy_tok.pad_token_id).extras["margin"].tolist() == [0.25]
+    assert train.batch([1], toy_tok.pad_token_id).margin.tolist() == [0.25]
     train, _, drops = prepare_data(_data_cfg(rows, reward_margin="ratings", ratings_scale=0.5), "reward", t, 0,
                                    None, lambda *_: None)
     assert train.margins.tolist() == [0.5 * (9 - 5), 0.5 * (6 - 5)] and drops.counts == {"missing_ratings": 1}

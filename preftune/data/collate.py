@@ -6,17 +6,17 @@ prompt+rejected; for B singles, sequence i is prompt+completion i. Layouts:
     padded         one row per sequence, right-padded (the plain, obviously-correct layout)
     shared_prompt  one row per pair: prompt, chosen, rejected; rejected sees the prompt but never chosen
     packed         several pairs per row, block-diagonal attention, per-sequence positions
-(shared_prompt and packed live in ``preftune.data.packing``.)
+(shared_prompt and packed live in ``preftune.data.packing``; ``preftune.data.layouts`` maps the names.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from preftune.data.tokenize import TokenizedPair, TokenizedSingle
+from preftune.data.tokenize import TokenizedGroup, TokenizedPair, TokenizedSingle
 
 
 @dataclass
@@ -33,7 +33,9 @@ class SequenceBatch:
         target_seq: (N,) which sequence (0..S-1) each target belongs to.
         num_sequences: S.
         num_tokens: real (non-padding) tokens in the batch, for throughput.
-        extras: per-sequence or per-example tensors the step needs (labels, cached reference log-probs).
+
+    What the sequences *are* (pairs, labels, cached reference log-probs) is the step's business:
+    :class:`preftune.data.batch.PreferenceBatch` wraps this.
     """
 
     input_ids: torch.Tensor
@@ -44,14 +46,12 @@ class SequenceBatch:
     target_seq: torch.Tensor
     num_sequences: int
     num_tokens: int
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device) -> SequenceBatch:
-        move = {k: v.to(device) for k, v in self.extras.items()}
         return SequenceBatch(
             self.input_ids.to(device), self.position_ids.to(device), self.attention_mask.to(device),
             self.target_index.to(device), self.target_ids.to(device), self.target_seq.to(device),
-            self.num_sequences, self.num_tokens, move,
+            self.num_sequences, self.num_tokens,
         )
 
     def model_args(self) -> tuple:
@@ -60,14 +60,18 @@ class SequenceBatch:
                 self.target_seq, self.num_sequences)
 
 
-def sequences_of(examples: Sequence[TokenizedPair | TokenizedSingle]) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, completion_ids) per sequence, in the contract's order."""
+def sequences_of(examples: Sequence[TokenizedPair | TokenizedSingle | TokenizedGroup]) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, completion_ids) per sequence, in the contract's order (completion k of example u is
+    sequence u + k·n: pairs give chosen 0..n-1, rejected n..2n-1)."""
+    if examples and isinstance(examples[0], TokenizedGroup):
+        size = len(examples[0].completions)
+        return [(e.prompt_ids, e.completions[k]) for k in range(size) for e in examples]
     if examples and isinstance(examples[0], TokenizedPair):
         return [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
     return [(e.prompt_ids, e.completion_ids) for e in examples]
 
 
-def collate_padded(examples: Sequence[TokenizedPair | TokenizedSingle], pad_id: int) -> SequenceBatch:
+def collate_padded(examples: Sequence[TokenizedPair | TokenizedSingle | TokenizedGroup], pad_id: int) -> SequenceBatch:
     """One right-padded row per sequence."""
     seqs = sequences_of(examples)
     width = max(len(p) + len(c) for p, c in seqs)
@@ -90,9 +94,3 @@ def collate_padded(examples: Sequence[TokenizedPair | TokenizedSingle], pad_id: 
         torch.tensor(index, dtype=torch.long), torch.tensor(ids, dtype=torch.long),
         torch.tensor(seq_of, dtype=torch.long), rows, int(attention.sum()),
     )
-
-
-# Layout name -> collate function(examples, pad_id) -> SequenceBatch; preftune.data.packing adds the others.
-LAYOUTS = {"padded": collate_padded}
-
-from preftune.data import packing as _packing  # noqa: E402,F401  (registers shared_prompt and packed)

@@ -16,7 +16,8 @@ from preftune.errors import PreftuneError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from preftune.rollout.cli import JUDGE_HELP, _positive_int
+    from preftune.cli_args import positive_int
+    from preftune.judges.spec import JUDGE_HELP
 
     p = subparsers.add_parser(
         "eval", help="preference accuracy, KL, lengths, diversity and win rate of a model against a reference",
@@ -33,10 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="write the full result as JSON here")
     p.add_argument("--tokenizer", help="tokenizer path or hub id (default: MODEL's)")
     p.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward margins (default 0.1)")
-    p.add_argument("--num-prompts", type=_positive_int, default=64, help="distinct prompts to generate for (64)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens per generation at most (64)")
-    p.add_argument("--max-length", type=_positive_int, default=512, help="prompt + response tokens at most (512)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="pairs per forward pass (8)")
+    p.add_argument("--num-prompts", type=positive_int, default=64, help="distinct prompts to generate for (64)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens per generation at most (64)")
+    p.add_argument("--max-length", type=positive_int, default=512, help="prompt + response tokens at most (512)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="pairs per forward pass (8)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the KL generations (0)")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights (float32)")
@@ -66,8 +67,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from preftune.data.load import is_local_path
     from preftune.eval.evaluate import evaluate_model, format_table
+    from preftune.judges.spec import make_judge
     from preftune.models import load_tokenizer
-    from preftune.rollout.cli import make_judge
 
     if is_local_path(args.data) and not Path(args.data).expanduser().exists():
         raise PreftuneError(f"data file not found: {args.data}")

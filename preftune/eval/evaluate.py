@@ -36,7 +36,7 @@ def evaluate_model(model, tokenizer, data, *, reference=None, judge=None, beta: 
     single responses (a verifier, a reward model), the mean score of each side's greedy responses.
     ``beta`` scales the implicit-reward margins (not the accuracy). Returns the JSON-ready result.
     """
-    from preftune.rollout.generate import prompt_text
+    from preftune.judges.prompts import prompt_text
 
     tokenization = Tokenization(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
     records, pairs, drops = _load_pairs(data, tokenization)

@@ -7,7 +7,7 @@ without the partition term, which cancels within a pair):
 
 Without one, by the plain log-prob comparison log π(y_w|x) − log π(y_l|x) (summed over tokens; the
 per-token-mean comparison is reported beside it, since the sum favours the shorter response). Accuracy counts a
-tie as half, as training does (``steps.preference_accuracy``), so both agree with the trainer's
+tie as half, as training does (:func:`preference_accuracy`), so both agree with the trainer's
 ``eval/rewards/accuracies`` on the same pairs.
 Perplexity of chosen responses, exp(−Σ log π(y_w|x) / Σ |y_w|), checks the model still assigns coherent text
 high likelihood (it rises when DPO pushes the chosen log-probs down with the rejected ones).
@@ -20,9 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
+from preftune.data.prepare import ExampleSet
 from preftune.logprobs import sequence_logps
-from preftune.trainer.data import ExampleSet
-from preftune.trainer.steps import preference_accuracy
+
+
+def preference_accuracy(margins: torch.Tensor) -> torch.Tensor:
+    """1 where chosen ranks above rejected, 0.5 for an exact tie (a coin flip), 0 otherwise. (B,) -> (B,)
+
+    The one definition: training's ``rewards/accuracies`` and ``preftune eval`` both use it."""
+    return (margins > 0).float() + 0.5 * (margins == 0).float()
 
 
 @dataclass

@@ -179,7 +179,7 @@ class LLMJudge(Judge):
         self.score_fallback = score_fallback
         self.cache = JudgeCache(cache_path) if cache_path is not None else None
         self._client = openai.OpenAI(
-            base_url=base_url, api_key=self._read_api_key(api_key_env), timeout=timeout, max_retries=0
+            base_url=base_url, api_key=read_api_key(api_key_env), timeout=timeout, max_retries=0
         )
         self.base_url = str(self._client.base_url)
         self._lock = threading.Lock()
@@ -191,18 +191,6 @@ class LLMJudge(Judge):
             "parse_failures": 0,
         }
         """Running totals: requests sent, cache hits, transport retries, format retries, unparseable replies."""
-
-    @staticmethod
-    def _read_api_key(env_name: str | None) -> str:
-        if env_name is None:
-            return "no-key"  # the client insists on a string; keyless servers ignore it
-        key = os.environ.get(env_name)
-        if not key:
-            raise ValueError(
-                f"environment variable {env_name} is not set; export the API key there, set api_key_env to "
-                "the variable that holds it, or set api_key_env: null for a server that needs no key"
-            )
-        return key
 
     def __repr__(self) -> str:
         return (
@@ -293,6 +281,22 @@ class LLMJudge(Judge):
             model=self.model, messages=messages, temperature=self.temperature, **extra,
         )  # fmt: skip
         return resp.choices[0].message.content or ""
+
+
+def read_api_key(env_name: str | None) -> str:
+    """The API key from the environment variable ``env_name`` (never from the config itself; never logged).
+
+    ``None``: a server that needs no key. A missing variable is an error that names the variable, not its value.
+    """
+    if env_name is None:
+        return "no-key"  # the client insists on a string; keyless servers ignore it
+    key = os.environ.get(env_name)
+    if not key:
+        raise ValueError(
+            f"environment variable {env_name} is not set; export the API key there, set api_key_env to "
+            "the variable that holds it, or set api_key_env: null for a server that needs no key"
+        )
+    return key
 
 
 def create_with_retries(client, *, label: str, error_cls: type[Exception], max_attempts: int, backoff_base: float,

@@ -100,3 +100,12 @@ def fill_template(template: str, **values: str) -> str:
         return template
     pattern = re.compile("|".join(re.escape("{" + k + "}") for k in values))
     return pattern.sub(lambda m: values[m.group(0)[1:-1]], template)
+
+
+def prompt_text(prompt: str | list[dict[str, str]]) -> str:
+    """A prompt as plain text (for judges): a lone user message is its content, a dialogue is "role: content" lines."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and prompt[0].get("role") == "user":
+        return prompt[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)

@@ -52,7 +52,7 @@ default). Schema, one block per type (defaults shown; see each class for the mea
     weights: null
     tie_margin: 0.0
 
-    type: reward_ensemble           # preftune.reward.RewardEnsemble: score = mean - penalty * std
+    type: reward_ensemble           # preftune.judges.RewardEnsemble: score = mean - penalty * std
     members: [path/rm-0, {type: reward_model, model: path/rm-1, device: cuda}]   # required: reward-model
                                     # paths / judge configs, or the directory train_ensemble wrote
     penalty: 1.0
@@ -82,6 +82,7 @@ from preftune.judges.base import Judge
 from preftune.judges.ensemble import EnsembleJudge
 from preftune.judges.llm import LLMJudge
 from preftune.judges.lm_judge import LMJudge
+from preftune.judges.reward_ensemble import MultiAxisReward, RewardEnsemble
 from preftune.judges.reward_model import RewardModelJudge
 from preftune.judges.verifiable import (
     CodeTestsVerifier,
@@ -169,8 +170,6 @@ def _member(spec: Any, where: str) -> Any:
 def _build_reward_ensemble(members: Any, penalty: float = 1.0, tie_margin: float = 0.0,
                            name: str | None = None) -> Judge:
     """A reward-model ensemble (mean − penalty·std) from paths, judge configs or a train_ensemble directory."""
-    from preftune.reward.ensemble import RewardEnsemble  # lazily: preftune.reward imports the judges
-
     if isinstance(members, list):
         members = [_member(m, "reward_ensemble members") for m in members]
     elif not isinstance(members, str | Path):
@@ -180,8 +179,6 @@ def _build_reward_ensemble(members: Any, penalty: float = 1.0, tie_margin: float
 
 def _build_multi_axis(axes: Mapping[str, Any], tie_margin: float = 0.0, name: str | None = None) -> Judge:
     """A weighted composite of per-axis judges: ``axes: {axis: {judge: ..., weight: w}}``."""
-    from preftune.reward.ensemble import MultiAxisReward  # lazily: preftune.reward imports the judges
-
     if not isinstance(axes, Mapping) or not axes:
         raise ValueError("multi_axis 'axes' must map each axis name to {judge: ..., weight: w}")
     built = {}

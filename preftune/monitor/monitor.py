@@ -30,6 +30,7 @@ Only the main process generates, judges and writes; the stop decision is shared 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -41,10 +42,11 @@ import torch
 
 from preftune.errors import ConfigError
 from preftune.eval.drift import completion_token_logps, end_ids, generate_ids, generation_stats, kl_estimates
+from preftune.losses import get_loss
 from preftune.models import is_peft, reference_mode, save_pretrained
 from preftune.monitor import samples as samples_mod
 from preftune.monitor.health import check_alarms, diagnose
-from preftune.trainer.metrics import read_metrics
+from preftune.runlog import read_metrics
 
 SAMPLE_SEED = 1234
 
@@ -56,6 +58,23 @@ def metric_direction(metric: str, mode: str) -> str:
     return "max" if any(w in metric for w in ("accurac", "margin", "reward", "win")) else "min"
 
 
+def reward_scale(loss_cfg) -> float | None:
+    """The factor of the logged implicit rewards (β for DPO, λ for ORPO), read from the loss spec's
+    ``reward_scale``: of the first loss that has one (a weighted mix logs the first component's rewards that
+    exist, and the SFT term has none), with its default when the config leaves it out. None when no loss scales
+    its rewards or the value is not a positive number (the rewards are then taken as nats)."""
+    names = loss_cfg.name if isinstance(loss_cfg.name, list) else [loss_cfg.name]
+    spec = next((s for s in map(get_loss, names) if s.reward_scale is not None), None)
+    if spec is None:
+        return None
+    value = loss_cfg.params.get(spec.reward_scale, spec.defaults.get(spec.reward_scale))
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 class Monitor:
     """Margin health, KL, reward-hacking alarms, samples, early stopping and the best model for one run.
 
@@ -63,7 +82,7 @@ class Monitor:
         cfg: the run's :class:`~preftune.config.Config` (``cfg.monitor`` holds the settings).
         policy: the model being trained (not the DDP wrapper); still the initial weights when constructed.
         tokenizer: for decoding samples and saving the best model.
-        eval_set: the held-out :class:`~preftune.trainer.data.ExampleSet`; its first ``num_prompts`` distinct
+        eval_set: the held-out :class:`~preftune.data.prepare.ExampleSet`; its first ``num_prompts`` distinct
             prompts are the fixed generation prompts.
         ref_model: a frozen reference model held by the loop, or None.
         accelerator: for the process rank and the shared stop decision.
@@ -71,6 +90,9 @@ class Monitor:
     """
 
     def __init__(self, cfg, policy, tokenizer, eval_set, ref_model, accelerator, say=print):
+        if cfg.monitor.early_stopping_metric is None:  # the natural held-out metric of the run's kind
+            default = "eval/reward/mean" if getattr(cfg, "rollout", None) is not None else "eval/loss"
+            cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, early_stopping_metric=default))
         self.mc = mc = cfg.monitor
         self.run_dir = Path(cfg.training.output_dir)
         self.policy, self.tokenizer, self.accelerator, self.say = policy, tokenizer, accelerator, say
@@ -88,8 +110,7 @@ class Monitor:
             raise ConfigError(f"monitor.early_stopping_metric: expected 'eval/<key>' or 'monitor/<key>' (a "
                               f"metrics.jsonl split and key, e.g. eval/loss), got {mc.early_stopping_metric!r}")
         self.mode = metric_direction(mc.early_stopping_metric, mc.early_stopping_mode)
-        beta = cfg.loss.params.get("beta")
-        self.beta = float(beta) if isinstance(beta, (int, float)) and beta > 0 else None  # rewards -> nats
+        self.beta = reward_scale(cfg.loss)  # logged rewards / beta -> nats
         self.prompts: list[list[int]] = []
         self.enabled = bool(mc.enabled) and len(eval_set) > 0
         if mc.enabled and not len(eval_set):

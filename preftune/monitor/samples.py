@@ -57,16 +57,21 @@ def write_samples(run_dir: Path, step: int, prompts: list[str], policy: list[str
     return rows
 
 
-def read_samples(run_dir: Path) -> list[dict]:
+def read_samples(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """Rows of ``samples.jsonl``: the monitor's side-by-side samples (``kind`` None), or the rows of another
+    kind (``"rollout"``: an on-policy run's prompt, chosen, rejected and rewards at each evaluation)."""
     path = Path(run_dir) / "samples.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") == kind]
 
 
 def truncate_samples(run_dir: Path, upto: int) -> None:
     """Drop rows past ``upto`` (a resumed run redoes those steps), as the loop does with metrics.jsonl."""
-    rows = read_samples(run_dir)
+    path = Path(run_dir) / "samples.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if path.exists() else []
     if rows:
         kept = [r for r in rows if r["step"] <= upto]
         (Path(run_dir) / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

@@ -15,7 +15,7 @@ import html
 import math
 from pathlib import Path
 
-from preftune.trainer.metrics import read_metrics
+from preftune.runlog import read_metrics
 
 KEY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
                "logps/chosen", "logps/rejected")

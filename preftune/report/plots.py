@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from preftune.trainer.metrics import read_metrics
+from preftune.runlog import read_metrics
 
 # panel -> (split, key, style) curves; splits "train" and "eval" are drawn for the training metrics.
 PANELS = {

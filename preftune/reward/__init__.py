@@ -3,6 +3,7 @@
 One reward model trains with ``preftune train`` (``task: reward``) and scores as ``judges.RewardModelJudge``.
 """
 
-from preftune.reward.ensemble import MultiAxisReward, RewardEnsemble, ensemble_paths, train_ensemble
+from preftune.judges.reward_ensemble import MultiAxisReward, RewardEnsemble, ensemble_paths
+from preftune.reward.ensemble import train_ensemble
 
 __all__ = ["MultiAxisReward", "RewardEnsemble", "ensemble_paths", "train_ensemble"]

@@ -173,10 +173,10 @@ class OpenAIBackend:
                  backoff_base: float = 1.0, backoff_max: float = 60.0, max_concurrency: int = 8) -> None:
         import openai
 
-        from preftune.judges.llm import LLMJudge
+        from preftune.judges.llm import read_api_key
 
         try:
-            key = LLMJudge._read_api_key(api_key_env)
+            key = read_api_key(api_key_env)
         except ValueError as e:
             raise PreftuneError(str(e)) from None
         self._client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)

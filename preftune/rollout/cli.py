@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from preftune.cli_args import fraction, positive_int
 from preftune.errors import PreftuneError
-
-JUDGE_HELP = (
-    "a judge YAML file (schema: preftune/judges/registry.py), an inline YAML mapping such as "
-    "'{type: llm, model: m, base_url: http://localhost:8000/v1, api_key_env: null}', 'toy-verifier' "
-    "(alias 'verifier:toy': the quickstart task's verifier), or 'callable:package.module:function' "
-    "(a function (prompt, response) -> float)"
-)
+from preftune.judges.spec import JUDGE_HELP, make_judge
 
 
 def _temperatures(text: str) -> list[float]:
@@ -33,20 +27,6 @@ def _temperatures(text: str) -> list[float]:
     if not temps or any(t < 0 for t in temps):
         raise argparse.ArgumentTypeError(f"expected one or more temperatures >= 0, got {text!r}")
     return temps
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,25 +41,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--prompts", required=True, type=Path,
                    help="JSONL with \"prompt\" (text or messages), or a text file with one prompt per line")
     g.add_argument("--out", required=True, type=Path, help="GEN.jsonl (appended to; resumable)")
-    g.add_argument("--n", type=_positive_int, default=4, help="responses per prompt (default 4)")
+    g.add_argument("--n", type=positive_int, default=4, help="responses per prompt (default 4)")
     g.add_argument("--temperatures", type=_temperatures, default=[1.0],
                    help="comma-separated; response i uses temperatures[i mod k]; 0 = greedy (default 1.0)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens per response at most (256)")
-    g.add_argument("--top-p", type=_fraction, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per response at most (256)")
+    g.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
     g.add_argument("--seed", type=int, default=0, help="base seed of the per-response seeds (default 0)")
     g.add_argument("--chat", action="store_true",
                    help="send text prompts through the chat template as a user message (stored as messages)")
     g.add_argument("--backend", choices=("auto", "hf", "vllm", "openai"), default="auto",
                    help="auto: openai with --base-url, else vllm when installed and a GPU is present, else hf")
     g.add_argument("--tokenizer", help="tokenizer path or hub id (hf/vllm; default: the model's)")
-    g.add_argument("--batch-size", type=_positive_int, default=16, help="hf: sequences decoded together (16)")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="hf: sequences decoded together (16)")
     g.add_argument("--device", help="hf: cuda, cpu, ... (default: cuda when available)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="hf/vllm weights (auto: bfloat16 on a GPU that has it, else float32)")
     g.add_argument("--base-url", help="openai: endpoint root, e.g. http://localhost:8000/v1")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="openai: NAME of the environment variable holding the key; 'none' for keyless servers")
-    g.add_argument("--max-concurrency", type=_positive_int, default=8, help="openai: requests in flight (8)")
+    g.add_argument("--max-concurrency", type=positive_int, default=8, help="openai: requests in flight (8)")
     g.set_defaults(func=cmd_generate)
 
     j = subparsers.add_parser(
@@ -100,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="best-vs-worst: judge.score, pairwise wins, or auto (score when the judge has one)")
     j.add_argument("--tokenizer", help="count lengths for the length-bias check in this tokenizer's tokens "
                                       "(default: whitespace words)")
-    j.add_argument("--length-bias", type=_fraction, default=0.65,
+    j.add_argument("--length-bias", type=fraction, default=0.65,
                    help="warn when chosen is longer in more than this share of pairs (0.65)")
     j.set_defaults(func=cmd_judge)
 
@@ -179,38 +159,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ---- judge --------------------------------------------------------------------------------------------------
 
 
-def _toy_verify(prompt: str, response: str) -> float:
-    from preftune import toy
-
-    if ":" not in prompt:
-        raise PreftuneError(f"toy-verifier judges the toy task's prompts ('verb : words'), got {prompt[:60]!r}")
-    return float(toy.verify(prompt, response))
-
-
-def make_judge(spec: str):
-    """A judge from the ``--judge`` value (see :data:`JUDGE_HELP`)."""
-    from preftune.judges import VerifierJudge, build_judge
-
-    try:
-        if spec in ("toy-verifier", "verifier:toy"):
-            return VerifierJudge(_toy_verify, name="toy-verifier")
-        if spec.startswith("callable:"):
-            return build_judge({"type": "verifier", "kind": "callable", "target": spec[len("callable:"):]})
-        if os.path.exists(spec):
-            return build_judge(spec)
-        if spec.lstrip().startswith("{"):
-            import yaml
-
-            return build_judge(yaml.safe_load(spec))
-    except PreftuneError:
-        raise
-    except (ValueError, TypeError, ImportError, AttributeError, OSError) as e:
-        raise PreftuneError(f"--judge {spec if not spec.lstrip().startswith('{') else '<inline>'}: {e}") from None
-    if spec.endswith((".yaml", ".yml", ".json")):
-        raise PreftuneError(f"judge config not found: {spec}")
-    raise PreftuneError(f"--judge {spec!r}: not a file, an inline mapping, 'toy-verifier' or 'callable:mod:fn'")
-
-
 def cmd_judge(args: argparse.Namespace) -> int:
     from preftune.synth.pairs import dropped_path, judge_generations
 
@@ -219,9 +167,9 @@ def cmd_judge(args: argparse.Namespace) -> int:
     judge = make_judge(args.judge)
     tokenizer: Any = None
     if args.tokenizer:
-        from preftune.data.validate import load_tokenizer
+        from preftune.models import load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer, None)
     spec = args.judge if not args.judge.lstrip().startswith("{") else "<inline config>"
     result, bias = judge_generations(args.gen, judge, args.out, mode=args.pairs, min_margin=args.min_margin,
                                      scoring=args.scoring, judge_spec=spec, tokenizer=tokenizer,

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
+from preftune.judges.prompts import prompt_text  # noqa: F401 (re-exported)
 from preftune.rollout.backends import (  # noqa: F401 (re-exported: one import for callers)
     Backend,
     GenerationRequestError,
@@ -72,15 +73,6 @@ def assign_temperatures(n: int, temperatures: Sequence[float]) -> list[float]:
     if n < 1 or not temperatures:
         raise PreftuneError("need n >= 1 and at least one temperature")
     return [float(temperatures[i % len(temperatures)]) for i in range(n)]
-
-
-def prompt_text(prompt: PromptText) -> str:
-    """A prompt as plain text (for judges): a lone user message is its content, a dialogue is "role: content" lines."""
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and prompt[0].get("role") == "user":
-        return prompt[0]["content"]
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
 def _is_messages(value: Any) -> bool:

@@ -56,6 +56,15 @@ def verify(prompt: str, response: str) -> bool:
     return response.split() == words
 
 
+def verifier_score(prompt: str, response: str) -> float:
+    """:func:`verify` as a judge's score (1.0 or 0.0); a prompt that is not the toy task's is an error."""
+    if ":" not in prompt:
+        from preftune.errors import PreftuneError
+
+        raise PreftuneError(f"toy-verifier judges the toy task's prompts ('verb : words'), got {prompt[:60]!r}")
+    return float(verify(prompt, response))
+
+
 def substitute(words: list[str], rng: random.Random) -> str:
     """The echo with one word replaced by a word not in the list."""
     out = list(words)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -107,3 +108,50 @@ def store_cached(cache_dir: Path, key: str, logps: torch.Tensor) -> None:
     tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
     torch.save(logps, tmp)
     os.replace(tmp, cache_dir / f"{key}.pt")
+
+
+def reference_logps(source: nn.Module, dataset, *, cfg, tokenization_fp: str, pad_id: int, autocast, accelerator,
+                    say, name: str) -> torch.Tensor | None:
+    """Reference log-probs of every example of ``dataset`` (an ExampleSet): from the disk cache, or computed
+    now, sharded over processes, and cached. ``source`` is the reference model (the policy itself before the
+    first step). Returns (n, 2) for pairs or (n,) for singles; None for an empty set."""
+    from preftune.logprobs import LogpModel
+    from preftune.models import reference_mode
+
+    if not len(dataset):
+        return None
+    cache_dir = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else default_cache_dir()
+    key = cache_key(model_fingerprint(source), dataset.examples, tokenization_fp, cfg.training.precision)
+    cached = load_cached(cache_dir, key, len(dataset))
+    if cached is not None:
+        say(f"reference log-probs ({name}): cache hit {key}")
+        return cached
+    t0 = time.perf_counter()
+    logp = LogpModel(source, cfg.engine.chunk_size)  # eager: one no-grad pass rarely repays a compilation
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = list(range(rank, len(dataset), world))
+
+    def batch_fn(indices):
+        return dataset.batch(indices, pad_id, cfg.engine.layout, with_ref=False).to(accelerator.device)
+
+    def logp_fn(batch):
+        return logp(*batch.model_args())
+
+    with reference_mode(source), autocast():
+        part = compute_reference_logps(logp_fn, dataset.examples, batch_fn,
+                                       max(1, cfg.training.per_device_batch_size * 2), mine)
+    if world > 1:
+        import torch.distributed as dist
+
+        parts = [None] * world
+        dist.all_gather_object(parts, (mine, part))
+        values = torch.zeros((len(dataset), *part.shape[1:]))
+        for idx, vals in parts:
+            values[torch.tensor(idx, dtype=torch.long)] = vals
+    else:
+        values = part
+    if accelerator.is_main_process:
+        store_cached(cache_dir, key, values)
+    say(f"reference log-probs ({name}): computed for {len(dataset)} examples in {time.perf_counter() - t0:.1f}s, "
+        f"cached as {key}")
+    return values

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from preftune.data.batch import padded
 from preftune.errors import ConfigError
+from preftune.eval.preference_accuracy import preference_accuracy
 from preftune.losses import LossOutput, LossSpec, combine, get_loss
+from preftune.losses.kto import balanced_weights
 
 LogpFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # batch -> (logps (S,), lengths (S,))
 
@@ -69,12 +72,6 @@ class RewardMean:
 TRAINER_STATE: dict[str, type] = {"delta": RewardMean}
 # Unpaired class weights that accept "auto" (chosen from the class counts by :func:`balanced_weights`).
 CLASS_WEIGHTS = ("desirable_weight", "undesirable_weight")
-# Which token count turns a summed log-prob input into a per-token mean (specs with reduction="mean").
-_LENGTH_OF = {
-    "policy_chosen_logps": "chosen_lengths", "reference_chosen_logps": "chosen_lengths",
-    "policy_rejected_logps": "rejected_lengths", "reference_rejected_logps": "rejected_lengths",
-    "policy_logps": "lengths", "reference_logps": "lengths",
-}
 
 
 @dataclass
@@ -117,7 +114,7 @@ class Objective:
 
     @property
     def needs_reference(self) -> bool:
-        return any(s.needs_reference for s in self.specs)
+        return any(s.uses_reference(self.params) for s in self.specs)
 
     @property
     def needs_kl(self) -> bool:
@@ -159,9 +156,7 @@ class Objective:
     def __call__(self, **inputs) -> LossOutput:
         outputs = []
         for spec in self.specs:
-            args = {k: inputs[k] for k in _input_names(spec)}
-            if spec.reduction == "mean":
-                args = {k: v / inputs[_LENGTH_OF[k]].clamp(min=1) if k in _LENGTH_OF else v for k, v in args.items()}
+            args = {k: inputs[k] for k in _input_names(spec, spec.uses_reference(self.params))}
             hp = {k: v for k, v in self.params.items() if k in spec.hyperparameters}
             keepers = {n: self.state[f"{spec.name}/{n}"] for n in TRAINER_STATE if f"{spec.name}/{n}" in self.state}
             out = spec.fn(**args, **hp, **{n: k.value for n, k in keepers.items()})
@@ -181,48 +176,26 @@ class Objective:
             self.state[k].load_state_dict(v)
 
 
-def balanced_weights(n_d: int, n_u: int, desirable: float | str = "auto",
-                     undesirable: float | str = "auto") -> tuple[float, float]:
-    """Class weights λ_D, λ_U with λ_D·n_D / (λ_U·n_U) in [1, 4/3], the range Ethayarajh et al. advise
-    (arXiv:2402.01306v4, Sec. 4.2, "the ratio ... should be in [1, 4/3]").
-
-    A number is kept as given; an ``"auto"`` weight is 1.0 when the ratio is already in range, else it moves
-    the ratio to the middle of the range, 7/6 (not to an end, so the rounding to 4 decimals cannot leave the
-    range). Both ``"auto"``: the majority class keeps 1.0 and the minority's weight rises. Example: 30
-    desirable, 90 undesirable -> λ_D = 7/6 · 90/30 = 3.5, λ_U = 1.0 (ratio 3.5·30 / 90 = 7/6).
-    """
-    d = 1.0 if desirable == "auto" else float(desirable)
-    u = 1.0 if undesirable == "auto" else float(undesirable)
-    ratio = d * n_d / (u * n_u)
-    if 1.0 <= ratio <= 4.0 / 3.0:
-        return d, u
-    raise_d = desirable == "auto" and (undesirable != "auto" or ratio < 1.0)
-    if raise_d:
-        d = round(7.0 / 6.0 * u * n_u / n_d, 4)
-    elif undesirable == "auto":
-        u = round(d * n_d / (7.0 / 6.0 * n_u), 4)
-    return d, u
+POLICY_INPUTS = ("logps", "old_logps", "advantages", "mask", "num_sequences_in_step", "num_tokens_in_step",
+                 "max_completion_length", "world_size")
 
 
-def _input_names(spec: LossSpec) -> tuple[str, ...]:
+def _input_names(spec: LossSpec, reference: bool) -> tuple[str, ...]:
+    if spec.data == "policy":
+        return POLICY_INPUTS + (("ref_logps",) if reference else ())
     if spec.data == "reward":
         return ("chosen_scores", "rejected_scores", "margin")
     if spec.data == "sft":
         return ("policy_chosen_logps", "chosen_lengths")
     if spec.data == "unpaired":
-        return (("policy_logps",) + (("reference_logps",) if spec.needs_reference else ()) + ("labels",)
+        return (("policy_logps",) + (("reference_logps",) if reference else ()) + ("labels",)
                 + (("kl",) if spec.needs_kl else ()))
     names = ("policy_chosen_logps", "policy_rejected_logps")
-    if spec.needs_reference:
+    if reference:
         names += ("reference_chosen_logps", "reference_rejected_logps")
     if spec.needs_lengths:
         names += ("chosen_lengths", "rejected_lengths")
     return names
-
-
-def preference_accuracy(margins: torch.Tensor) -> torch.Tensor:
-    """1 where chosen ranks above rejected, 0.5 for an exact tie (a coin flip), 0 otherwise. (B,) -> (B,)"""
-    return (margins > 0).float() + 0.5 * (margins == 0).float()
 
 
 def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -232,20 +205,15 @@ def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) 
             "rewards/margins": margins, "rewards/accuracies": preference_accuracy(margins)}
 
 
-def _is_paired(batch) -> bool:
-    """ExampleSet.batch attaches ``labels`` to every batch of singles and never to pairs."""
-    return "labels" not in batch.extras
-
-
 def _reference(batch, reference_fn: LogpFn | None) -> torch.Tensor:
     """Reference log-probs of the batch's sequences (S,): cached in the batch, else computed now."""
-    return batch.extras["ref_logps"] if "ref_logps" in batch.extras else reference_fn(batch)[0]
+    return batch.ref_logps if batch.ref_logps is not None else reference_fn(batch)[0]
 
 
 def paired_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: LogpFn | None):
     """Pairs: sequences 0..B-1 chosen, B..2B-1 rejected (the batch contract)."""
     logps, lengths = logp_fn(batch)  # (2B,), (2B,)
-    n = batch.num_sequences // 2
+    n = batch.num_examples
     inputs = {
         "policy_chosen_logps": logps[:n], "policy_rejected_logps": logps[n:],
         "chosen_lengths": lengths[:n], "rejected_lengths": lengths[n:],
@@ -268,10 +236,10 @@ def sft_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: LogpFn 
     log-prob π/|y| (its loss with the sign flipped): ``rewards/accuracies`` compares chosen with rejected.
     """
     logps, lengths = logp_fn(batch)  # (S,), (S,)
-    n = int(batch.extras["num_examples"]) if "num_examples" in batch.extras else batch.num_sequences
+    n = batch.num_examples
     out = objective(policy_chosen_logps=logps[:n], chosen_lengths=lengths[:n])
     metrics = {"logps/chosen": logps[:n].detach()}
-    if _is_paired(batch) and batch.num_sequences == 2 * n:
+    if batch.paired:
         per_token = (logps / lengths.clamp(min=1)).detach()  # (2B,)
         metrics.update(_pair_metrics(per_token[:n], per_token[n:]))
     metrics.update({k: v.detach() for k, v in out.metrics.items()})
@@ -305,19 +273,19 @@ def unpaired_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: Lo
     """
     training = torch.is_grad_enabled()
     logps, lengths = logp_fn(batch)  # (S,), (S,)
-    n = int(batch.extras["num_examples"])
-    paired = _is_paired(batch)
+    n = batch.num_examples
+    paired = batch.paired
     if paired:
         labels = torch.arange(2 * n, device=logps.device) < n  # (2B,) chosen desirable
     else:
-        labels = batch.extras["labels"]  # (B,)
+        labels = batch.labels  # (B,)
     s = labels.shape[0]
     inputs = {"policy_logps": logps[:s], "lengths": lengths[:s], "labels": labels}
     metrics = {}
     if objective.needs_reference:
         inputs["reference_logps"] = _reference(batch, reference_fn)[:s]
     if objective.needs_kl:
-        inputs["kl"] = kl_reference_point(logp_fn, batch.extras["kl_batch"], reference_fn, training)
+        inputs["kl"] = kl_reference_point(logp_fn, batch.kl, reference_fn, training)
         metrics["kl"] = inputs["kl"].reshape(1)
     out = objective(**inputs)
     detached = logps[:s].detach()
@@ -336,17 +304,42 @@ def unpaired_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: Lo
 def reward_step(objective: Objective, score_fn: LogpFn, batch, reference_fn: LogpFn | None):
     """Pairs scored by a reward model (``models.ScoreModel``): sequences 0..B-1 chosen, B..2B-1 rejected.
 
-    ``score_fn`` returns one score per sequence in place of a log-prob; the batch's ``margin`` extra (B,), when
+    ``score_fn`` returns one score per sequence in place of a log-prob; the batch's ``margin`` (B,), when
     the data gives margins, goes to the loss. Metrics are the pair metrics of the raw scores, so
     ``rewards/accuracies`` is the reward model's preference accuracy (eval: held-out accuracy, the usual
     early-stopping metric). There is never a reference.
     """
     scores, _ = score_fn(batch)  # (2B,)
-    n = batch.num_sequences // 2
-    out = objective(chosen_scores=scores[:n], rejected_scores=scores[n:], margin=batch.extras.get("margin"))
+    n = batch.num_examples
+    out = objective(chosen_scores=scores[:n], rejected_scores=scores[n:], margin=batch.margin)
     metrics = _pair_metrics(out.chosen_rewards, out.rejected_rewards)
     metrics.update({k: v.detach() for k, v in out.metrics.items()})
     return out.losses, metrics
 
 
-STEPS = {"paired": paired_step, "sft": sft_step, "unpaired": unpaired_step, "reward": reward_step}
+def policy_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: LogpFn | None):
+    """On-policy groups (``data.batch.GroupBatch``) trained by a policy-gradient loss (GRPO family).
+
+    The engine returns per-token log-probs (N,) at the sampling temperature; they, π_old and the reference
+    are laid out (S, T) per sequence for the loss, whose per-sequence contributions are globally normalized
+    (the batch's ``reduce`` sums them).
+    """
+    seqs = batch.seqs
+    S, ts = seqs.num_sequences, seqs.target_seq
+    tok, _ = logp_fn(batch)  # (N,) per-token log-probs
+    logps = padded(tok, ts, S)  # (S, T)
+    inputs = {
+        "logps": logps, "old_logps": None if batch.old_logps is None else padded(batch.old_logps, ts, S),
+        "advantages": batch.advantages, "mask": batch.token_mask(),
+        "num_sequences_in_step": batch.step_sequences, "num_tokens_in_step": batch.step_tokens,
+        "max_completion_length": batch.max_length, "world_size": batch.world_size,
+    }
+    if objective.needs_reference:
+        ref = batch.ref_logps if batch.ref_logps is not None else reference_fn(batch)[0]  # (N,)
+        inputs["ref_logps"] = padded(ref.detach(), ts, S)
+    out = objective(**inputs)
+    return out.losses, {k: v.detach() for k, v in out.metrics.items()}
+
+
+STEPS = {"paired": paired_step, "sft": sft_step, "unpaired": unpaired_step, "reward": reward_step,
+         "policy": policy_step}

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from preftune.data.collate import LAYOUTS
+from preftune.data.batch import PreferenceBatch
 from preftune.data.formats import DropLog, PairRecord, UnpairedRecord, is_unpaired_row, normalize
+from preftune.data.layouts import LAYOUTS
 from preftune.data.load import DataError, read_rows
 from preftune.data.tokenize import Tokenization, TokenizedPair, TokenizedSingle
 
@@ -42,32 +43,26 @@ class ExampleSet:
     def paired(self) -> bool:
         return bool(self.examples) and isinstance(self.examples[0], TokenizedPair)
 
-    def batch(self, indices: list[int], pad_id: int, layout: str = "padded", with_ref: bool = True):
-        """Collate the examples at ``indices``; attach cached reference log-probs and labels as extras.
+    def batch(self, indices: list[int], pad_id: int, layout: str = "padded", with_ref: bool = True) -> PreferenceBatch:
+        """The examples at ``indices`` as a :class:`PreferenceBatch`, with what the set knows about them.
 
-        Extras: ``num_examples`` (B); ``ref_logps`` (2B,) or (B,) when cached; ``labels`` (B,) bool for singles
-        only (never for pairs, which is how a step tells them apart); ``margin`` (B,) when the set has margins;
-        ``kl_batch``, when the set has
-        ``kl_examples``: the B mismatched sequences as a batch of their own (with its own ``ref_logps``), scored
-        without gradients by the step. ``with_ref=False`` (the reference pass itself) attaches neither cached
-        log-probs nor the KL batch.
+        Cached reference log-probs and (for KTO) the mismatched KL batch are attached unless ``with_ref`` is
+        False (the reference pass itself); labels for singles; margins when the set has them.
         """
         chosen = [self.examples[i] for i in indices]
-        batch = LAYOUTS[layout](chosen, pad_id)
         idx = torch.tensor(indices, dtype=torch.long)
+        batch = PreferenceBatch(LAYOUTS[layout](chosen, pad_id), paired=self.paired)
         if with_ref and self.ref is not None:
             ref = self.ref[idx]
-            batch.extras["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]]) if self.paired else ref
+            batch.ref_logps = torch.cat([ref[:, 0], ref[:, 1]]) if self.paired else ref  # (S,)
         if not self.paired:
-            batch.extras["labels"] = torch.tensor([e.label for e in chosen], dtype=torch.bool)
-        batch.extras["num_examples"] = torch.tensor(len(indices))
+            batch.labels = torch.tensor([e.label for e in chosen], dtype=torch.bool)  # (B,)
         if self.margins is not None:
-            batch.extras["margin"] = self.margins[idx]
+            batch.margin = self.margins[idx]  # (B,)
         if self.kl_examples is not None and with_ref:
-            kl = LAYOUTS[layout]([self.kl_examples[i] for i in indices], pad_id)
-            if self.kl_ref is not None:
-                kl.extras["ref_logps"] = self.kl_ref[idx]
-            batch.extras["kl_batch"] = kl
+            kl = [self.kl_examples[i] for i in indices]
+            batch.kl = PreferenceBatch(LAYOUTS[layout](kl, pad_id), paired=False,
+                                       ref_logps=None if self.kl_ref is None else self.kl_ref[idx])
         return batch
 
     def tokens(self) -> int:
@@ -224,6 +219,7 @@ def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out
         raise DataError("data.train is not set")
     drops = DropLog()
     train_records = _records(data_cfg.train, kind, drops, data_cfg)
+    train_drops = drops.copy()  # the pre-flight check judges the train file alone, not train + eval rows
     eval_records = _records(data_cfg.eval, kind, drops, data_cfg)
     if not eval_records and data_cfg.eval_fraction > 0:
         rng = random.Random(seed if data_cfg.split_seed is None else data_cfg.split_seed)
@@ -235,7 +231,7 @@ def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out
         train_records = [r for i, r in enumerate(train_records) if i not in held]
     from preftune.data.validate import validate_records
 
-    report = validate_records(train_records, drops, eval_records=eval_records or None, source=_label(data_cfg.train))
+    report = validate_records(train_records, train_drops, eval_records=eval_records or None, source=_label(data_cfg.train))
     for line in report.summary().splitlines():
         log(f"data check: {line}")
     report.require_usable(data_cfg.allow_unusable)
