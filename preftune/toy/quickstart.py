@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from preftune import toy
+from preftune import generation, toy
 
 # The recipe. Learning rates this high are for a model of 0.1M parameters (see the toy module docstring).
 SFT = {"steps": 800, "batch_size": 32, "learning_rate": 3e-3, "warmup_ratio": 0.05}
@@ -49,23 +49,11 @@ ONLINE_TARGETS = {"generation_accuracy": 0.90, "gain": 0.25}
 
 
 def generate(model, tokenizer, prompts: list[str], batch_size: int = 128) -> list[str]:
-    """Greedy completions of text prompts, batched with left padding; returns the decoded new text."""
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    out: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-            with torch.no_grad():
-                ids = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            new = ids[:, enc["input_ids"].shape[1] :]  # (b, new tokens)
-            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-    return out
+    """Greedy completions of text prompts (:func:`preftune.generation.generate`), decoded without the EOS."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    params = generation.SamplingParams(MAX_NEW_TOKENS, temperature=0, stop_ids=(tokenizer.eos_token_id,))
+    groups = generation.generate(model, ids, params, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    return [tokenizer.decode(g[0].ids, skip_special_tokens=True) for g in groups]
 
 
 def generation_accuracy(model, tokenizer, items: list[toy.Item]) -> tuple[float, list[dict]]:
