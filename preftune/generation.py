@@ -105,6 +105,14 @@ class Completion:
     finish_reason: str
 
 
+def stop_ids(model, tokenizer) -> tuple[int, ...]:
+    """The ids that end a generation: the tokenizer's EOS and the model's ``generation_config`` EOS ids."""
+    ids = {getattr(tokenizer, "eos_token_id", None)}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return tuple(sorted(i for i in ids if i is not None))
+
+
 def sample_seed(seed: int, index: int) -> int:
     """The generator seed of sample ``index`` of a prompt whose seed is ``seed`` (63 bits of sha256)."""
     digest = hashlib.sha256(f"{int(seed)}|{int(index)}".encode()).digest()

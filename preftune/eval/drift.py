@@ -27,11 +27,10 @@ from preftune.generation import SamplingParams, generate
 
 
 def end_ids(model, tokenizer) -> set[int]:
-    """Token ids that end a generation: the tokenizer's EOS and the model's generation_config EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return {i for i in ids if i is not None}
+    """Token ids that end a generation (:func:`preftune.generation.stop_ids`), as a set."""
+    from preftune.generation import stop_ids
+
+    return set(stop_ids(model, tokenizer))
 
 
 def generate_ids(model, prompts: Sequence[list[int]], *, max_new_tokens: int, pad_id: int, eos_ids: set[int],

@@ -30,16 +30,8 @@ from preftune.data.layouts import LAYOUTS
 from preftune.data.packing import epoch_order
 from preftune.data.prompts import PromptSet
 from preftune.data.tokenize import TokenizedPair
-from preftune.generation import SamplingParams, generate, sample_seed
+from preftune.generation import SamplingParams, generate, sample_seed, stop_ids
 from preftune.rollout.scoring import RewardFunction, check_functions, score_completions
-
-
-def stop_ids(model, tokenizer) -> tuple[int, ...]:
-    """The tokenizer's EOS and the model's ``generation_config`` EOS ids: the tokens that end a sample."""
-    ids = {tokenizer.eos_token_id}
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return tuple(sorted(i for i in ids if i is not None))
 
 
 def rollout_seed(seed: int, step: int, position: int) -> int:
