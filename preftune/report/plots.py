@@ -1,6 +1,7 @@
 """PNG plots of a run, drawn from ``metrics.jsonl`` alone.
 
-One panel per quantity: train curves as lines, eval (and monitor) points as markers. The monitor's alarms
+One panel per quantity: train curves as lines, eval (and monitor) points as markers; on-policy runs add
+their rollout panels (rewards, skipped and EOS fractions, completion lengths, step time, generation speed). The monitor's alarms
 (records with split ``alarm``) are drawn on every panel as red dashed vertical lines at their steps, so a
 curve's turn can be read against the alarm it raised. The legend sits outside the axes, to their right, so it
 never covers a curve (the figure grows to hold it).
@@ -30,7 +31,20 @@ MONITOR_PANELS = {
     "diversity": ["diversity/distinct_1", "diversity/distinct_2", "diversity/repetition",
                   "diversity/reference_distinct_1", "diversity/reference_distinct_2"],
 }
-ALL_PANELS = [*TRAIN_PANELS, *PANELS, *MONITOR_PANELS]
+
+# On-policy runs (rollout metrics, train and eval): rewards (all, chosen / rejected, and each function's mean,
+# found in the records), the share of prompts skipped and of samples that ended with EOS, completion lengths,
+# where a step's time goes, and generation throughput.
+ROLLOUT_PANELS = {
+    "rewards": ["reward/mean", "reward/chosen", "reward/rejected"],
+    "rollout": ["rollout/skipped_fraction", "rollout/eos_rate"],
+    "completion_lengths": ["completions/mean_length", "completions/max_length"],
+    "step_time": ["time/generate_s", "time/score_s", "time/train_s"],
+    "generation_speed": ["rollout/tokens_per_second"],
+}
+
+
+ALL_PANELS = [*TRAIN_PANELS, *PANELS, *MONITOR_PANELS, *ROLLOUT_PANELS]
 
 
 def series(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
@@ -38,9 +52,13 @@ def series(records: list[dict], split: str, key: str) -> tuple[list[int], list[f
     return [s for s, _ in pts], [v for _, v in pts]
 
 
-def _curves(panel: str) -> list[tuple[str, str, str]]:
-    if panel in PANELS:
-        return [(split, key, style) for key in PANELS[panel] for split, style in (("train", "-"), ("eval", "o--"))]
+def _curves(panel: str, records: list[dict]) -> list[tuple[str, str, str]]:
+    if panel in PANELS or panel in ROLLOUT_PANELS:
+        keys = list(PANELS.get(panel) or ROLLOUT_PANELS[panel])
+        if panel == "rewards":  # each reward function's mean: reward/<name>/mean
+            keys += sorted({k for r in records for k in r if k.startswith("reward/") and k.endswith("/mean")
+                            and k != "reward/mean"})
+        return [(split, key, style) for key in keys for split, style in (("train", "-"), ("eval", "o--"))]
     if panel in TRAIN_PANELS:
         return [("train", key, "-") for key in TRAIN_PANELS[panel]]
     return [("monitor", key, "s:" if "reference" in key else "o-") for key in MONITOR_PANELS[panel]]
@@ -55,7 +73,7 @@ def draw_panel(records: list[dict], panel: str, alarms: list[int]):
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     drawn = False
-    for split, key, style in _curves(panel):
+    for split, key, style in _curves(panel, records):
         x, y = series(records, split, key)
         if x:
             label = key.split("/", 1)[-1].replace("reference_", "reference ") if split == "monitor" else f"{split} {key}"
