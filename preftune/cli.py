@@ -1,7 +1,7 @@
 """The `preftune` command line.
 
     preftune quickstart [--out DIR]                      offline demo: toy task, SFT, DPO, before/after
-    preftune train CONFIG.yaml [--set k.sub=v ...]       train from a YAML config (--resume to continue)
+    preftune train CONFIG.yaml [--set k.sub=v ...]       train from a YAML config (--resume / --overwrite)
     preftune data validate|clean|convert|agreement ...   preference-data tooling
     preftune generate / judge ...                        sample responses; judge them into pairs
     preftune eval MODEL --data PAIRS [--reference REF]   preference accuracy, KL, lengths, diversity, win rate
@@ -33,7 +33,7 @@ def _cmd_train(args) -> int:
 
     config = to_config(args.config, args.set or [])
     resume = True if args.resume == "latest" else args.resume
-    summary = train(config, resume=resume)
+    summary = train(config, resume=resume, overwrite=args.overwrite)
     keys = ("train_runtime_s", "samples_per_second", "tokens_per_second", "peak_rss_mb", "final_loss")
     print("summary: " + ", ".join(f"{k}={summary[k]:.4g}" for k in keys if summary.get(k) is not None))
     print(f"wrote {config.training.output_dir}/train_summary.json")
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the newest checkpoint in output_dir, or from the given checkpoint dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the previous run in output_dir (a used output_dir is refused without --resume "
+                        "or --overwrite)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("losses", help="list registered losses")

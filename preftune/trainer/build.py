@@ -32,6 +32,7 @@ from preftune.models import MODEL_KINDS, apply_lora, freeze, load_causal_lm, loa
 from preftune.monitor.monitor import Monitor
 from preftune.runlog import MetricWriter, truncate_after
 from preftune.trainer import checkpoint as ckpt
+from preftune.trainer import rundir
 from preftune.trainer.optim import build_optimizer, build_scheduler
 from preftune.trainer.reference import reference_logps
 from preftune.trainer.sanity import check_hyperparameters
@@ -79,6 +80,7 @@ class Run:
     start_step: int = 0
     nonfinite_total: int = 0
     t_start: float = field(default_factory=time.perf_counter)
+    claim: rundir.RunDir | None = None  # the run directory: lock, run id, the checkpoint resumed
 
     @property
     def main(self) -> bool:
@@ -96,12 +98,13 @@ class Run:
         if self.main:
             ckpt.save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
                                  {"nonfinite_steps": self.nonfinite_total, "objective": self.objective.state_dict(),
-                                  "source": self.source.state_dict()},
+                                  "source": self.source.state_dict(), **self.claim.checkpoint_fields()},
                                  self.cfg.training.save_total_limit)
 
 
-def build_run(cfg, resume, log) -> Run:
-    """Assemble a run from a checked config; ``resume``: True/"latest" or a checkpoint path, or None."""
+def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
+    """Assemble a run from a checked config; ``resume``: True/"latest" or a checkpoint path, or None;
+    ``overwrite``: replace a previous run in ``output_dir`` (see ``rundir.claim``)."""
     from accelerate import Accelerator
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -118,8 +121,8 @@ def build_run(cfg, resume, log) -> Run:
         say(f"warning: {warning}")
     seed_everything(tc.seed)
     t_start = time.perf_counter()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    # the lock, a used directory refused, the checkpoint to resume and its config checked: before any loading
+    claimed = rundir.claim_run(cfg, resume=resume, overwrite=overwrite, accelerator=accelerator, say=say)
     bf16 = tc.precision == "bf16"
 
     def autocast():
@@ -174,10 +177,11 @@ def build_run(cfg, resume, log) -> Run:
     scheduler = build_scheduler(optimizer, tc, total_steps)
     run = Run(cfg, accelerator, say, run_dir, tokenizer, policy, model, objective, STEPS[objective.data],
               reference_fn, source, eval_set, monitor, optimizer, scheduler, None, drops, layout, total_steps,
-              t_start=t_start)
-    resume_from = ckpt.resolve_resume(resume, run_dir)
+              t_start=t_start, claim=claimed)
+    resume_from = claimed.resume_from
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler)
+        state = claimed.restore(policy, optimizer, scheduler)  # a corrupt "latest" falls back to an older one
+        resume_from = claimed.resume_from
         run.start_step, run.nonfinite_total = state["step"], state.get("nonfinite_steps", 0)
         objective.load_state_dict(state.get("objective", {}))
         source.load_state_dict(state.get("source", {}))

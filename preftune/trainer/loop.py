@@ -20,24 +20,29 @@ from pathlib import Path
 import torch
 
 from preftune.config import to_config
-from preftune.errors import PreftuneError
 from preftune.models import save_pretrained
+from preftune.trainer import rundir
 from preftune.trainer.build import Run, build_run
+from preftune.trainer.checkpoint import parameters_finite
 from preftune.trainer.heap import reuse_freed_memory
 from preftune.trainer.metrics import MetricSums
 from preftune.trainer.source import epoch_order  # noqa: F401  (re-exported: the order tests read it here)
 
 
-def train(config, *, resume: str | bool | None = None, log=print) -> dict:
+def train(config, *, resume: str | bool | None = None, overwrite: bool = False, log=print) -> dict:
     """Run one training job; returns the summary also written to ``output_dir/train_summary.json``.
 
     ``config`` is a :class:`~preftune.config.Config`, a dict or a YAML path. ``config.model`` may be a loaded
-    model and ``config.data.train`` a ``datasets.Dataset``. ``resume``: True/"latest" or a checkpoint path.
+    model and ``config.data.train`` a ``datasets.Dataset``. ``resume``: True/"latest" or a checkpoint path;
+    ``overwrite``: replace the previous run in ``output_dir`` (a used directory is refused without one of them).
     """
     cfg = to_config(config)
-    with reuse_freed_memory(cfg.engine.reuse_freed_memory and not torch.cuda.is_available()):
-        run = build_run(cfg, resume, log)
-        return finish(run, run_steps(run))
+    try:
+        with reuse_freed_memory(cfg.engine.reuse_freed_memory and not torch.cuda.is_available()):
+            run = build_run(cfg, resume, log, overwrite=overwrite)
+            return finish(run, run_steps(run))
+    finally:
+        rundir.release(cfg.training.output_dir)  # the run directory's lock, however the run ended
 
 
 def run_steps(run: Run) -> dict:
@@ -77,6 +82,8 @@ def run_steps(run: Run) -> dict:
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        if _any_process(acc, not parameters_finite(params)):  # e.g. an infinite learning rate: nothing to skip
+            raise run.claim.nonfinite_stop(step + 1, run.main, "the update made the weights non-finite")
 
         # -- log, evaluate, checkpoint
         dt = time.perf_counter() - t0
@@ -118,15 +125,11 @@ def _any_process(accelerator, flag: bool) -> bool:
 
 
 def _nonfinite(run: Run, step: int, consecutive: int) -> None:
-    """A skipped update: say so; after ``training.max_nonfinite_steps`` in a row, checkpoint and stop."""
+    """A skipped update: say so; after ``training.max_nonfinite_steps`` in a row, stop. The weights of that
+    moment may already be diverging, so no checkpoint is written: the error names the last good one."""
     run.say(f"step {step + 1}: non-finite loss or gradient, update skipped ({consecutive} in a row)")
     if consecutive >= run.cfg.training.max_nonfinite_steps:
-        run.checkpoint(step)
-        raise PreftuneError(
-            f"{consecutive} consecutive non-finite steps at step {step + 1}; stopped with a checkpoint. "
-            "Likely causes: learning rate too high, beta too large or too small, or rows with extreme "
-            "lengths; check dropped.jsonl and lower training.learning_rate."
-        )
+        raise run.claim.nonfinite_stop(step + 1, run.main, f"{consecutive} consecutive non-finite steps")
 
 
 def evaluate(run: Run, step: int) -> dict:
@@ -158,8 +161,8 @@ def finish(run: Run, totals: dict) -> dict:
     if not run.monitor.stop_reason:
         eval_values = evaluate(run, run.total_steps) or eval_values
     model_dir = run.run_dir / "final"
-    if run.main and tc.save_model:
-        save_pretrained(run.policy, run.tokenizer, model_dir)
+    if run.main and tc.save_model:  # into a temporary directory, then swapped in: never half a model
+        run.claim.publish_model("final", lambda tmp: save_pretrained(run.policy, run.tokenizer, tmp))
     runtime = time.perf_counter() - run.t_start
     summary = {
         "train_runtime_s": runtime,

@@ -1,0 +1,498 @@
+"""The run directory: who owns it, what it holds, and when a run may continue in it.
+
+    output_dir/
+      run.json              run id, when and where it started, each resume, how it stopped
+      .preftune.lock        held (flock) while a run is live: pid, host, run id
+      metrics.jsonl  tensorboard/  plots/  report.html  samples.jsonl  dropped.jsonl  train_summary.json
+      checkpoints/step-N/   resumable; trainer_state.json records the run id and the resolved config
+      final/  best/         the model, each replaced in one atomic step
+
+A run never mixes with another run's files. :func:`claim` takes the lock (a second live run into the same
+directory fails; a stale lock of a dead process is taken over), cleans what interrupted writes left behind,
+and refuses a directory that holds a previous run unless told ``resume`` (continue it) or ``overwrite``
+(remove that run's files first; files preftune did not write are left alone).
+
+Resuming checks the config: keys that change the math (:func:`math_changes`) must equal the checkpoint's;
+cadence, logging and monitor keys may change. After a non-finite stop the learning rate may change too
+(:meth:`RunDir.nonfinite_stop` records the stop; the resumed run peaks at the new rate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.errors import ConfigError, PreftuneError
+from preftune.fsio import recover_dirs, write_dir_atomic, write_text_atomic
+from preftune.trainer import checkpoint as ckpt
+
+RUN_FILE, LOCK_FILE = "run.json", ".preftune.lock"
+# Everything a run writes into output_dir (what --overwrite removes); other files there are not touched.
+RUN_FILES = ("metrics.jsonl", "train_summary.json", "samples.jsonl", "dropped.jsonl", "report.html", RUN_FILE)
+RUN_DIRS = ("checkpoints", "final", "best", "tensorboard", "plots")
+# What makes a directory "used": the results of a run that got somewhere.
+RESULTS = ("metrics.jsonl", "samples.jsonl", "train_summary.json", "final", "best")
+
+SAFE_KEYS = frozenset({
+    "training.output_dir", "training.eval_every", "training.save_every", "training.save_total_limit",
+    "training.logging_every", "training.progress_bar", "training.save_model", "training.max_nonfinite_steps",
+    # the global batch (training.global_batch) is compared instead: same global batch, same math
+    "training.per_device_batch_size", "training.gradient_accumulation_steps", "training.processes",
+    "data.eval", "data.allow_unusable", "reference.cache_dir",
+    # exact rearrangements of the same computation (tested to 1e-5 in fp32)
+    "engine.layout", "engine.chunk_size", "engine.compile", "engine.reuse_freed_memory",
+    "engine.gradient_checkpointing",
+})
+SAFE_PREFIXES = ("monitor.",)
+AFTER_NONFINITE = frozenset({"training.learning_rate"})
+
+
+# ---- the resolved config, as recorded with each checkpoint -----------------------------------------------------
+
+
+def config_record(cfg, processes: int) -> dict[str, Any]:
+    """The resolved config as flat ``{dotted key: JSON value}``; loaded objects become short descriptions.
+
+    ``training.global_batch`` (per device x accumulation x processes) and, for local data files, a hash of their
+    contents are added; ``num_epochs`` is left out when ``max_steps`` overrides it.
+    """
+    out: dict[str, Any] = {}
+
+    def walk(obj, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                out[key] = "set"
+                walk(value, key + ".")
+            elif key == "loss.params":
+                out.update({f"loss.{k}": _describe(v) for k, v in value.items()})
+            else:
+                out[key] = _describe(value, data=key in ("data.train", "data.eval"))
+
+    walk(cfg, "")
+    tc = cfg.training
+    out["training.processes"] = processes
+    out["training.global_batch"] = tc.per_device_batch_size * tc.gradient_accumulation_steps * processes
+    if tc.max_steps is not None:
+        out.pop("training.num_epochs")
+    return out
+
+
+def _describe(value, data: bool = False):
+    if value is None or isinstance(value, (bool, int, str)):
+        if data and isinstance(value, str) and Path(value).expanduser().is_file():
+            return _file_digest(Path(value).expanduser())
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else repr(value)
+    if isinstance(value, Path):
+        return _describe(str(value), data)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        try:
+            return json.loads(json.dumps(value, sort_keys=True))
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, (list, dict)):  # rows given from Python
+        text = json.dumps(value, sort_keys=True, default=str).encode()
+        return f"<{len(value)} rows, blake2b {hashlib.blake2b(text, digest_size=8).hexdigest()}>"
+    if isinstance(value, torch.nn.Module):
+        return f"<{type(value).__name__}, {sum(p.numel() for p in value.parameters())} parameters>"
+    fingerprint = getattr(value, "_fingerprint", None)  # datasets.Dataset
+    size = f"{len(value)} rows, " if hasattr(value, "__len__") and fingerprint else ""
+    return f"<{type(value).__name__}{', ' + size + 'fingerprint ' + fingerprint if fingerprint else ''}>"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return f"<file {path.name}, {path.stat().st_size} bytes, blake2b {h.hexdigest()}>"
+
+
+def _safe(key: str) -> bool:
+    return key in SAFE_KEYS or key.startswith(SAFE_PREFIXES)
+
+
+def math_changes(saved: dict, now: dict, allowed: frozenset = frozenset()) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, current value) for every key that changes the math and differs.
+
+    Keys only one side has (a field newer than the checkpoint) are not compared; a whole section switched on or
+    off (``lora``) is, as the section key itself.
+    """
+    return [(k, saved[k], now[k]) for k in sorted(saved.keys() & now.keys())
+            if saved[k] != now[k] and not _safe(k) and k not in allowed]
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 70 else text[:67] + "..."
+
+
+# ---- the lock ------------------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``output_dir/.preftune.lock`` for the life of a run; the file says who holds it.
+
+    The kernel releases the lock when its process dies, so a lock file left by a killed run is stale by
+    construction and is taken over (with a note naming the dead run's pid and host).
+    """
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, run_dir: Path, run_id: str, say) -> RunLock:
+        path = run_dir / LOCK_FILE
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_lock(fd)
+                os.close(fd)
+                raise PreftuneError(f"training.output_dir {run_dir} is in use by another run ({_who(holder)}); wait "
+                                    "for it to finish, or choose another training.output_dir") from None
+            try:  # a releasing run may have unlinked the file between our open and our flock: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = _read_lock(fd)
+        if previous and previous.get("pid") != os.getpid():
+            say(f"run dir: took over the stale lock of {_who(previous)}: that run is no longer running")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id, "started": _now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        lock = cls(path.resolve(), fd)
+        _HELD[lock.path] = lock
+        return lock
+
+    def note(self, run_id: str) -> None:
+        """Name the run that holds the lock (known only once a resumed run's id is read)."""
+        me = {**_read_lock(self.fd), "run_id": run_id}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(me).encode(), 0)
+
+    def release(self) -> None:
+        _HELD.pop(self.path, None)
+        if self.fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+_HELD: dict[Path, RunLock] = {}  # the locks this process holds, by lock file
+
+
+def release(output_dir) -> None:
+    """Release this process's lock on ``output_dir``, if it holds one (``train`` calls it when the run ends,
+    however it ends)."""
+    lock = _HELD.get((Path(output_dir) / LOCK_FILE).resolve())
+    if lock is not None:
+        lock.release()
+
+
+def _read_lock(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (ValueError, OSError):
+        return {}
+
+
+def _who(info: dict) -> str:
+    if not info:
+        return "its lock file gives no details"
+    return f"pid {info.get('pid')} on host {info.get('host')}, run {info.get('run_id')}, started {info.get('started')}"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ---- claiming ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunDir:
+    """A claimed run directory: this run's id, the checkpoint to continue from, the lock (main process)."""
+
+    path: Path
+    run_id: str
+    record: dict
+    say: Any
+    lock: RunLock | None = None
+    candidates: list[Path] = dataclasses.field(default_factory=list)  # checkpoint to resume, then fallbacks
+    latest: bool = False  # resuming "latest": a corrupt checkpoint falls back to the older one
+    peak_lr: float | None = None  # a new peak learning rate, accepted after a non-finite stop
+
+    @property
+    def resume_from(self) -> Path | None:
+        return self.candidates[0] if self.candidates else None
+
+    def checkpoint_fields(self) -> dict:
+        """What every checkpoint of this run records beside the loop's position."""
+        return {"run_id": self.run_id, "config": self.record}
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    # -- resume
+
+    def restore(self, model, optimizer, scheduler) -> dict:
+        """Load the chosen checkpoint; resuming "latest", a corrupt one is skipped (with a warning) for the next
+        older one. Returns its loop state."""
+        while self.candidates:
+            path = self.candidates[0]
+            try:
+                state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
+                break
+            except ckpt.CorruptCheckpoint as e:
+                if not self.latest:
+                    raise PreftuneError(f"--resume: {e}; resume from another checkpoint of {path.parent}") from None
+                self.candidates.pop(0)
+                if not self.candidates:
+                    raise PreftuneError(f"--resume: {e}, and no older checkpoint is left") from None
+                self.say(f"warning: {e}; falling back to the older checkpoint {self.candidates[0]}")
+                self.check_config(self.candidates[0])
+        else:
+            raise PreftuneError("--resume: no checkpoint to resume")
+        if self.peak_lr is not None:
+            ckpt.set_peak_learning_rate(optimizer, scheduler, self.peak_lr)
+        return state
+
+    def check_config(self, path: Path) -> None:
+        """Refuse a checkpoint whose recorded config differs from this run's in a key that changes the math."""
+        try:
+            state = ckpt.read_state(path)
+        except ckpt.CorruptCheckpoint:
+            return  # restore() reports it (and falls back when resuming "latest")
+        saved = state.get("config")
+        if saved is None:
+            self.say(f"warning: {path} records no config (written by an older preftune); it is not checked")
+            return
+        stop = _read_json(path.parent.parent / RUN_FILE).get("stop") or {}
+        after_nonfinite = stop.get("reason") == "nonfinite" and state["step"] <= stop.get("step", -1)
+        allowed = AFTER_NONFINITE if after_nonfinite else frozenset()
+        changes = math_changes(saved, self.record, allowed)
+        if changes:
+            listed = "; ".join(f"{k}: {_short(a)} there, {_short(b)} now" for k, a, b in changes)
+            hint = ("only training.learning_rate may change after a non-finite stop" if after_nonfinite else
+                    "eval/save/logging cadence, progress bar and monitor settings may change")
+            raise PreftuneError(f"--resume: {path} was written with another config, and these keys change the "
+                                f"training math: {listed}. Set them back, or start a new run (--overwrite or another "
+                                f"training.output_dir); {hint}")
+        lr_then, lr_now = saved.get("training.learning_rate"), self.record["training.learning_rate"]
+        if after_nonfinite and lr_then != lr_now:
+            self.peak_lr = float(lr_now)
+            self.say(f"resume: training.learning_rate {lr_then} -> {lr_now} (accepted after the non-finite stop "
+                     f"at step {stop['step']})")
+
+    # -- how the run ends
+
+    def nonfinite_stop(self, step: int, main: bool, what: str) -> PreftuneError:
+        """Record a stop on non-finite values at ``step`` (no checkpoint of these weights is written) and return
+        the error that names the last good checkpoint and how to resume from it."""
+        mine = [c for c in ckpt.list_checkpoints(self.path)[0] if c.state.get("run_id") == self.run_id]
+        good = mine[-1].path if mine else None
+        if main:
+            self._update(stop={"reason": "nonfinite", "step": step, "last_good": str(good) if good else None,
+                               "at": _now()})
+        if good is not None:
+            where = (f"the last good checkpoint is {good}: resume from it with a lower learning rate, "
+                     f"`preftune train CONFIG --resume {good} --set training.learning_rate=...` (a changed "
+                     "learning rate is accepted after this stop)")
+        else:
+            where = ("no checkpoint was written before it (training.save_every); rerun with a lower "
+                     "training.learning_rate and --overwrite")
+        return PreftuneError(f"{what} at step {step}; stopped without saving these weights; {where}. Likely causes: "
+                             "learning rate too high, beta too large or too small, or rows with extreme lengths "
+                             "(see dropped.jsonl)")
+
+    def publish_model(self, name: str, write) -> Path:
+        """``write(tmp_dir)`` saves the model; it then replaces ``output_dir/name`` in one step."""
+        return write_dir_atomic(self.path / name, write, f"the model ({name}/) to")
+
+    def _update(self, **fields) -> None:
+        info = _read_json(self.path / RUN_FILE)
+        info.update(fields)
+        write_text_atomic(self.path / RUN_FILE, json.dumps(info, indent=1))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return False
+
+
+def claim(cfg, *, resume=None, overwrite: bool = False, processes: int = 1, main: bool = True, say=print) -> RunDir:
+    """Take ``training.output_dir`` for this run (see the module docstring); ``resume``: True/"latest" or a
+    checkpoint path. On processes other than the main one nothing is written: they read what the main one chose
+    (call it there after the main process's claim)."""
+    path = Path(cfg.training.output_dir)
+    latest = resume is True or resume == "latest"
+    explicit = Path(resume) if resume and not latest else None
+    own = explicit is not None and _inside(explicit, path)  # a checkpoint of this directory's own run
+    if overwrite and (latest or own):
+        raise ConfigError("--resume and --overwrite contradict each other for a checkpoint of the same "
+                          "output_dir: --resume continues the run there, --overwrite removes it")
+    record = config_record(cfg, processes)
+    if not main:
+        rd = RunDir(path, _read_json(path / RUN_FILE).get("run_id", ""), record, say)
+        return _choose(rd, latest, explicit) if resume else rd
+    path.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    lock = RunLock.acquire(path, run_id, say)
+    try:
+        for line in _recover(path):
+            say(f"run dir: {line}")
+        prior = previous_run(path)
+        if prior and overwrite:
+            remove_run(path)
+            say(f"--overwrite: removed the previous run in {path} ({prior})")
+        elif prior and not (latest or own):
+            if explicit is not None:
+                raise PreftuneError(f"training.output_dir {path} holds a previous run ({prior}); to start this run "
+                                    f"there from {explicit}, add --overwrite (removes it), or choose another "
+                                    "training.output_dir")
+            raise PreftuneError(f"training.output_dir {path} holds a previous run ({prior}); pass --resume to "
+                                "continue it or --overwrite to replace it (preftune.train(..., resume=True) / "
+                                "overwrite=True), or choose another training.output_dir")
+        elif not prior and (path / RUN_FILE).exists():
+            remove_run(path)  # remnants of an attempt that stopped before logging anything
+        info = _read_json(path / RUN_FILE) if resume else {}
+        rd = RunDir(path, info.get("run_id") or run_id, record, say, lock)
+        if resume:
+            _choose(rd, latest, explicit, finished=(path / "final").exists(), prior=prior)
+            lock.note(rd.run_id)
+        history = info.get("history", []) + [{"started": _now(), "host": socket.gethostname(), "pid": os.getpid(),
+                                              "resumed_from": str(rd.resume_from) if rd.resume_from else None}]
+        # a non-finite stop stays on record: resuming from before it may change the learning rate, also twice
+        write_text_atomic(path / RUN_FILE, json.dumps({"run_id": rd.run_id, "created": info.get("created", _now()),
+                                                       "history": history, "stop": info.get("stop")}, indent=1))
+        return rd
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _choose(rd: RunDir, latest: bool, explicit: Path | None, finished: bool = False, prior=None) -> RunDir:
+    """Set the checkpoint to resume (and, resuming "latest", the older fallbacks), checking its config."""
+    if explicit is not None:
+        if not (explicit / ckpt.STATE).exists():
+            raise PreftuneError(f"--resume: {explicit} is not a checkpoint directory (no {ckpt.STATE})")
+        rd.candidates = [explicit]
+        if _inside(explicit, rd.path):
+            state = _read_json(explicit / ckpt.STATE)
+            rd.run_id = state.get("run_id") or rd.run_id
+    else:
+        done, broken = ckpt.list_checkpoints(rd.path)
+        mine = [c for c in done if c.state.get("run_id") == rd.run_id] or done
+        rd.candidates, rd.latest = [c.path for c in reversed(mine)], True
+        newest = mine[-1].step if mine else -1
+        for path in broken:
+            if (ckpt.step_of(path) or 0) > newest:
+                rd.say(f"warning: {path / ckpt.STATE} is unreadable; that checkpoint is skipped")
+        if not rd.candidates:
+            why = ("the previous run finished: final/ holds its model" if finished else
+                   "nothing has run there yet; drop --resume" if not prior else
+                   "the previous run stopped before its first checkpoint (training.save_every); rerun it with "
+                   "--overwrite")
+            raise PreftuneError(f"--resume: no checkpoint in {rd.path / 'checkpoints'} ({why})")
+        if mine and mine[-1].state.get("run_id"):
+            rd.run_id = mine[-1].state["run_id"]
+    rd.check_config(rd.candidates[0])
+    return rd
+
+
+def previous_run(path: Path) -> str | None:
+    """What a previous run left in ``path`` (checkpoints, metrics, models), or None when nothing."""
+    done, broken = ckpt.list_checkpoints(path)
+    parts = [f"checkpoints up to step {done[-1].step}"] if done else []
+    parts += [f"{len(broken)} unreadable checkpoint(s)"] if broken else []
+    for name in RESULTS:
+        p = path / name
+        if p.is_dir() or (p.is_file() and p.stat().st_size > 0):
+            parts.append(f"{name}/" if p.is_dir() else name)
+    return ", ".join(parts) or None
+
+
+def remove_run(path: Path) -> None:
+    """Remove everything a run writes into ``path`` (:data:`RUN_FILES`, :data:`RUN_DIRS`); nothing else."""
+    for name in RUN_DIRS:
+        shutil.rmtree(path / name, ignore_errors=True)
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+
+
+def _recover(path: Path) -> list[str]:
+    """Interrupted writes of a dead run: temporary checkpoint, final/ and best/ directories, swaps half done."""
+    lines = recover_dirs(path, legacy=(".best-",))
+    old_best = path / "best.old"  # the monitor's former swap name
+    if old_best.is_dir():
+        if not (path / "best").exists():
+            os.rename(old_best, path / "best")
+            lines.append("restored best/ from an interrupted replacement")
+        else:
+            shutil.rmtree(old_best, ignore_errors=True)
+    lines += [f"checkpoints/: {line}" for line in recover_dirs(path / "checkpoints", legacy=(".step-",))]
+    return lines
+
+
+def claim_run(cfg, *, resume, overwrite: bool, accelerator, say) -> RunDir:
+    """:func:`claim` on every process: the main one claims; if it fails, all fail; then the others follow."""
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    error, rd = None, None
+    if main:
+        try:
+            rd = claim(cfg, resume=resume, overwrite=overwrite, processes=world, main=True, say=say)
+        except Exception as e:
+            error = e
+    if world > 1:
+        failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum")
+        if failed.item() > 0 and error is None:
+            raise PreftuneError(f"the main process could not claim {cfg.training.output_dir}")
+        if not main:
+            rd = claim(cfg, resume=resume, overwrite=overwrite, processes=world, main=False, say=say)
+    if error is not None:
+        raise error
+    return rd
