@@ -5,8 +5,9 @@ through :func:`read_metrics`, so none of them imports the trainer. One JSON obje
 
     {"step": 10, "split": "train" | "eval" | ..., "<metric>": value, ...}
 
-A kill can leave the last line half-written: readers skip that one line (it is redone on resume); a broken
-line anywhere else is an error naming the file and line.
+A kill can leave the last line half-written (no newline, not parseable): readers skip that one line (it is
+redone on resume); a broken line anywhere else, or a line that is not an object with an integer ``step``, is an
+error naming the file and line. ``samples.jsonl`` is read the same way (:func:`read_records`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 from pathlib import Path
 
 from preftune.errors import PreftuneError
+from preftune.fsio import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -59,28 +61,49 @@ class MetricWriter:
             self.tb.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Every record of ``run_dir/metrics.jsonl`` ([] when there is none); a half-written last line is skipped."""
-    path = Path(run_dir) / METRICS_FILE
+def read_records(path: Path, what: str = "metrics record") -> list[dict]:
+    """The JSON objects of a JSONL log, each with an integer ``step`` ([] when the file does not exist).
+
+    A last line without its newline that does not parse is what a kill mid-write leaves: it is skipped (the
+    step is redone on resume). Any other line that is not such an object is an error naming file and line.
+    """
+    path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
-            if number == len(lines):  # the line a kill leaves behind
+            if number == len(lines) and not text.endswith("\n"):  # the line a kill leaves behind
                 break
             raise PreftuneError(f"{path}:{number}: not a JSON record ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise PreftuneError(f"{path}:{number}: not a JSON record (a {type(record).__name__}, not an object)")
+        if not isinstance(record.get("step"), int) or isinstance(record.get("step"), bool):
+            raise PreftuneError(f"{path}:{number}: not a {what} (no integer \"step\")")
+        records.append(record)
     return records
 
 
-def truncate_after(run_dir: Path, step: int) -> None:
-    """Keep only the records up to ``step`` (a resumed run redoes the rest, so none is written twice)."""
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of ``run_dir/metrics.jsonl`` ([] when there is none); a half-written last line is skipped."""
+    return read_records(Path(run_dir) / METRICS_FILE)
+
+
+def truncate_records(path: Path, step: int, what: str = "metrics record") -> None:
+    """Keep only the records up to ``step`` (a resumed run redoes the rest, so none is written twice); the file
+    is replaced through a rename, so a kill during it loses nothing."""
+    path = Path(path)
     if path.exists():
-        kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        kept = [r for r in read_records(path, what) if r["step"] <= step]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def truncate_after(run_dir: Path, step: int) -> None:
+    """:func:`truncate_records` of ``run_dir/metrics.jsonl``."""
+    truncate_records(Path(run_dir) / METRICS_FILE, step)
