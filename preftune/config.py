@@ -351,7 +351,12 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key.sub=value, got {item!r}")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key.strip()}: the value {raw!r} is not valid YAML "
+                              f"({getattr(e, 'problem', None) or 'parse error'}); quote it to pass a string") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
