@@ -119,7 +119,8 @@ class EngineConfig:
 @dataclass
 class TrainingConfig:
     output_dir: str = REQUIRED
-    """Run directory: metrics, checkpoints, dropped rows, the final model."""
+    """Run directory: metrics, checkpoints, dropped rows, the final model; one run per directory (a used one
+    needs `--resume` or `--overwrite`)."""
     learning_rate: float = REQUIRED
     """Peak learning rate (DPO full fine-tuning usually 5e-7..5e-6; LoRA 5e-6..5e-5)."""
     per_device_batch_size: int = 2
@@ -151,11 +152,12 @@ class TrainingConfig:
     save_every: int = 0
     """Write a resumable checkpoint every N optimizer steps (0: none)."""
     save_total_limit: int = 2
-    """Checkpoints kept on disk (oldest removed first)."""
+    """Checkpoints of this run kept on disk (oldest step removed first; 0 keeps all)."""
     logging_every: int = 1
     """Write train metrics every N optimizer steps."""
     max_nonfinite_steps: int = 3
-    """Consecutive non-finite steps (skipped) after which the run stops with a checkpoint."""
+    """Consecutive non-finite steps (skipped) after which the run stops; the weights of that moment are not
+    saved, the error names the last good checkpoint to resume from with a lower learning rate."""
     save_model: bool = True
     """Save the final model (or adapter) in Hugging Face format under `output_dir/final`."""
     progress_bar: bool = True

@@ -4,7 +4,8 @@
 
 Both training runs go through :func:`preftune.train` with the loaded model and tokenizer in the config dict.
 The DPO run writes into ``out_dir`` itself (``metrics.jsonl``, ``tensorboard/``, ``plots/``,
-``train_summary.json``, ``final/``); the SFT run into ``out_dir/sft``. ``report.json`` holds::
+``train_summary.json``, ``final/``); the SFT run into ``out_dir/sft``. Both train with ``overwrite=True``: running
+the demo again into the same directory replaces its own previous runs there. ``report.json`` holds::
 
     {"before": {...}, "after": {...}, "passed": bool, "targets": {...}, "config": {...}, "runs": {...}, ...}
 
@@ -135,8 +136,10 @@ def _run(out: Path, seed: int, log, t_start: float) -> dict:
                      "logging_every": 50, "progress_bar": False},
     }
     t0 = time.perf_counter()
+    # overwrite=True: `quickstart --out DIR` is a demo; running it again replaces its own previous runs in DIR
     sft_summary = preftune.train({"model": model, "tokenizer": tokenizer,
-                                  "data": {"train": toy.sft_rows(sft_items, seed=seed)}, **sft_config}, log=quiet)
+                                  "data": {"train": toy.sft_rows(sft_items, seed=seed)}, **sft_config},
+                                 overwrite=True, log=quiet)
     log(f"quickstart: SFT {SFT['steps']} steps in {time.perf_counter() - t0:.1f}s, final loss "
         f"{sft_summary['final_loss']:.3f}")
 
@@ -160,7 +163,8 @@ def _run(out: Path, seed: int, log, t_start: float) -> dict:
     }
     t0 = time.perf_counter()
     dpo_summary = preftune.train({"model": model, "tokenizer": tokenizer,
-                                  "data": {"train": train_pairs, "eval": test_pairs}, **dpo_config}, log=quiet)
+                                  "data": {"train": train_pairs, "eval": test_pairs}, **dpo_config},
+                                 overwrite=True, log=quiet)
     log(f"quickstart: DPO {dpo_summary['steps']} steps in {time.perf_counter() - t0:.1f}s, final loss "
         f"{dpo_summary['final_loss']:.3f}")
 
