@@ -85,6 +85,22 @@ def test_overwrite_replaces_the_previous_run_and_its_checkpoints(run_cfg, tmp_pa
     assert (run_dir / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_that_fails_to_start_loses_nothing(run_cfg, tmp_path):
+    """--overwrite removes the previous run only once the new one is built: a missing data file restores it."""
+    run_dir = tmp_path / "run"
+    preftune.train(run_cfg(max_steps=4), log=lambda *_: None)
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.name != ".preftune.lock")
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    cfg = run_cfg(max_steps=4)
+    cfg["data"]["train"] = str(tmp_path / "missing.jsonl")
+    lines = []
+    with pytest.raises(PreftuneError, match="data file not found"):
+        preftune.train(cfg, overwrite=True, log=lines.append)
+    assert any("the previous run in" in line and "is back in place" in line for line in lines), lines
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics
+
+
 def test_pruning_removes_only_this_runs_checkpoints_by_step(tmp_path, make_model):
     model = make_model(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -186,6 +186,7 @@ def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
         objective.load_state_dict(state.get("objective", {}))
         source.load_state_dict(state.get("source", {}))
         say(f"resumed from {resume_from} at step {run.start_step}")
+    claimed.commit()  # built: a previous run that --overwrite set aside can go now
     if main:
         if resume_from is not None:  # records past the checkpoint are redone, so none is written twice
             truncate_after(run_dir, run.start_step)

@@ -10,7 +10,9 @@
 A run never mixes with another run's files. :func:`claim` takes the lock (a second live run into the same
 directory fails; a stale lock of a dead process is taken over), cleans what interrupted writes left behind,
 and refuses a directory that holds a previous run unless told ``resume`` (continue it) or ``overwrite``
-(remove that run's files first; files preftune did not write are left alone).
+(replace it: that run's files are set aside at the claim and removed by :meth:`RunDir.commit` once the new run
+is built, so a start that fails on a bad config or a missing model loses nothing; files preftune did not write
+are left alone).
 
 Resuming checks the config: keys that change the math (:func:`math_changes`) must equal the checkpoint's;
 cadence, logging and monitor keys may change. After a non-finite stop the learning rate may change too
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 
 from preftune.errors import ConfigError, PreftuneError
-from preftune.fsio import recover_dirs, write_dir_atomic, write_text_atomic
+from preftune.fsio import recover_dirs, temp_dir, write_dir_atomic, write_text_atomic
 from preftune.trainer import checkpoint as ckpt
 
 RUN_FILE, LOCK_FILE = "run.json", ".preftune.lock"
@@ -214,9 +216,15 @@ class RunLock:
 _HELD: dict[Path, RunLock] = {}  # the locks this process holds, by lock file
 
 
+_CLAIMED: dict[Path, RunDir] = {}  # the run directories this process has claimed, by resolved path
+
+
 def release(output_dir) -> None:
-    """Release this process's lock on ``output_dir``, if it holds one (``train`` calls it when the run ends,
-    however it ends)."""
+    """Let go of ``output_dir`` (``train`` calls it when the run ends, however it ends): a previous run set aside
+    by ``overwrite`` comes back if this one never started (:meth:`RunDir.commit`), and the lock is released."""
+    rd = _CLAIMED.pop(Path(output_dir).resolve(), None)
+    if rd is not None:
+        rd.release()
     lock = _HELD.get((Path(output_dir) / LOCK_FILE).resolve())
     if lock is not None:
         lock.release()
@@ -254,6 +262,8 @@ class RunDir:
     candidates: list[Path] = dataclasses.field(default_factory=list)  # checkpoint to resume, then fallbacks
     latest: bool = False  # resuming "latest": a corrupt checkpoint falls back to the older one
     peak_lr: float | None = None  # a new peak learning rate, accepted after a non-finite stop
+    aside: Path | None = None  # the previous run, moved here by overwrite until this one has started
+    prior: str | None = None  # what the previous run had left (for messages)
 
     @property
     def resume_from(self) -> Path | None:
@@ -263,9 +273,27 @@ class RunDir:
         """What every checkpoint of this run records beside the loop's position."""
         return {"run_id": self.run_id, "config": self.record}
 
+    def commit(self) -> None:
+        """The run is built and about to take its first step: a previous run set aside by ``overwrite`` goes."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+            self.say(f"--overwrite: removed the previous run in {self.path} ({self.prior})")
+
     def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
+        """Put a set-aside previous run back (this run failed before its first step), then release the lock."""
+        try:
+            if self.aside is not None and self.aside.is_dir():
+                remove_run(self.path)  # what the failed start wrote (run.json, dropped.jsonl, ...)
+                for entry in self.aside.iterdir():
+                    os.rename(entry, self.path / entry.name)
+                self.aside.rmdir()
+                self.say(f"--overwrite: this run stopped before its first step; the previous run in {self.path} "
+                         "is back in place")
+            self.aside = None
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     # -- resume
 
@@ -382,13 +410,17 @@ def claim(cfg, *, resume=None, overwrite: bool = False, processes: int = 1, main
     path.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:12]
     lock = RunLock.acquire(path, run_id, say)
+    rd = None
     try:
         for line in _recover(path):
             say(f"run dir: {line}")
         prior = previous_run(path)
-        if prior and overwrite:
-            remove_run(path)
-            say(f"--overwrite: removed the previous run in {path} ({prior})")
+        aside = None
+        if prior and overwrite:  # removed only once this run has started (commit): a failing start loses nothing
+            aside = temp_dir(path, "overwritten")
+            for name in RUN_FILES + RUN_DIRS:
+                if (path / name).exists():
+                    os.rename(path / name, aside / name)
         elif prior and not (latest or own):
             if explicit is not None:
                 raise PreftuneError(f"training.output_dir {path} holds a previous run ({prior}); to start this run "
@@ -400,7 +432,8 @@ def claim(cfg, *, resume=None, overwrite: bool = False, processes: int = 1, main
         elif not prior and (path / RUN_FILE).exists():
             remove_run(path)  # remnants of an attempt that stopped before logging anything
         info = _read_json(path / RUN_FILE) if resume else {}
-        rd = RunDir(path, info.get("run_id") or run_id, record, say, lock)
+        rd = RunDir(path, info.get("run_id") or run_id, record, say, lock, aside=aside, prior=prior)
+        _CLAIMED[path.resolve()] = rd
         if resume:
             _choose(rd, latest, explicit, finished=(path / "final").exists(), prior=prior)
             lock.note(rd.run_id)
@@ -411,7 +444,11 @@ def claim(cfg, *, resume=None, overwrite: bool = False, processes: int = 1, main
                                                        "history": history, "stop": info.get("stop")}, indent=1))
         return rd
     except BaseException:
-        lock.release()
+        if rd is not None:
+            _CLAIMED.pop(path.resolve(), None)
+            rd.release()  # puts a set-aside previous run back
+        else:
+            lock.release()
         raise
 
 
