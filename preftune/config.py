@@ -156,8 +156,7 @@ class TrainingConfig:
     logging_every: int = 1
     """Write train metrics every N optimizer steps."""
     max_nonfinite_steps: int = 3
-    """Consecutive non-finite steps (skipped) after which the run stops; the weights of that moment are not
-    saved, the error names the last good checkpoint to resume from with a lower learning rate."""
+    """Consecutive non-finite steps (skipped) after which the run stops, naming the last good checkpoint."""
     save_model: bool = True
     """Save the final model (or adapter) in Hugging Face format under `output_dir/final`."""
     progress_bar: bool = True
@@ -354,11 +353,10 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"--set expects key.sub=value, got {item!r}")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key.strip()}: the value {raw!r} is not valid YAML "
-                              f"({getattr(e, 'problem', None) or 'parse error'}); quote it to pass a string") from None
-        _set_dotted(tree, key.strip(), value)
+                              f"({getattr(e, 'problem', None) or e}); quote it to pass a string") from None
     return tree
 
 

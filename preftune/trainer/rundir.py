@@ -2,7 +2,7 @@
 
     output_dir/
       run.json              run id, when and where it started, each resume, how it stopped
-      .preftune.lock        held (flock) while a run is live: pid, host, run id
+      .preftune.lock        held (flock) while a run is live: pid, host, run id (``runlock.py``)
       metrics.jsonl  tensorboard/  plots/  report.html  samples.jsonl  dropped.jsonl  train_summary.json
       checkpoints/step-N/   resumable; trainer_state.json records the run id and the resolved config
       final/  best/         the model, each replaced in one atomic step
@@ -14,7 +14,7 @@ and refuses a directory that holds a previous run unless told ``resume`` (contin
 is built, so a start that fails on a bad config or a missing model loses nothing; files preftune did not write
 are left alone).
 
-Resuming checks the config: keys that change the math (:func:`math_changes`) must equal the checkpoint's;
+Resuming checks the config: keys that change the math (``runconfig.math_changes``) must equal the checkpoint's;
 cadence, logging and monitor keys may change. After a non-finite stop the learning rate may change too
 (:meth:`RunDir.nonfinite_stop` records the stop; the resumed run peaks at the new rate).
 """
@@ -22,13 +22,10 @@ cadence, logging and monitor keys may change. After a non-finite stop the learni
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
 import json
 import os
 import shutil
 import socket
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,182 +35,15 @@ import torch
 from preftune.errors import ConfigError, PreftuneError
 from preftune.fsio import recover_dirs, temp_dir, write_dir_atomic, write_text_atomic
 from preftune.trainer import checkpoint as ckpt
+from preftune.trainer.runconfig import AFTER_NONFINITE, config_record, math_changes, short_repr
+from preftune.trainer.runlock import RunLock, now, release_lock
 
-RUN_FILE, LOCK_FILE = "run.json", ".preftune.lock"
+RUN_FILE = "run.json"
 # Everything a run writes into output_dir (what --overwrite removes); other files there are not touched.
 RUN_FILES = ("metrics.jsonl", "train_summary.json", "samples.jsonl", "dropped.jsonl", "report.html", RUN_FILE)
 RUN_DIRS = ("checkpoints", "final", "best", "tensorboard", "plots")
 # What makes a directory "used": the results of a run that got somewhere.
 RESULTS = ("metrics.jsonl", "samples.jsonl", "train_summary.json", "final", "best")
-
-SAFE_KEYS = frozenset({
-    "training.output_dir", "training.eval_every", "training.save_every", "training.save_total_limit",
-    "training.logging_every", "training.progress_bar", "training.save_model", "training.max_nonfinite_steps",
-    # the global batch (training.global_batch) is compared instead: same global batch, same math
-    "training.per_device_batch_size", "training.gradient_accumulation_steps", "training.processes",
-    "data.eval", "data.allow_unusable", "reference.cache_dir",
-    # exact rearrangements of the same computation (tested to 1e-5 in fp32)
-    "engine.layout", "engine.chunk_size", "engine.compile", "engine.reuse_freed_memory",
-    "engine.gradient_checkpointing",
-})
-SAFE_PREFIXES = ("monitor.",)
-AFTER_NONFINITE = frozenset({"training.learning_rate"})
-
-
-# ---- the resolved config, as recorded with each checkpoint -----------------------------------------------------
-
-
-def config_record(cfg, processes: int) -> dict[str, Any]:
-    """The resolved config as flat ``{dotted key: JSON value}``; loaded objects become short descriptions.
-
-    ``training.global_batch`` (per device x accumulation x processes) and, for local data files, a hash of their
-    contents are added; ``num_epochs`` is left out when ``max_steps`` overrides it.
-    """
-    out: dict[str, Any] = {}
-
-    def walk(obj, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            key, value = f"{prefix}{f.name}", getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                out[key] = "set"
-                walk(value, key + ".")
-            elif key == "loss.params":
-                out.update({f"loss.{k}": _describe(v) for k, v in value.items()})
-            else:
-                out[key] = _describe(value, data=key in ("data.train", "data.eval"))
-
-    walk(cfg, "")
-    tc = cfg.training
-    out["training.processes"] = processes
-    out["training.global_batch"] = tc.per_device_batch_size * tc.gradient_accumulation_steps * processes
-    if tc.max_steps is not None:
-        out.pop("training.num_epochs")
-    return out
-
-
-def _describe(value, data: bool = False):
-    if value is None or isinstance(value, (bool, int, str)):
-        if data and isinstance(value, str) and Path(value).expanduser().is_file():
-            return _file_digest(Path(value).expanduser())
-        return value
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else repr(value)
-    if isinstance(value, Path):
-        return _describe(str(value), data)
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-        return [_describe(v) for v in value]
-    if isinstance(value, dict):
-        try:
-            return json.loads(json.dumps(value, sort_keys=True))
-        except (TypeError, ValueError):
-            pass
-    if isinstance(value, (list, dict)):  # rows given from Python
-        text = json.dumps(value, sort_keys=True, default=str).encode()
-        return f"<{len(value)} rows, blake2b {hashlib.blake2b(text, digest_size=8).hexdigest()}>"
-    if isinstance(value, torch.nn.Module):
-        return f"<{type(value).__name__}, {sum(p.numel() for p in value.parameters())} parameters>"
-    fingerprint = getattr(value, "_fingerprint", None)  # datasets.Dataset
-    size = f"{len(value)} rows, " if hasattr(value, "__len__") and fingerprint else ""
-    return f"<{type(value).__name__}{', ' + size + 'fingerprint ' + fingerprint if fingerprint else ''}>"
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return f"<file {path.name}, {path.stat().st_size} bytes, blake2b {h.hexdigest()}>"
-
-
-def _safe(key: str) -> bool:
-    return key in SAFE_KEYS or key.startswith(SAFE_PREFIXES)
-
-
-def math_changes(saved: dict, now: dict, allowed: frozenset = frozenset()) -> list[tuple[str, Any, Any]]:
-    """(key, checkpoint's value, current value) for every key that changes the math and differs.
-
-    Keys only one side has (a field newer than the checkpoint) are not compared; a whole section switched on or
-    off (``lora``) is, as the section key itself.
-    """
-    return [(k, saved[k], now[k]) for k in sorted(saved.keys() & now.keys())
-            if saved[k] != now[k] and not _safe(k) and k not in allowed]
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 70 else text[:67] + "..."
-
-
-# ---- the lock ------------------------------------------------------------------------------------------------
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``output_dir/.preftune.lock`` for the life of a run; the file says who holds it.
-
-    The kernel releases the lock when its process dies, so a lock file left by a killed run is stale by
-    construction and is taken over (with a note naming the dead run's pid and host).
-    """
-
-    def __init__(self, path: Path, fd: int):
-        self.path, self.fd = path, fd
-
-    @classmethod
-    def acquire(cls, run_dir: Path, run_id: str, say) -> RunLock:
-        path = run_dir / LOCK_FILE
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_lock(fd)
-                os.close(fd)
-                raise PreftuneError(f"training.output_dir {run_dir} is in use by another run ({_who(holder)}); wait "
-                                    "for it to finish, or choose another training.output_dir") from None
-            try:  # a releasing run may have unlinked the file between our open and our flock: lock the new one
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        previous = _read_lock(fd)
-        if previous and previous.get("pid") != os.getpid():
-            say(f"run dir: took over the stale lock of {_who(previous)}: that run is no longer running")
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id, "started": _now()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        os.fsync(fd)
-        lock = cls(path.resolve(), fd)
-        _HELD[lock.path] = lock
-        return lock
-
-    def note(self, run_id: str) -> None:
-        """Name the run that holds the lock (known only once a resumed run's id is read)."""
-        me = {**_read_lock(self.fd), "run_id": run_id}
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(me).encode(), 0)
-
-    def release(self) -> None:
-        _HELD.pop(self.path, None)
-        if self.fd is None:
-            return
-        try:
-            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                self.path.unlink()
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
-
-    def __del__(self):
-        try:
-            self.release()
-        except Exception:  # interpreter shutdown
-            pass
-
-
-_HELD: dict[Path, RunLock] = {}  # the locks this process holds, by lock file
 
 
 _CLAIMED: dict[Path, RunDir] = {}  # the run directories this process has claimed, by resolved path
@@ -225,26 +55,7 @@ def release(output_dir) -> None:
     rd = _CLAIMED.pop(Path(output_dir).resolve(), None)
     if rd is not None:
         rd.release()
-    lock = _HELD.get((Path(output_dir) / LOCK_FILE).resolve())
-    if lock is not None:
-        lock.release()
-
-
-def _read_lock(fd: int) -> dict:
-    try:
-        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-    except (ValueError, OSError):
-        return {}
-
-
-def _who(info: dict) -> str:
-    if not info:
-        return "its lock file gives no details"
-    return f"pid {info.get('pid')} on host {info.get('host')}, run {info.get('run_id')}, started {info.get('started')}"
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    release_lock(output_dir)
 
 
 # ---- claiming ----------------------------------------------------------------------------------------------------
@@ -334,7 +145,7 @@ class RunDir:
         allowed = AFTER_NONFINITE if after_nonfinite else frozenset()
         changes = math_changes(saved, self.record, allowed)
         if changes:
-            listed = "; ".join(f"{k}: {_short(a)} there, {_short(b)} now" for k, a, b in changes)
+            listed = "; ".join(f"{k}: {short_repr(a)} there, {short_repr(b)} now" for k, a, b in changes)
             hint = ("only training.learning_rate may change after a non-finite stop" if after_nonfinite else
                     "eval/save/logging cadence, progress bar and monitor settings may change")
             raise PreftuneError(f"--resume: {path} was written with another config, and these keys change the "
@@ -355,7 +166,7 @@ class RunDir:
         good = mine[-1].path if mine else None
         if main:
             self._update(stop={"reason": "nonfinite", "step": step, "last_good": str(good) if good else None,
-                               "at": _now()})
+                               "at": now()})
         if good is not None:
             where = (f"the last good checkpoint is {good}: resume from it with a lower learning rate, "
                      f"`preftune train CONFIG --resume {good} --set training.learning_rate=...` (a changed "
@@ -437,10 +248,10 @@ def claim(cfg, *, resume=None, overwrite: bool = False, processes: int = 1, main
         if resume:
             _choose(rd, latest, explicit, finished=(path / "final").exists(), prior=prior)
             lock.note(rd.run_id)
-        history = info.get("history", []) + [{"started": _now(), "host": socket.gethostname(), "pid": os.getpid(),
+        history = info.get("history", []) + [{"started": now(), "host": socket.gethostname(), "pid": os.getpid(),
                                               "resumed_from": str(rd.resume_from) if rd.resume_from else None}]
         # a non-finite stop stays on record: resuming from before it may change the learning rate, also twice
-        write_text_atomic(path / RUN_FILE, json.dumps({"run_id": rd.run_id, "created": info.get("created", _now()),
+        write_text_atomic(path / RUN_FILE, json.dumps({"run_id": rd.run_id, "created": info.get("created", now()),
                                                        "history": history, "stop": info.get("stop")}, indent=1))
         return rd
     except BaseException:
