@@ -143,7 +143,8 @@ def worker_preftune(a) -> dict:
         "reference": {"precompute": True, "cache_dir": str(a.run_dir / "refcache")},  # fresh: no cache hit
         "training": {"output_dir": str(a.run_dir), "learning_rate": LR, "per_device_batch_size": BATCH,
                      "gradient_accumulation_steps": ACCUM, "max_steps": a.steps, "max_length": MAX_LENGTH,
-                     "precision": a.precision, "save_model": False, "progress_bar": False, "logging_every": 1},
+                     "precision": a.precision, "allow_slow_bf16": True, "save_model": False, "progress_bar": False,
+                     "logging_every": 1},
     }
     if a.engine_json:
         config["engine"] = json.loads(a.engine_json)

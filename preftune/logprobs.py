@@ -47,8 +47,10 @@ def _head_of(model: nn.Module):
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
-            scale: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            scale: float | None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 logits z (C, V) of one chunk, and tanh(s / softcap) (C, V) when softcapped (backward needs it).
+
+    ``temperature`` divides the final logits (after the softcap), as sampling at that temperature did.
 
     hidden (C, H) and weight (V, H) arrive already in the compute dtype (bf16 under autocast); the product is
     taken in that dtype and upcast, as the model's own head would under autocast.
@@ -57,9 +59,9 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if scale is not None:
         z.mul_(scale)
     if softcap is None:
-        return z, None
+        return (z if temperature == 1.0 else z.div_(temperature)), None
     t = torch.tanh(z / softcap)  # (C, V)
-    return t * softcap, t
+    return t * (softcap / temperature), t
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -81,7 +83,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, softcap, scale):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, softcap, scale, temperature=1.0):
         device = hidden.device.type
         dtype = _compute_dtype(hidden)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
@@ -90,7 +92,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
             for s in range(0, hidden.shape[0], chunk_size):
-                z, _ = _logits(hidden[s : s + chunk_size].to(dtype), w, b, softcap, scale)  # (C, V) fp32
+                z, _ = _logits(hidden[s : s + chunk_size].to(dtype), w, b, softcap, scale, temperature)  # (C, V)
                 target = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1)  # (C,)
                 m = z.amax(1, keepdim=True)  # (C, 1)
                 norm = z.sub_(m).exp_().sum(1).log_().add_(m.squeeze(1))  # (C,) in-place: z is spent
@@ -98,6 +100,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 out[s : s + chunk_size] = target - norm
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.softcap, ctx.scale, ctx.dtype = chunk_size, softcap, scale, dtype
+        ctx.temperature = temperature
         return out
 
     @staticmethod
@@ -115,9 +118,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s : s + chunk].to(dtype)  # (C, H)
                 g = grad_out[s : s + chunk, None]  # (C, 1)
-                z, t = _logits(h, w, b, softcap, scale)  # (C, V) fp32
+                z, t = _logits(h, w, b, softcap, scale, ctx.temperature)  # (C, V) fp32
                 dz = z.sub_(lse[s : s + chunk, None]).exp_().mul_(-g)  # (C, V) = -g * softmax
                 dz.scatter_add_(1, targets[s : s + chunk, None], g)  # + g at the target
+                if ctx.temperature != 1.0:
+                    dz.div_(ctx.temperature)
                 if softcap is not None:
                     dz.mul_(1 - t * t)
                 if scale is not None:
@@ -132,12 +137,14 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 if need_b:
                     grad_b.add_(dz.sum(0))
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
 def token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int,
-                softcap: float | None = None, scale: float | None = None) -> torch.Tensor:
+                softcap: float | None = None, scale: float | None = None, temperature: float = 1.0) -> torch.Tensor:
     """Log-prob of each target under the LM head, chunked; hidden (N, H), targets (N,) -> (N,) fp32.
+
+    ``temperature`` T: log-probs of softmax(z / T), the distribution sampling at T drew from.
 
     At most ``chunk_size`` x V logits exist at any time, in forward and in backward (which recomputes them);
     see :class:`_ChunkedTokenLogps` for the naive equivalent, which ``chunk_size=0`` runs instead.
@@ -149,10 +156,10 @@ def token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, ch
         dtype = _compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             z, _ = _logits(hidden.to(dtype), head.weight.to(dtype), None if bias is None else bias.to(dtype), softcap,
-                           scale)  # (N, V) fp32
+                           scale, temperature)  # (N, V) fp32
         return z.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     return _ChunkedTokenLogps.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk_size, softcap,
-                                    scale)
+                                    scale, temperature)
 
 
 def attention_mask_for(model: nn.Module, mask: torch.Tensor):
@@ -187,6 +194,10 @@ def attention_mask_for(model: nn.Module, mask: torch.Tensor):
 class LogpModel(nn.Module):
     """Wraps a causal LM so that ``forward(batch) -> (logps (S,), lengths (S,))``.
 
+    ``per_token=True``: the log-prob of every completion token instead, (N,) in ``target_index`` order (which
+    sequence each belongs to: ``target_seq``), for token-level losses (GRPO, PPO). ``temperature``: log-probs of
+    the tempered distribution softmax(z / T) that on-policy samples were drawn from.
+
     A module of its own so that DDP (``accelerate``) wraps the whole log-prob computation and its gradient
     hooks fire as usual. ``compile=True``: the decoder layers run compiled (:class:`CompiledLayers`).
     """
@@ -198,7 +209,7 @@ class LogpModel(nn.Module):
         self.compiled = CompiledLayers(model) if compile else None
 
     def forward(self, input_ids, position_ids, attention_mask, target_index, target_ids, target_seq,
-                num_sequences: int):
+                num_sequences: int, per_token: bool = False, temperature: float = 1.0):
         decoder, head, softcap, scale = _head_of(self.model)
         with self.compiled.active() if self.compiled is not None else contextlib.nullcontext():
             hidden = decoder(
@@ -206,7 +217,9 @@ class LogpModel(nn.Module):
                 position_ids=position_ids, use_cache=False,
             ).last_hidden_state  # (R, T, H)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)  # (N, H)
-        tok = token_logps(picked, head, target_ids, self.chunk_size, softcap, scale)  # (N,)
+        tok = token_logps(picked, head, target_ids, self.chunk_size, softcap, scale, temperature)  # (N,)
+        if per_token:
+            return tok, torch.bincount(target_seq, minlength=num_sequences)
         logps = torch.zeros(num_sequences, dtype=tok.dtype, device=tok.device).index_add(0, target_seq, tok)  # (S,)
         lengths = torch.bincount(target_seq, minlength=num_sequences)  # (S,)
         return logps, lengths

@@ -236,11 +236,6 @@ def reference_mode(policy: nn.Module):
         policy.train(was_training)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters that train (all for full fine-tuning, the adapter for LoRA), by name."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def save_pretrained(model: nn.Module, tokenizer, out: Path) -> None:
     """Hugging Face format: the full model, or the adapter (``PeftModel.from_pretrained``), plus tokenizer.
 

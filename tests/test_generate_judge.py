@@ -29,7 +29,7 @@ from preftune.rollout.generate import (
     response_seed,
     run_generation,
 )
-from preftune.synth.pairs import build_pairs, judge_generations, length_bias, verdict_from_scores
+from preftune.synth.pairs import build_pairs, judge_generations, length_bias
 from preftune.toy import verifier_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,8 +244,26 @@ def test_score_fast_path_agrees_with_judge_many():
     judge = VerifierJudge(lambda p, r: len(r) / 10, tie_margin=0.15)
     items = [("p", "aaaa", "aa"), ("p", "aa", "aaa"), ("p", "a", "aaaaaa"), ("p", "aaa", "aaa")]
     naive = judge.judge_many(items)
-    fast = [verdict_from_scores(judge, len(a) / 10, len(b) / 10) for _, a, b in items]
+    fast = [judge.compare_scores(len(a) / 10, len(b) / 10) for _, a, b in items]
     assert [(v.winner, round(v.confidence, 9)) for v in fast] == [(v.winner, round(v.confidence, 9)) for v in naive]
+
+
+def test_a_response_the_judge_cannot_score_is_counted_and_the_run_goes_on(tmp_path):
+    # The verifier gives NaN for "fox dog cat owl" (a judge fault: no score, not a low one).
+    judge = VerifierJudge(lambda p, r: float("nan") if r == "fox dog cat owl" else float(verifier_score(p, r)),
+                          name="flaky")
+    res = build_pairs(ROWS, judge, mode="all")
+    # ROWS[0] has 3 distinct responses: (0, 1) is decided, (0, 4) and (1, 4) involve the unscored one.
+    assert [(p["chosen"], p["rejected"]) for p in res.pairs] == [("cat dog fox", "cat dog")]
+    assert res.reasons == {"judge_error": 2, "tie": 1, "too_few_responses": 1} and res.candidates == 5
+    assert [(u["index"], u["error"]) for u in res.unscored] == [(4, "non-finite score nan")]
+    gen, out = tmp_path / "gen.jsonl", tmp_path / "pairs.jsonl"
+    gen.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    res, _ = judge_generations(gen, judge, out, mode="best-vs-worst")
+    assert len(res.pairs) == 1 and "judge failed to score 1 responses" in res.summary()
+    assert json.loads(out.read_text())["lineage"]["scores"] == {"0": 1.0, "1": 0.0, "4": None}
+    with pytest.raises(PreftuneError, match="is the input"):
+        judge_generations(gen, judge, gen)
 
 
 def test_best_vs_worst_and_min_margin():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from preftune.config import LossConfig
+from preftune.data.batch import PreferenceBatch
 from preftune.data.collate import collate_padded, sequences_of
 from preftune.data.tokenize import TokenizedPair, TokenizedSingle
 from preftune.logprobs import LogpModel, naive_sequence_logps, sequence_logps
@@ -136,10 +137,12 @@ def test_averaging_instead_of_summing_changes_dpo_loss():
 
 
 def test_trainer_dpo_step_feeds_sums_not_means(model, toy_tok):
-    """The loop's paired step gives the loss of summed log-probs, never the per-token average."""
+    """The loop's paired step gives the loss of summed log-probs, never the per-token average. The sums are the
+    naive twin's (one sequence at a time, full logits), not the engine's own output: an engine that averaged
+    would otherwise agree with itself."""
     pairs = [TokenizedPair([2, 11, 9], [12, 13], [12, 14, 15, 16, 17]),  # chosen 2 tokens, rejected 5
              TokenizedPair([2, 20], [21, 22, 23, 24], [25])]  # chosen 4, rejected 1
-    batch = collate_padded(pairs, toy_tok.pad_token_id)
+    batch = PreferenceBatch(collate_padded(pairs, toy_tok.pad_token_id), paired=True)
     ref = torch.tensor([-9.0, -11.0, -20.0, -3.0])  # fixed reference sums: chosen 0..1, rejected 2..3
     objective = Objective.from_config(LossConfig(name="dpo", params={"beta": 0.5}))
 
@@ -148,7 +151,8 @@ def test_trainer_dpo_step_feeds_sums_not_means(model, toy_tok):
 
     with torch.no_grad():
         losses, metrics = paired_step(objective, logp_fn, batch, lambda b: (ref, None))
-        logps, lengths = logp_fn(batch)
+        logps, lengths = naive_sequence_logps(model, sequences_of(pairs))  # chosen 0..1, rejected 2..3
+    assert lengths.tolist() == [2, 4, 5, 1]
     n = 2
     by_sum = dpo(policy_chosen_logps=logps[:n], policy_rejected_logps=logps[n:], reference_chosen_logps=ref[:n],
                  reference_rejected_logps=ref[n:], beta=0.5).losses

@@ -26,7 +26,7 @@ import yaml
 import preftune
 from preftune import toy
 from preftune.cli import main as cli_main
-from preftune.config import check_loss_params, to_config
+from preftune.config import LossConfig, check_loss_params, to_config
 from preftune.errors import ConfigError
 from preftune.losses import bco_pair, registered_losses
 from preftune.trainer.sanity import check_hyperparameters
@@ -241,7 +241,7 @@ def test_warnings_are_printed_once_and_do_not_stop_training(tmp_path):
     }, log=lambda *a: lines.append(" ".join(map(str, a))))
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 2
-    assert warnings[0].startswith("warning: loss.beta = 5") and "0.01-1.0" in warnings[0]
+    assert warnings[0].startswith("warning: loss.beta = 5") and "0.01-0.5" in warnings[0]
     assert warnings[1].startswith("warning: training.learning_rate = 0.001")
 
 
@@ -249,9 +249,13 @@ def test_warnings_are_printed_once_and_do_not_stop_training(tmp_path):
 
 
 def test_bco_delta_is_not_a_config_key():
-    cfg = _cfg({"name": "bco_pair", "beta": 0.1, "delta": 0.3})
+    # δ is trainer state (LossSpec.state), not a hyperparameter: the config check refuses it, and so does the
+    # Objective for a config that skipped that check.
+    with pytest.raises(ConfigError, match="loss.delta"):
+        _cfg({"name": "bco_pair", "beta": 0.1, "delta": 0.3})
+    unchecked = LossConfig(name="bco_pair", params={"beta": 0.1, "delta": 0.3})  # built without to_config
     with pytest.raises(ConfigError, match="loss.delta is maintained by the trainer"):
-        Objective.from_config(cfg.loss)
+        Objective.from_config(unchecked)
 
 
 def test_bco_delta_is_the_running_mean_of_past_rewards():

@@ -174,3 +174,19 @@ def test_a_broken_line_elsewhere_names_the_file_and_line(first, tmp_path, capsys
     (run_dir / "metrics.jsonl").write_text("".join(lines[:1] + lines[2:]))
     with pytest.raises(PreftuneError, match=rf"metrics.jsonl:{len(lines) - 1}: not a JSON record"):
         read_metrics(run_dir)
+
+
+def test_resume_auto_continues_when_it_can_and_starts_afresh_otherwise(dpo_config, make_model, train_pairs,
+                                                                        tmp_path):
+    """For drivers that rerun a trial (``tune``): ``resume="auto"``."""
+    def cfg(**training):
+        return dpo_config(make_model(seed=0), train_pairs[:24], training={"max_steps": 4, **training})
+
+    preftune.train(cfg(), resume="auto", log=lambda *_: None)  # fresh directory: a fresh start
+    lines = []
+    preftune.train(cfg(), resume="auto", log=lines.append)  # no checkpoint to continue: replaced
+    assert any("--overwrite: removed the previous run" in line for line in lines)
+    preftune.train(cfg(save_every=2), overwrite=True, log=lambda *_: None)
+    lines.clear()
+    preftune.train(cfg(save_every=2), resume="auto", log=lines.append)
+    assert any("resumed from" in line and "at step 2" in line for line in lines)

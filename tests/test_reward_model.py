@@ -67,7 +67,8 @@ def test_spec_and_config():
     assert spec.data == "reward" and not spec.needs_reference and spec.hyperparameters == ("center_coef",)
     cfg = to_config({"task": "reward", "model": "m", "training": {"output_dir": "o", "learning_rate": 1e-5}})
     assert cfg.loss.name == "bradley_terry"  # the task's default loss
-    assert to_config({"model": "m", "training": {"output_dir": "o", "learning_rate": 1e-5}}).loss.name == "dpo"
+    assert to_config({"model": "m", "loss": {"beta": 0.1},  # beta: dpo has no safe default
+                      "training": {"output_dir": "o", "learning_rate": 1e-5}}).loss.name == "dpo"
     with pytest.raises(ConfigError, match="is a policy loss"):
         check_loss_params(to_config({"task": "reward", "model": "m", "loss": {"name": "dpo", "beta": 0.1},
                                      "training": {"output_dir": "o", "learning_rate": 1e-5}}))

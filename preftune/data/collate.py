@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.data.tokenize import TokenizedPair, TokenizedSingle
+from preftune.data.tokenize import TokenizedGroup, TokenizedPair, TokenizedSingle
 
 
 @dataclass
@@ -60,14 +60,18 @@ class SequenceBatch:
                 self.target_seq, self.num_sequences)
 
 
-def sequences_of(examples: Sequence[TokenizedPair | TokenizedSingle]) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, completion_ids) per sequence, in the contract's order."""
+def sequences_of(examples: Sequence[TokenizedPair | TokenizedSingle | TokenizedGroup]) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, completion_ids) per sequence, in the contract's order (completion k of example u is
+    sequence u + k·n: pairs give chosen 0..n-1, rejected n..2n-1)."""
+    if examples and isinstance(examples[0], TokenizedGroup):
+        size = len(examples[0].completions)
+        return [(e.prompt_ids, e.completions[k]) for k in range(size) for e in examples]
     if examples and isinstance(examples[0], TokenizedPair):
         return [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
     return [(e.prompt_ids, e.completion_ids) for e in examples]
 
 
-def collate_padded(examples: Sequence[TokenizedPair | TokenizedSingle], pad_id: int) -> SequenceBatch:
+def collate_padded(examples: Sequence[TokenizedPair | TokenizedSingle | TokenizedGroup], pad_id: int) -> SequenceBatch:
     """One right-padded row per sequence."""
     seqs = sequences_of(examples)
     width = max(len(p) + len(c) for p, c in seqs)

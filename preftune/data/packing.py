@@ -4,9 +4,10 @@
     packed         several pairs a row: [prompt1 | chosen1 | rejected1 | prompt2 | chosen2 | rejected2 | pad]
 
 Both hand the model a 4-D bool mask (R, 1, T, T), True = may attend, built from three per-token labels:
-``unit`` (which pair in the row; -1 for padding), ``part`` (0 prompt, 1 chosen, 2 rejected) and the row order::
+``unit`` (which pair in the row; -1 for padding), ``part`` (0 prompt, 1 chosen, 2 rejected; for a group of G
+completions 1..G) and the row order::
 
-    may_attend[q, k] = unit[q] == unit[k]  and  k <= q  and  not (part[q] == rejected and part[k] == chosen)
+    may_attend[q, k] = unit[q] == unit[k]  and  k <= q  and  (part[k] == prompt  or  part[k] == part[q])
 
 so chosen sees prompt + chosen causally and rejected sees prompt + rejected causally, never chosen. Positions
 restart per pair, and rejected restarts at ``len(prompt)``: every sequence sees exactly the positions and
@@ -18,7 +19,8 @@ The first rejected token is predicted by the last prompt token, the same hidden 
 chosen token: its ``target_index`` points there, not at the last chosen token just before it in the row.
 
 Singles (unpaired losses, SFT) have no second completion to share a prompt with: ``shared_prompt`` lays them
-out as padded rows, ``packed`` packs them like pairs with ``part`` 0 / 1.
+out as padded rows, ``packed`` packs them like pairs with ``part`` 0 / 1. Groups (GRPO: one prompt, G on-policy
+completions) are the same idea with G completions: the prompt runs once for all of them.
 """
 
 from __future__ import annotations
@@ -29,17 +31,22 @@ from collections.abc import Sequence
 import torch
 
 from preftune.data.collate import SequenceBatch, collate_padded
-from preftune.data.tokenize import TokenizedPair, TokenizedSingle
+from preftune.data.tokenize import TokenizedGroup, TokenizedPair, TokenizedSingle
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
 
-def _units(examples: Sequence[TokenizedPair | TokenizedSingle]) -> list[tuple[list[int], ...]]:
-    """(prompt, chosen, rejected) per pair or (prompt, completion) per single, in example order."""
+def _units(examples: Sequence[TokenizedPair | TokenizedSingle | TokenizedGroup]) -> list[tuple[list[int], ...]]:
+    """(prompt, chosen, rejected) per pair, (prompt, completion) per single, (prompt, c_1, ..., c_G) per group,
+    in example order."""
     units = []
     for e in examples:
-        unit = (e.prompt_ids, e.chosen_ids, e.rejected_ids) if isinstance(e, TokenizedPair) else (
-            e.prompt_ids, e.completion_ids)
+        if isinstance(e, TokenizedGroup):
+            unit = (e.prompt_ids, *e.completions)
+        elif isinstance(e, TokenizedPair):
+            unit = (e.prompt_ids, e.chosen_ids, e.rejected_ids)
+        else:
+            unit = (e.prompt_ids, e.completion_ids)
         if not unit[0]:
             raise ValueError("an empty prompt leaves the first completion token without a predicting position; "
                              "tokenize with a BOS token or a non-empty prompt")
@@ -48,8 +55,11 @@ def _units(examples: Sequence[TokenizedPair | TokenizedSingle]) -> list[tuple[li
 
 
 def _build(units: list[tuple[list[int], ...]], rows: list[list[int]], pad_id: int) -> SequenceBatch:
-    """Lay out ``units`` (pairs or singles) as ``rows`` (lists of unit indices, in row order)."""
-    paired = len(units[0]) == 3
+    """Lay out ``units`` (pairs, singles or groups of one size) as ``rows`` (lists of unit indices, in row order).
+
+    Completion k of unit u is sequence ``u + k·n`` (n units): for pairs, chosen 0..n-1 then rejected n..2n-1.
+    """
+    per_unit = len(units[0]) - 1  # completions per unit
     n = len(units)
     width = max(sum(sum(len(p) for p in units[u]) for u in row) for row in rows)
     R = len(rows)
@@ -83,13 +93,14 @@ def _build(units: list[tuple[list[int], ...]], rows: list[list[int]], pad_id: in
             unit_of[r, start:at] = u
     same = unit_of[:, :, None] == unit_of[:, None, :]  # (R, T, T)
     causal = torch.ones((width, width), dtype=torch.bool).tril()  # (T, T)
-    crossing = (part[:, :, None] == REJECTED) & (part[:, None, :] == CHOSEN)  # (R, T, T) rejected -> chosen
-    mask = (same & causal & ~crossing)[:, None]  # (R, 1, T, T)
+    # A completion sees its prompt and itself: never another completion of its unit (rejected never sees chosen).
+    own = (part[:, None, :] == PROMPT) | (part[:, :, None] == part[:, None, :])  # (R, T, T) query x key
+    mask = (same & causal & own)[:, None]  # (R, 1, T, T)
     real = int((unit_of >= 0).sum())
     return SequenceBatch(
         input_ids, positions, mask,
         torch.tensor(index, dtype=torch.long), torch.tensor(ids, dtype=torch.long),
-        torch.tensor(seq_of, dtype=torch.long), n * (2 if paired else 1), real,
+        torch.tensor(seq_of, dtype=torch.long), n * per_unit, real,
     )
 
 
@@ -135,8 +146,11 @@ def collate_packed(examples: Sequence[TokenizedPair | TokenizedSingle], pad_id: 
     return _build(units, pack_rows([unit_length(e) for e in examples], max_row_tokens), pad_id)
 
 
-def unit_length(example: TokenizedPair | TokenizedSingle) -> int:
-    """Tokens an example occupies in the shared-prompt and packed layouts: P + C + Rj for a pair, P + C alone."""
+def unit_length(example: TokenizedPair | TokenizedSingle | TokenizedGroup) -> int:
+    """Tokens an example occupies in the shared-prompt and packed layouts: P + C + Rj for a pair, P + C alone,
+    P + C_1 + ... + C_G for a group."""
+    if isinstance(example, TokenizedGroup):
+        return len(example.prompt_ids) + sum(len(c) for c in example.completions)
     if isinstance(example, TokenizedPair):
         return len(example.prompt_ids) + len(example.chosen_ids) + len(example.rejected_ids)
     return len(example.prompt_ids) + len(example.completion_ids)
@@ -146,6 +160,12 @@ def padding_fraction(batch: SequenceBatch) -> float:
     """Share of the R x T token slots the forward pass spends on padding."""
     slots = batch.input_ids.numel()
     return 1.0 - batch.num_tokens / slots if slots else 0.0
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,

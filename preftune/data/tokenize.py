@@ -25,6 +25,14 @@ class TokenizedPair:
 
 
 @dataclass
+class TokenizedGroup:
+    """G completions of one prompt (an on-policy group: GRPO); completion k of group u is sequence u + k·n."""
+
+    prompt_ids: list[int]
+    completions: list[list[int]]
+
+
+@dataclass
 class TokenizedSingle:
     """One completion (unpaired losses, SFT)."""
 
@@ -108,6 +116,11 @@ class Tokenization:
             self.stats.truncated["completion"] += 1
             ids = ids[:room]
         return ids
+
+    def prompt_ids(self, prompt) -> list[int]:
+        """A prompt (text, or messages rendered by the chat template with the generation prompt) as the ids a
+        completion is generated after, truncated by the same rules as in training; raises Skip when unusable."""
+        return self._prompt_ids(prompt)
 
     # -- records ------------------------------------------------------------------------------------------
     def pair(self, rec: PairRecord) -> TokenizedPair:

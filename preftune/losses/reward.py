@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from preftune.losses.base import LossOutput, LossSpec, register_loss
+from preftune.losses.ranges import nonnegative, typical
 
 
 def bradley_terry(
@@ -60,7 +61,9 @@ register_loss(
         fn=bradley_terry,
         needs_reference=False,
         data="reward",
-        hyperparameters=("center_coef",),
+        ranges={"center_coef": nonnegative("below 0 the term rewards a large r_w + r_l and is unbounded below")},
+        typical={"center_coef": typical(0.0, 0.1, "Eisenstein et al. (2312.09244) and TRL's "
+                                                  "center_rewards_coefficient use 0.01")},
         description="Reward model (task: reward): −log σ(r_w − r_l − m) + η·(r_w + r_l)²; scores, not log-probs.",
     )
 )

@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from preftune.losses.base import LossOutput, LossSpec, register_loss
+from preftune.losses.ranges import nonnegative, positive, typical
+
+# SimPO γ: the paper searches 0.3-1.6 at β 2-2.5; its later β = 10 recipes keep γ/β at 0.3-0.5.
+GAMMA_TYPICAL = (0.3, 1.6)
+GAMMA_OVER_BETA_TYPICAL = (0.3, 0.5)
 
 
 def simpo(
@@ -31,7 +36,7 @@ def simpo(
 
     Note: γ is the paper's margin. TRL's CPOTrainer (loss_type="simpo") instead takes ``simpo_gamma`` ≡ γ and
     ``cpo_alpha``; the official SimPO repo and some configs use ``gamma_beta_ratio`` = γ/β. Convert before
-    comparing. Takes *summed* log-probs plus lengths and averages itself (reduction="sum",
+    comparing. Takes *summed* log-probs plus lengths and averages itself (its spec has
     needs_lengths=True); lengths are clamped to ≥ 1. Rewards are β·π/|y|, detached.
 
     Args:
@@ -46,13 +51,30 @@ def simpo(
     return LossOutput(losses=losses, chosen_rewards=r_w.detach(), rejected_rewards=r_l.detach())
 
 
+def _gamma_warnings(values: dict[str, float]) -> list[str]:
+    """γ outside 0.3-1.6 is unusual unless γ/β is in 0.3-0.5 (the paper's β = 10 recipes)."""
+    gamma, beta = values.get("gamma"), values.get("beta")
+    if gamma is None:
+        return []
+    ratio_ok = bool(beta) and GAMMA_OVER_BETA_TYPICAL[0] <= gamma / beta <= GAMMA_OVER_BETA_TYPICAL[1]
+    if GAMMA_TYPICAL[0] <= gamma <= GAMMA_TYPICAL[1] or ratio_ok:
+        return []
+    return [f"loss.gamma = {gamma:g} is outside the usual range for simpo: 0.3-1.6 at β 2-2.5, or γ/β 0.3-0.5 "
+            "at β 10 (Meng et al., 2405.14734)"]
+
+
 register_loss(
     LossSpec(
         name="simpo",
         fn=simpo,
         needs_reference=False,
         needs_lengths=True,
-        hyperparameters=("beta", "gamma"),
         description="SimPO: length-normalised log σ(β·Δ(mean logp) − γ); no reference model.",
+        ranges={"beta": positive("at beta = 0 the loss ignores the policy and below 0 it learns the rejected side"),
+                "gamma": nonnegative("a target margin in reward units (Meng et al., Eq. 6: γ > 0; γ = 0 is the "
+                                     "paper's no-margin ablation)")},
+        typical={"beta": typical(2.0, 10.0, "SimPO uses 2-10 (Meng et al., 2405.14734), far above DPO's")},
+        extra_warnings=_gamma_warnings,
+        reward_scale="beta",
     )
 )

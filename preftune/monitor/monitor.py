@@ -30,6 +30,7 @@ Only the main process generates, judges and writes; the stop decision is shared 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -39,6 +40,7 @@ import torch
 from preftune.errors import ConfigError
 from preftune.eval.drift import completion_token_logps, end_ids, generate_ids, generation_stats, kl_estimates
 from preftune.fsio import write_dir_atomic
+from preftune.losses import get_loss
 from preftune.models import is_peft, reference_mode, save_pretrained
 from preftune.monitor import samples as samples_mod
 from preftune.monitor.health import check_alarms, diagnose
@@ -52,6 +54,23 @@ def metric_direction(metric: str, mode: str) -> str:
     if mode != "auto":
         return mode
     return "max" if any(w in metric for w in ("accurac", "margin", "reward", "win")) else "min"
+
+
+def reward_scale(loss_cfg) -> float | None:
+    """The factor of the logged implicit rewards (β for DPO, λ for ORPO), read from the loss spec's
+    ``reward_scale``: of the first loss that has one (a weighted mix logs the first component's rewards that
+    exist, and the SFT term has none), with its default when the config leaves it out. None when no loss scales
+    its rewards or the value is not a positive number (the rewards are then taken as nats)."""
+    names = loss_cfg.name if isinstance(loss_cfg.name, list) else [loss_cfg.name]
+    spec = next((s for s in map(get_loss, names) if s.reward_scale is not None), None)
+    if spec is None:
+        return None
+    value = loss_cfg.params.get(spec.reward_scale, spec.defaults.get(spec.reward_scale))
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 class Monitor:
@@ -69,6 +88,9 @@ class Monitor:
     """
 
     def __init__(self, cfg, policy, tokenizer, eval_set, ref_model, accelerator, say=print):
+        if cfg.monitor.early_stopping_metric is None:  # the natural held-out metric of the run's kind
+            default = "eval/reward/mean" if getattr(cfg, "rollout", None) is not None else "eval/loss"
+            cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, early_stopping_metric=default))
         self.mc = mc = cfg.monitor
         self.run_dir = Path(cfg.training.output_dir)
         self.policy, self.tokenizer, self.accelerator, self.say = policy, tokenizer, accelerator, say
@@ -86,8 +108,7 @@ class Monitor:
             raise ConfigError(f"monitor.early_stopping_metric: expected 'eval/<key>' or 'monitor/<key>' (a "
                               f"metrics.jsonl split and key, e.g. eval/loss), got {mc.early_stopping_metric!r}")
         self.mode = metric_direction(mc.early_stopping_metric, mc.early_stopping_mode)
-        beta = cfg.loss.params.get("beta")
-        self.beta = float(beta) if isinstance(beta, (int, float)) and beta > 0 else None  # rewards -> nats
+        self.beta = reward_scale(cfg.loss)  # logged rewards / beta -> nats
         self.prompts: list[list[int]] = []
         self.enabled = bool(mc.enabled) and len(eval_set) > 0
         if mc.enabled and not len(eval_set):

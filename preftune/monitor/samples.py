@@ -59,9 +59,12 @@ def write_samples(run_dir: Path, step: int, prompts: list[str], policy: list[str
     return rows
 
 
-def read_samples(run_dir: Path) -> list[dict]:
-    """The rows of ``samples.jsonl``; a half-written last line (a kill) is skipped, as in ``metrics.jsonl``."""
-    return read_records(Path(run_dir) / "samples.jsonl", "sample row")
+def read_samples(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """Rows of ``samples.jsonl``: the monitor's side-by-side samples (``kind`` None), or the rows of another
+    kind (``"rollout"``: an on-policy run's prompt, chosen, rejected and rewards at each evaluation). A
+    half-written last line (a kill) is skipped, as in ``metrics.jsonl``."""
+    rows = read_records(Path(run_dir) / "samples.jsonl", "sample row")
+    return [r for r in rows if r.get("kind") == kind]
 
 
 def truncate_samples(run_dir: Path, upto: int) -> None:

@@ -25,11 +25,14 @@ import torch
 from preftune.config import check_loss_params
 from preftune.data.load import is_local_path
 from preftune.data.prepare import ExampleSet, prepare_data
+from preftune.data.prompts import prepare_prompts
 from preftune.data.tokenize import Tokenization
 from preftune.errors import PreftuneError
+from preftune.hardware import bf16_refusal
 from preftune.logprobs import LogpModel
 from preftune.models import MODEL_KINDS, apply_lora, freeze, load_causal_lm, load_tokenizer, reference_mode
 from preftune.monitor.monitor import Monitor
+from preftune.rollout.sources import on_policy_source
 from preftune.runlog import MetricWriter, truncate_after
 from preftune.trainer import checkpoint as ckpt
 from preftune.trainer import rundir
@@ -91,7 +94,7 @@ class Run:
                               enabled=self.cfg.training.precision == "bf16")
 
     def logp_fn(self, batch):
-        return self.model(*batch.model_args())
+        return self.model(*batch.model_args(), **batch.model_kwargs())
 
     def checkpoint(self, step: int) -> None:
         """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position."""
@@ -124,6 +127,9 @@ def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
     # the lock, a used directory refused, the checkpoint to resume and its config checked: before any loading
     claimed = rundir.claim_run(cfg, resume=resume, overwrite=overwrite, accelerator=accelerator, say=say)
     bf16 = tc.precision == "bf16"
+    refusal = bf16_refusal(device.type, tc.allow_slow_bf16) if bf16 else None
+    if refusal:
+        raise PreftuneError(refusal)
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -135,10 +141,15 @@ def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     tokenization = Tokenization(tokenizer, max_length=tc.max_length, max_prompt_length=cfg.data.max_prompt_length,
                                 truncation_mode=cfg.data.truncation_mode)
-    train_set, eval_set, drops = prepare_data(cfg.data, objective.data, tokenization, tc.seed,
-                                              run_dir if main else None, say, kl=objective.needs_kl)
-    for line in objective.setup(train_set.examples):  # data-dependent loss settings (e.g. auto class weights)
-        say(f"loss: {line}")
+    on_policy = cfg.rollout is not None
+    if on_policy:  # prompts only: the responses come from the policy at every step
+        train_set, eval_set, drops = prepare_prompts(cfg.data, tokenization, tc.seed, run_dir if main else None,
+                                                     say)
+    else:
+        train_set, eval_set, drops = prepare_data(cfg.data, objective.data, tokenization, tc.seed,
+                                                  run_dir if main else None, say, kl=objective.needs_kl)
+        for line in objective.setup(train_set.examples):  # data-dependent loss settings (e.g. auto class weights)
+            say(f"loss: {line}")
     policy = kind.load(cfg.model, tokenizer).to(device)  # the model that trains: policy or reward model
     if cfg.engine.compile and device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
         raise PreftuneError("engine.compile on CPU needs a C++ compiler (g++ or clang++) for inductor's kernels; "
@@ -152,10 +163,11 @@ def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
     layout = kind.layout or cfg.engine.layout
 
     # ---- reference ---------------------------------------------------------------------------------------
+    # Precomputed only for static data; an on-policy source's sequences exist only once sampled.
     reference_fn, ref_model = None, None
     if objective.needs_reference:
         ref_model, reference_fn = _reference(cfg, policy, [train_set, eval_set], tokenization, pad_id, autocast,
-                                             accelerator, say)
+                                             accelerator, say, precompute=cfg.reference.precompute and not on_policy)
 
     # ---- monitor: fixed held-out prompts and the reference's outputs on them (before any step) -------------
     # A reward model does not generate: it keeps the health checks, alarms, early stopping and the best model.
@@ -168,10 +180,17 @@ def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
     optimizer = build_optimizer(policy, tc)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = tc.per_device_batch_size, tc.gradient_accumulation_steps
-    source = StaticSource(train_set, micro=micro, accum=accum, world=world, rank=rank, seed=tc.seed,
-                          pad_id=pad_id, layout=layout, device=device, group_by_length=cfg.engine.group_by_length)
+    geometry = dict(micro=micro, accum=accum, world=world, rank=rank, seed=tc.seed, pad_id=pad_id, layout=layout,
+                    device=device)
+    if on_policy:
+        source = on_policy_source(objective.data, cfg, train_set, eval_set, policy=policy, tokenizer=tokenizer,
+                                  run_dir=run_dir if main else None, accelerator=accelerator, **geometry)
+        eval_set = ExampleSet([])  # held-out prompts are the source's to evaluate; the monitor keeps them
+    else:
+        source = StaticSource(train_set, group_by_length=cfg.engine.group_by_length, **geometry)
     if source.steps_per_epoch == 0:
-        raise PreftuneError(f"{len(train_set)} training examples are fewer than one optimizer step needs "
+        raise PreftuneError(f"{len(train_set)} training {'prompts' if on_policy else 'examples'} are fewer than one "
+                            "optimizer step needs "
                             f"({micro} per device x {world} processes x {accum} accumulation)")
     total_steps = tc.max_steps or max(1, math.ceil(tc.num_epochs * source.steps_per_epoch))
     scheduler = build_scheduler(optimizer, tc, total_steps)
@@ -194,7 +213,8 @@ def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
     return run
 
 
-def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autocast, accelerator, say):
+def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autocast, accelerator, say, *,
+               precompute: bool):
     """(reference model kept for the monitor or None, live reference scoring function or None).
 
     Precomputed: once, before the first step (the policy *is* the reference then), cached on disk; the numbers
@@ -202,7 +222,7 @@ def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autoca
     frozen copy (full fine-tuning), scored live.
     """
     ref_model = freeze(load_causal_lm(cfg.reference.model).to(accelerator.device)) if cfg.reference.model else None
-    if cfg.reference.precompute:
+    if precompute:
         source = ref_model if ref_model is not None else policy
         for name, dataset in zip(("train", "eval"), sets):
             common = dict(cfg=cfg, tokenization_fp=tokenization.fingerprint, pad_id=pad_id, autocast=autocast,
@@ -217,6 +237,6 @@ def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autoca
 
     def reference_fn(batch):
         with reference_mode(ref_logp.model):
-            return ref_logp(*batch.model_args())
+            return ref_logp(*batch.model_args(), **batch.model_kwargs())
 
     return ref_model, reference_fn

@@ -20,20 +20,21 @@ from pathlib import Path
 import torch
 
 from preftune.config import to_config
+from preftune.data.packing import epoch_order  # noqa: F401  (re-exported: the order tests read it here)
 from preftune.models import save_pretrained
 from preftune.trainer import rundir
 from preftune.trainer.build import Run, build_run
 from preftune.trainer.checkpoint import parameters_finite
 from preftune.trainer.heap import reuse_freed_memory
 from preftune.trainer.metrics import MetricSums
-from preftune.trainer.source import epoch_order  # noqa: F401  (re-exported: the order tests read it here)
 
 
 def train(config, *, resume: str | bool | None = None, overwrite: bool = False, log=print) -> dict:
     """Run one training job; returns the summary also written to ``output_dir/train_summary.json``.
 
     ``config`` is a :class:`~preftune.config.Config`, a dict or a YAML path. ``config.model`` may be a loaded
-    model and ``config.data.train`` a ``datasets.Dataset``. ``resume``: True/"latest" or a checkpoint path;
+    model and ``config.data.train`` a ``datasets.Dataset``. ``resume``: True/"latest" or a checkpoint path
+    (``"auto"``: the newest checkpoint if there is one, else a fresh start replacing an attempt without one);
     ``overwrite``: replace the previous run in ``output_dir`` (a used directory is refused without one of them).
     """
     cfg = to_config(config)
@@ -60,16 +61,23 @@ def run_steps(run: Run) -> dict:
         t0 = time.perf_counter()
         # -- forward and backward over the accumulation micro-batches
         sums, tokens, bad = MetricSums(), 0, False
+        source_time, t_next = 0.0, time.perf_counter()
         for m, batch in enumerate(run.source.micro_batches(step)):
+            source_time += time.perf_counter() - t_next
             sync = contextlib.nullcontext() if m == accum - 1 else acc.no_sync(run.model)
             with sync:
                 with run.autocast():
                     losses, metrics = run.step_fn(run.objective, run.logp_fn, batch, run.reference_fn)
-                loss = losses.float().mean() / accum
+                loss = batch.reduce(losses, accum)
                 bad = bad or not torch.isfinite(loss).item()
                 acc.backward(loss)
-            sums.add({"loss": losses, **metrics})
+            sums.add(batch.kept({"loss": losses, **metrics}))
             tokens += batch.num_tokens
+            t_next = time.perf_counter()
+        source_time += time.perf_counter() - t_next
+        if not sums.sums:  # the source had nothing to learn from at this step (e.g. every reward tied)
+            _no_signal(run, step)
+            continue
         # -- clip and update, unless some process saw a non-finite loss or gradient
         params = [p for p in run.policy.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
@@ -93,6 +101,8 @@ def run_steps(run: Run) -> dict:
         totals["samples"] += per_step
         values = sums.means(acc)
         values.update(run.source.metrics(step))
+        if not run.source.static:
+            values["time/train_s"] = dt - source_time
         values.update(grad_norm=float(grad_norm), learning_rate=run.scheduler.get_last_lr()[0],
                       tokens_per_second=total_tokens / dt, epoch=step / run.source.steps_per_epoch)
         totals["last_train"] = values
@@ -124,6 +134,17 @@ def _any_process(accelerator, flag: bool) -> bool:
     return value.item() > 0
 
 
+def _no_signal(run: Run, step: int) -> None:
+    """A step without a single usable example on any process: no update (the schedule still advances, so a
+    resumed run stays aligned); the source's metrics are logged and the user is told why."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    values = {**run.source.metrics(step), "learning_rate": run.scheduler.get_last_lr()[0]}
+    run.say(f"step {step + 1}: {values.get('rollout/why', 'no usable examples')}: no learning signal, update skipped")
+    if run.writer:
+        run.writer.write(step + 1, "train", {k: v for k, v in values.items() if not isinstance(v, str)})
+
+
 def _nonfinite(run: Run, step: int, consecutive: int) -> None:
     """A skipped update: say so; after ``training.max_nonfinite_steps`` in a row, stop. The weights of that
     moment may already be diverging, so no checkpoint is written: the error names the last good one."""
@@ -134,8 +155,6 @@ def _nonfinite(run: Run, step: int, consecutive: int) -> None:
 
 def evaluate(run: Run, step: int) -> dict:
     """Held-out metrics at ``step`` (sharded over processes), written as an ``eval`` record; then the monitor."""
-    if not len(run.eval_set):
-        return {}
     acc, micro = run.accelerator, run.cfg.training.per_device_batch_size
     pad_id = run.tokenizer.pad_token_id
     run.model.eval()
@@ -146,8 +165,10 @@ def evaluate(run: Run, step: int) -> dict:
             batch = run.eval_set.batch(mine[start : start + micro * 2], pad_id, run.layout).to(acc.device)
             losses, metrics = run.step_fn(run.objective, run.logp_fn, batch, run.reference_fn)
             sums.add({"loss": losses, **metrics})
+        values = {**(sums.means(acc) if len(run.eval_set) else {}), **run.source.evaluate(step)}
     run.model.train()
-    values = sums.means(acc)
+    if not values:
+        return {}
     if run.writer:
         run.writer.write(step, "eval", values)
     run.monitor.after_eval(step, values, run.writer)  # health, KL, alarms, samples, best model, early stopping

@@ -205,9 +205,12 @@ def _inside(path: Path, root: Path) -> bool:
 
 def claim(cfg, *, resume=None, overwrite: bool = False, processes: int = 1, main: bool = True, say=print) -> RunDir:
     """Take ``training.output_dir`` for this run (see the module docstring); ``resume``: True/"latest" or a
-    checkpoint path. On processes other than the main one nothing is written: they read what the main one chose
+    checkpoint path, or ``"auto"`` (for drivers that rerun a trial: the newest checkpoint when there is one,
+    else a fresh start that replaces what an earlier attempt left). On processes other than the main one nothing is written: they read what the main one chose
     (call it there after the main process's claim)."""
     path = Path(cfg.training.output_dir)
+    if resume == "auto":  # drivers (sweep trials, iterate rounds): continue when possible, else start afresh
+        resume, overwrite = (True, overwrite) if ckpt.list_checkpoints(path)[0] else (None, True)
     latest = resume is True or resume == "latest"
     explicit = Path(resume) if resume and not latest else None
     own = explicit is not None and _inside(explicit, path)  # a checkpoint of this directory's own run

@@ -5,7 +5,9 @@ process's ``gradient_accumulation_steps`` micro-batches, as a function of (seed,
 alone, so a resumed run sees exactly the batches an uninterrupted one would. ``static`` says whether the
 batches are fixed data (only then may reference log-probs be precomputed); an on-policy source generates from
 the current policy and scores its reference live. ``metrics(step)`` returns what the source measured for the
-step (generation time, rewards, ...), logged beside the loss. The loop never knows which method it runs.
+step (generation time, rewards, ...), logged beside the loss; ``evaluate(step)`` the source's own held-out
+metrics (an on-policy source: rewards of greedy samples on held-out prompts). The loop never knows which
+method it runs.
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-import torch
-
 from preftune.data.batch import PreferenceBatch
-from preftune.data.packing import length_grouped_order, unit_length
+from preftune.data.packing import epoch_order, length_grouped_order, unit_length
 from preftune.data.prepare import ExampleSet
 
 
@@ -28,15 +28,11 @@ class ExperienceSource(Protocol):
 
     def metrics(self, step: int) -> dict[str, float]: ...
 
+    def evaluate(self, step: int) -> dict[str, float]: ...
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The example order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
 
 
 class StaticSource:
@@ -74,6 +70,9 @@ class StaticSource:
 
     def metrics(self, step: int) -> dict[str, float]:
         return {}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        return {}  # the held-out examples are the loop's (``loop.evaluate``)
 
     def state_dict(self) -> dict:
         return {}  # the order is a function of (seed, epoch)

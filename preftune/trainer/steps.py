@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from preftune.data.batch import padded
 from preftune.errors import ConfigError
 from preftune.eval.preference_accuracy import preference_accuracy
 from preftune.losses import LossOutput, LossSpec, combine, get_loss
+from preftune.losses.kto import balanced_weights
 
 LogpFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # batch -> (logps (S,), lengths (S,))
 
@@ -70,12 +72,6 @@ class RewardMean:
 TRAINER_STATE: dict[str, type] = {"delta": RewardMean}
 # Unpaired class weights that accept "auto" (chosen from the class counts by :func:`balanced_weights`).
 CLASS_WEIGHTS = ("desirable_weight", "undesirable_weight")
-# Which token count turns a summed log-prob input into a per-token mean (specs with reduction="mean").
-_LENGTH_OF = {
-    "policy_chosen_logps": "chosen_lengths", "reference_chosen_logps": "chosen_lengths",
-    "policy_rejected_logps": "rejected_lengths", "reference_rejected_logps": "rejected_lengths",
-    "policy_logps": "lengths", "reference_logps": "lengths",
-}
 
 
 @dataclass
@@ -118,7 +114,7 @@ class Objective:
 
     @property
     def needs_reference(self) -> bool:
-        return any(s.needs_reference for s in self.specs)
+        return any(s.uses_reference(self.params) for s in self.specs)
 
     @property
     def needs_kl(self) -> bool:
@@ -160,9 +156,7 @@ class Objective:
     def __call__(self, **inputs) -> LossOutput:
         outputs = []
         for spec in self.specs:
-            args = {k: inputs[k] for k in _input_names(spec)}
-            if spec.reduction == "mean":
-                args = {k: v / inputs[_LENGTH_OF[k]].clamp(min=1) if k in _LENGTH_OF else v for k, v in args.items()}
+            args = {k: inputs[k] for k in _input_names(spec, spec.uses_reference(self.params))}
             hp = {k: v for k, v in self.params.items() if k in spec.hyperparameters}
             keepers = {n: self.state[f"{spec.name}/{n}"] for n in TRAINER_STATE if f"{spec.name}/{n}" in self.state}
             out = spec.fn(**args, **hp, **{n: k.value for n, k in keepers.items()})
@@ -182,39 +176,22 @@ class Objective:
             self.state[k].load_state_dict(v)
 
 
-def balanced_weights(n_d: int, n_u: int, desirable: float | str = "auto",
-                     undesirable: float | str = "auto") -> tuple[float, float]:
-    """Class weights λ_D, λ_U with λ_D·n_D / (λ_U·n_U) in [1, 4/3], the range Ethayarajh et al. advise
-    (arXiv:2402.01306v4, Sec. 4.2, "the ratio ... should be in [1, 4/3]").
-
-    A number is kept as given; an ``"auto"`` weight is 1.0 when the ratio is already in range, else it moves
-    the ratio to the middle of the range, 7/6 (not to an end, so the rounding to 4 decimals cannot leave the
-    range). Both ``"auto"``: the majority class keeps 1.0 and the minority's weight rises. Example: 30
-    desirable, 90 undesirable -> λ_D = 7/6 · 90/30 = 3.5, λ_U = 1.0 (ratio 3.5·30 / 90 = 7/6).
-    """
-    d = 1.0 if desirable == "auto" else float(desirable)
-    u = 1.0 if undesirable == "auto" else float(undesirable)
-    ratio = d * n_d / (u * n_u)
-    if 1.0 <= ratio <= 4.0 / 3.0:
-        return d, u
-    raise_d = desirable == "auto" and (undesirable != "auto" or ratio < 1.0)
-    if raise_d:
-        d = round(7.0 / 6.0 * u * n_u / n_d, 4)
-    elif undesirable == "auto":
-        u = round(d * n_d / (7.0 / 6.0 * n_u), 4)
-    return d, u
+POLICY_INPUTS = ("logps", "old_logps", "advantages", "mask", "num_sequences_in_step", "num_tokens_in_step",
+                 "max_completion_length", "world_size")
 
 
-def _input_names(spec: LossSpec) -> tuple[str, ...]:
+def _input_names(spec: LossSpec, reference: bool) -> tuple[str, ...]:
+    if spec.data == "policy":
+        return POLICY_INPUTS + (("ref_logps",) if reference else ())
     if spec.data == "reward":
         return ("chosen_scores", "rejected_scores", "margin")
     if spec.data == "sft":
         return ("policy_chosen_logps", "chosen_lengths")
     if spec.data == "unpaired":
-        return (("policy_logps",) + (("reference_logps",) if spec.needs_reference else ()) + ("labels",)
+        return (("policy_logps",) + (("reference_logps",) if reference else ()) + ("labels",)
                 + (("kl",) if spec.needs_kl else ()))
     names = ("policy_chosen_logps", "policy_rejected_logps")
-    if spec.needs_reference:
+    if reference:
         names += ("reference_chosen_logps", "reference_rejected_logps")
     if spec.needs_lengths:
         names += ("chosen_lengths", "rejected_lengths")
@@ -340,4 +317,29 @@ def reward_step(objective: Objective, score_fn: LogpFn, batch, reference_fn: Log
     return out.losses, metrics
 
 
-STEPS = {"paired": paired_step, "sft": sft_step, "unpaired": unpaired_step, "reward": reward_step}
+def policy_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: LogpFn | None):
+    """On-policy groups (``data.batch.GroupBatch``) trained by a policy-gradient loss (GRPO family).
+
+    The engine returns per-token log-probs (N,) at the sampling temperature; they, π_old and the reference
+    are laid out (S, T) per sequence for the loss, whose per-sequence contributions are globally normalized
+    (the batch's ``reduce`` sums them).
+    """
+    seqs = batch.seqs
+    S, ts = seqs.num_sequences, seqs.target_seq
+    tok, _ = logp_fn(batch)  # (N,) per-token log-probs
+    logps = padded(tok, ts, S)  # (S, T)
+    inputs = {
+        "logps": logps, "old_logps": None if batch.old_logps is None else padded(batch.old_logps, ts, S),
+        "advantages": batch.advantages, "mask": batch.token_mask(),
+        "num_sequences_in_step": batch.step_sequences, "num_tokens_in_step": batch.step_tokens,
+        "max_completion_length": batch.max_length, "world_size": batch.world_size,
+    }
+    if objective.needs_reference:
+        ref = batch.ref_logps if batch.ref_logps is not None else reference_fn(batch)[0]  # (N,)
+        inputs["ref_logps"] = padded(ref.detach(), ts, S)
+    out = objective(**inputs)
+    return out.losses, {k: v.detach() for k, v in out.metrics.items()}
+
+
+STEPS = {"paired": paired_step, "sft": sft_step, "unpaired": unpaired_step, "reward": reward_step,
+         "policy": policy_step}

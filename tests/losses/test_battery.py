@@ -2,27 +2,32 @@
 
 Inputs are built from the spec alone (data kind, needs_reference, needs_lengths, needs_kl), so a newly
 registered loss is tested without touching this file — unless it introduces a hyperparameter with no default
-and no sample value below, which fails loudly on purpose.
+and no sample value below, which fails loudly on purpose. The spec's declared ranges are checked here too:
+every bound refuses the value just past it, and a refused β really trains the wrong way (or not at all).
 """
 
 import inspect
+import math
 
 import pytest
 import torch
 
 from preftune.losses import registered_losses
 
-SPECS = registered_losses()
+# Policy-gradient losses take per-token tensors and step counts, not sequence log-probs: their own battery is
+# tests/losses/test_policy.py (gradient invariance, hand-computed values).
+SPECS = {n: s for n, s in registered_losses().items() if s.data != "policy"}
 NAMES = sorted(SPECS)
 
-# Values for hyperparameters that have no default (and a few that do, to exercise non-trivial settings).
+# Values for hyperparameters that have no default (and a few that do, to exercise non-trivial settings), and
+# for trainer-maintained inputs (spec.state), which the battery passes as the trainer would.
 SAMPLE_HYPERPARAMETERS = {
     "beta": 0.1,
     "label_smoothing": 0.1,
     "gamma": 0.5,
     "lam": 0.1,
-    "delta": 0.05,
 }
+SAMPLE_STATE = {"delta": 0.05}
 
 # The contract's input names, by data kind (the trainer calls spec.fn with exactly these keywords).
 PAIRED = ("policy_chosen_logps", "policy_rejected_logps")
@@ -51,16 +56,22 @@ def expected_inputs(spec):
 
 
 def hyperparameters(spec):
-    params = inspect.signature(spec.fn).parameters
+    """Sample values for the spec's hyperparameters (its defaults where the battery has none)."""
     values = {}
     for name in spec.hyperparameters:
         if name in SAMPLE_HYPERPARAMETERS:
             values[name] = SAMPLE_HYPERPARAMETERS[name]
         else:
-            assert params[name].default is not inspect.Parameter.empty, (
+            assert name not in spec.required, (
                 f"{spec.name}: add a sample value for required hyperparameter {name!r} to the battery"
             )
     return values
+
+
+def state(spec):
+    for name in spec.state:
+        assert name in SAMPLE_STATE, f"{spec.name}: add a sample value for trainer state {name!r} to the battery"
+    return {name: SAMPLE_STATE[name] for name in spec.state}
 
 
 def make_inputs(spec, policy, reference, lengths=None, labels=None, requires_grad=False):
@@ -92,8 +103,8 @@ def make_inputs(spec, policy, reference, lengths=None, labels=None, requires_gra
     return inputs, policy
 
 
-def call(spec, inputs):
-    return spec.fn(**inputs, **hyperparameters(spec))
+def call(spec, inputs, **overrides):
+    return spec.fn(**inputs, **{**hyperparameters(spec), **overrides}, **state(spec))
 
 
 def random_logps(B, seed, scale=20.0):
@@ -104,10 +115,11 @@ def random_logps(B, seed, scale=20.0):
 # --- the registry and the spec ----------------------------------------------------------------------------
 
 
-def test_registry_holds_the_issue_losses():
+def test_registry_holds_every_loss_the_readme_lists():
+    # The README's Methods table, plus the reward-model loss of docs/reward_models.md.
     wanted = {
         "dpo", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-        "apo_zero", "apo_down", "discopop", "kto", "orpo", "simpo", "sft",
+        "apo_zero", "apo_down", "discopop", "kto", "orpo", "simpo", "sft", "bradley_terry",
     }  # fmt: skip
     assert wanted <= set(SPECS)
 
@@ -117,7 +129,6 @@ def test_spec_fields(name):
     spec = SPECS[name]
     assert spec.name == name
     assert spec.data in ("paired", "unpaired", "sft", "reward")
-    assert spec.reduction in ("sum", "mean")
     assert spec.description and "\n" not in spec.description
     if spec.needs_kl:
         assert spec.data == "unpaired"
@@ -131,8 +142,10 @@ def test_signature_matches_spec(name):
     params = inspect.signature(spec.fn).parameters.values()
     keyword_only = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
     inputs = tuple(p.name for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY)
-    assert keyword_only == spec.hyperparameters
-    assert inputs == expected_inputs(spec)
+    assert inputs == expected_inputs(spec)  # the tensor inputs the trainer passes, by data kind
+    assert sorted(spec.hyperparameters + spec.state) == sorted(keyword_only)
+    assert set(spec.required) | set(spec.defaults) == set(spec.hyperparameters)
+    assert not set(spec.required) & set(spec.defaults)
 
 
 # --- shapes, reduction, detached rewards ------------------------------------------------------------------
@@ -239,3 +252,125 @@ def test_raising_chosen_logp_alone_lowers_the_loss(name):
         assert after.sum() > before.sum()  # apo_down: by design the chosen likelihood is pushed down
     else:
         assert after.sum() < before.sum()
+
+
+# --- the declared hyperparameter ranges -------------------------------------------------------------------
+
+
+def _legal_sample(spec):
+    """Values check_params accepts: the battery's samples for what the loss takes (defaults fill the rest)."""
+    return hyperparameters(spec)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_samples_are_legal_and_typical_ranges_lie_inside_legal_ones(name):
+    spec = SPECS[name]
+    assert spec.check_params(_legal_sample(spec)) == []
+    for key, rng in spec.typical.items():
+        assert rng.low in spec.ranges[key] and rng.high in spec.ranges[key], (key, rng)
+
+
+def _past(bound, open_, outward):
+    """The first value on the wrong side of a bound: the bound itself if it is open, else the next float."""
+    return bound if open_ else math.nextafter(bound, outward)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_bound_refuses_the_value_just_past_it(name):
+    spec = SPECS[name]
+    base = _legal_sample(spec)
+    for key, rng in spec.ranges.items():
+        edges = []
+        if rng.low is not None:
+            edges.append((_past(rng.low, rng.low_open, -math.inf), _past(rng.low, not rng.low_open, math.inf)))
+        if rng.high is not None:
+            edges.append((_past(rng.high, rng.high_open, math.inf), _past(rng.high, not rng.high_open, -math.inf)))
+        for bad, good in edges:
+            problems = spec.check_params({**base, key: bad})
+            assert len(problems) == 1 and problems[0].startswith(f"loss.{key} = "), (key, bad, problems)
+            assert spec.check_params({**base, key: good}) == [], (key, good)
+        for bad in (math.nan, math.inf):
+            assert len(spec.check_params({**base, key: bad})) == 1, (key, bad)
+
+
+BETA_LOSSES = sorted(n for n in NAMES if "beta" in SPECS[n].ranges)
+
+
+@pytest.mark.parametrize("name", BETA_LOSSES)
+def test_refused_beta_trains_nothing_at_zero_and_the_wrong_way_below(name):
+    """Why β ≤ 0 is refused: at β = 0 the policy gets no gradient, at β < 0 widening the margin raises the loss
+    (the loss learns the rejected side). A loss that divides by β raises instead."""
+    spec = SPECS[name]
+    assert spec.ranges["beta"].low == 0 and spec.ranges["beta"].low_open
+    assert spec.check_params({**_legal_sample(spec), "beta": 0.0}) and spec.check_params(
+        {**_legal_sample(spec), "beta": -0.5})
+    policy, reference = _start()
+    labels = torch.tensor([True, False, True])
+    try:
+        inputs, leaf = make_inputs(spec, policy, reference, labels=labels, requires_grad=True)
+        call(spec, inputs, beta=0.0).losses.sum().backward()
+    except ValueError:
+        return  # ipo, sppo_hard: the targets are ±1/(2β)
+    assert torch.count_nonzero(leaf.grad) == 0, leaf.grad
+    better = policy.clone()
+    if spec.data == "unpaired":
+        better[0] += torch.where(labels, 0.5, -0.5)
+    else:
+        better[0] += 0.5
+        better[1] -= 0.5
+    before = call(spec, make_inputs(spec, policy, reference, labels=labels)[0], beta=-0.1).losses
+    after = call(spec, make_inputs(spec, better, reference, labels=labels)[0], beta=-0.1).losses
+    assert after.sum() > before.sum()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_missing_and_mistyped_keys_get_one_line_each(name):
+    spec = SPECS[name]
+    base = _legal_sample(spec)
+    problems = spec.check_params({**base, "zzz_not_a_key": 1.0})
+    assert len(problems) == 1 and "'loss.zzz_not_a_key'" in problems[0]
+    for key in spec.required:
+        problems = spec.check_params({k: v for k, v in base.items() if k != key})
+        assert problems == [problems[0]] and problems[0].startswith(f"missing required key 'loss.{key}'")
+    for key in spec.hyperparameters:
+        problems = spec.check_params({**base, key: "abc"})
+        assert len(problems) == 1 and problems[0].startswith(f"loss.{key} must be a number"), problems
+        # PyYAML reads 5e-6 as a string: a string that is a number is accepted
+        assert spec.check_params({**base, key: str(base.get(key, spec.defaults.get(key)))}) == [], key
+
+
+@pytest.mark.parametrize("name", sorted(n for n in NAMES if SPECS[n].typical))
+def test_typical_ranges_warn_once_per_unusual_value(name):
+    spec = SPECS[name]
+    base = _legal_sample(spec)
+    for key, rng in spec.typical.items():
+        mid = (rng.low + rng.high) / 2
+        assert not [w for w in spec.sanity_warnings({**base, key: mid}) if w.startswith(f"loss.{key} = ")]
+        # legal but unusual: ten times the typical top, or half way to the legal top when that is lower
+        legal = spec.ranges[key]
+        unusual = rng.high * 10 if legal.high is None or rng.high * 10 in legal else (rng.high + legal.high) / 2
+        if unusual in rng:
+            continue
+        warnings = [w for w in spec.sanity_warnings({**base, key: unusual}) if w.startswith(f"loss.{key} = ")]
+        assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+
+
+@pytest.mark.parametrize("name", sorted(n for n in NAMES if SPECS[n].data != "sft"))
+def test_reward_scale_names_the_factor_of_the_logged_rewards(name):
+    # Doubling the reward_scale hyperparameter doubles the rewards; with no reward_scale, no hyperparameter
+    # changes them (the monitor divides rewards by reward_scale to get back to log-prob units).
+    spec = SPECS[name]
+    inputs = make_inputs(spec, random_logps(4, 11), random_logps(4, 12))[0]
+
+    def rewards(**hp):
+        out = call(spec, inputs, **hp)
+        return torch.cat([r for r in (out.chosen_rewards, out.rejected_rewards, out.rewards) if r is not None])
+
+    base = rewards()
+    if spec.reward_scale is not None:
+        value = hyperparameters(spec).get(spec.reward_scale, spec.defaults.get(spec.reward_scale))
+        torch.testing.assert_close(rewards(**{spec.reward_scale: 2 * value}), 2 * base)
+    else:
+        for key in spec.hyperparameters:
+            value = hyperparameters(spec).get(key, spec.defaults.get(key))
+            torch.testing.assert_close(rewards(**{key: value * 2 + 0.01}), base)

@@ -1,4 +1,4 @@
-"""Hand-computed values for the reference-based pair losses in preftune/losses/dpo.py.
+"""Hand-computed values for the reference-based pair losses (preftune/losses/dpo.py, margin.py, anchored.py).
 
 Shared case unless a test says otherwise (β = 0.1):
     π_w = −10, π_l = −15, r_w = −11, r_l = −14
@@ -50,10 +50,11 @@ def _value(out):
 # --- dpo -------------------------------------------------------------------------------------------------
 
 
-def test_dpo_seed_example_is_0_598139_not_0_6731():
+def test_dpo_worked_example_is_0_598139_not_0_6731():
     # h = (−10 + 11) − (−15 + 14) = 1 − (−1) = 2; β·h = 0.2
     # −log σ(0.2) = log(1 + e^−0.2) = log(1.818731) = 0.598139.
-    # The textbook seed's 0.6731 is wrong: it would need β·h ≈ 0.040 (log(1 + e^−0.040) = 0.6731), not 0.2.
+    # A tutorial's worked example with these numbers prints 0.6731, which is wrong: it would need β·h ≈ 0.040
+    # (log(1 + e^−0.040) = 0.6731), not 0.2.
     out = dpo(**CASE, beta=0.1)
     assert _value(out) == pytest.approx(0.598139, abs=1e-5)
     assert _value(out) != pytest.approx(0.6731, abs=1e-3)
@@ -69,7 +70,7 @@ def test_dpo_label_smoothing_cdpo():
 
 def test_dpo_mistake_2_averaging_log_probs_gives_a_different_wrong_value():
     # DPO's log-ratios are over whole sequences, so the inputs are SUMS over completion tokens (0.598139 above).
-    # "Mistake 2" of the seed: dividing by the token count first. With |y_w| = 2, |y_l| = 5:
+    # The common mistake of dividing by the token count first. With |y_w| = 2, |y_l| = 5:
     #   π_w/2 = −5, π_l/5 = −3, r_w/2 = −5.5, r_l/5 = −2.8
     #   h' = (−5 + 5.5) − (−3 + 2.8) = 0.5 + 0.2 = 0.7;  β·h' = 0.07
     #   −log σ(0.07) = log(1 + e^−0.07) = log(1 + 0.932394) = 0.658760  ≠  0.598139
@@ -188,11 +189,15 @@ def test_bco_pair_without_shift():
 def test_bco_pair_with_running_mean_shift():
     # δ = 0.1: −log σ(0.1 − 0.1) − log σ(−(−0.1 − 0.1)) = log 2 + (−log σ(0.2)) = 0.693147 + 0.598139 = 1.291286
     assert _value(bco_pair(**CASE, beta=0.1, delta=0.1)) == pytest.approx(1.291286, abs=1e-5)
-    # a tensor δ works the same and gets no gradient
+    # a tensor δ works the same and gets no gradient, while the policy does:
+    # d/dπ_w = −β·σ(−(β·ρ_w − δ)) = −0.1·σ(0) = −0.05
     delta = torch.tensor(0.1, requires_grad=True)
-    out = bco_pair(**CASE, beta=0.1, delta=delta)
+    inputs = {**CASE, "policy_chosen_logps": CASE["policy_chosen_logps"].clone().requires_grad_(True)}
+    out = bco_pair(**inputs, beta=0.1, delta=delta)
     assert _value(out) == pytest.approx(1.291286, abs=1e-5)
-    assert not out.losses.requires_grad
+    out.losses.sum().backward()
+    assert delta.grad is None
+    assert inputs["policy_chosen_logps"].grad.item() == pytest.approx(-0.05, abs=1e-6)
 
 
 # --- sppo_hard -------------------------------------------------------------------------------------------

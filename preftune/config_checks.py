@@ -1,0 +1,167 @@
+"""Checks across the fields of a built config, each registered with the keys it reads.
+
+:func:`run_checks` runs every check whose keys have no problem yet (a type or range problem in them would make
+its verdict noise) and adds what it finds to the same :class:`~preftune.config_reader.Problems`, so a config's
+parse, range and cross-field problems are reported together. The loss check asks the loss spec: a key no loss
+of the mix takes is unknown here (with a suggestion); each loss checks its own keys (``LossSpec.check_params``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from preftune.config_reader import Problems, Reader
+
+DEFAULT_LOSS = {"policy": "dpo", "reward": "bradley_terry"}
+"""``loss.name`` when the config leaves it out, by ``task``."""
+
+Check = Callable[[Any, Reader], Iterator[tuple[str, str]]]
+CHECKS: list[tuple[tuple[str, ...], Check]] = []
+
+
+def check(*reads: str) -> Callable[[Check], Check]:
+    """Register a check: ``fn(config, reader)`` yields (dotted key, message) per problem; ``reads`` are its inputs."""
+    def register(fn: Check) -> Check:
+        CHECKS.append((reads, fn))
+        return fn
+
+    return register
+
+
+def run_checks(config, problems: Problems, reader: Reader) -> None:
+    """Fill ``loss.name`` from the task when None, then run every check whose inputs are sound."""
+    if config.loss.name is None and not problems.touches("task"):
+        config.loss.name = DEFAULT_LOSS[config.task]
+    for reads, fn in CHECKS:
+        if not problems.touches(*reads):
+            for key, message in fn(config, reader):
+                problems.add(key, message)
+
+
+def loss_names(name: Any) -> list[str]:
+    return name if isinstance(name, list) else [name]
+
+
+def loss_takers() -> dict[str, list[str]]:
+    """Each hyperparameter name of any registered loss -> the losses that take it."""
+    from preftune.losses import registered_losses
+
+    takers: dict[str, list[str]] = {}
+    for name, spec in sorted(registered_losses().items()):
+        for hp in spec.hyperparameters:
+            takers.setdefault(hp, []).append(name)
+    return takers
+
+
+def taken_by(name: Any) -> set[str] | None:
+    """Hyperparameters the loss (or every loss of a mix) takes; None when a name is not a registered loss."""
+    from preftune.losses import registered_losses
+
+    registry = registered_losses()
+    names = loss_names(name)
+    if not all(isinstance(n, str) and n in registry for n in names):
+        return None
+    return {hp for n in names for hp in registry[n].hyperparameters}
+
+
+@check("task", "loss.name", "loss.weights", "data.reward_margin")
+def _check_loss(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    """Registered names, the task and data kind they train on, weights, and the hyperparameters each takes."""
+    from preftune.losses import get_loss, registered_losses
+
+    names = loss_names(config.loss.name)
+    specs = []
+    for n in names:
+        try:
+            specs.append(get_loss(n))
+        except KeyError as e:
+            yield "loss.name", f"loss.name: {e.args[0]}"
+    if len(specs) < len(names):
+        return
+    mix = "/".join(names)
+    reward = [s.data == "reward" for s in specs]
+    if config.task == "reward" and not all(reward):
+        kinds = ", ".join(sorted(n for n, s in registered_losses().items() if s.data == "reward"))
+        yield "loss.name", (f"task: reward trains a reward model, which has scores, not log-probs; loss.name {mix} "
+                            f"is a policy loss (reward-model losses: {kinds})")
+    if config.task == "policy" and any(reward):
+        yield "loss.name", f"loss {mix} trains a reward model: set `task: reward`"
+    if config.task == "policy" and config.data.reward_margin in ("margin", "ratings"):
+        yield "data.reward_margin", f"data.reward_margin: {config.data.reward_margin} is for reward models (`task: reward`)"
+    kinds = sorted({s.data for s in specs if s.data != "sft"})
+    if len(kinds) > 1:
+        yield "loss.name", f"loss.name: {mix} mix data kinds ({', '.join(kinds)}): combine losses of one kind"
+    elif kinds and kinds[0] != "paired" and len(specs) > 1 and any(s.data == "sft" for s in specs):
+        yield "loss.name", (f"loss.name: {mix}: the sft term combines with paired losses only (it trains the chosen "
+                            "side of a pair with the policy's log-probs)")
+    if config.loss.weights is not None and len(config.loss.weights) != len(names):
+        yield "loss.weights", f"loss.weights has {len(config.loss.weights)} values for {len(names)} losses"
+    yield from _check_hyperparameters(config.loss.params, specs, mix, reader)
+
+
+def _check_hyperparameters(params: dict, specs: list, mix: str, reader: Reader) -> Iterator[tuple[str, str]]:
+    """The config reports a key no loss of the mix takes (with a suggestion across sections and losses); each loss
+    checks the keys it takes (``LossSpec.check_params``: required, type, legal range) and refuses its trainer
+    state. A suggested key stands in for the unknown one, so a misspelt required key is one problem, not two."""
+    taken = list(dict.fromkeys(hp for s in specs for hp in s.hyperparameters))
+    takers = loss_takers()
+    meant = {}
+    for key in params:
+        owner = next((s for s in specs if key in s.state), None)
+        if key in taken or owner is not None:
+            continue
+        if key in takers:  # another loss's hyperparameter
+            who = takers[key]
+            who = (who[0] + " takes" if len(who) == 1 else
+                   f"{', '.join(who[:-1])} and {who[-1]} take" if len(who) <= 3 else f"{', '.join(who[:3])} and "
+                   f"{len(who) - 3} more take")
+            yield f"loss.{key}", (f"unknown key 'loss.{key}': {mix} does not take it ({who} it); {mix} takes: "
+                                  f"{', '.join(taken) or 'none'}")
+            continue
+        message, suggested = reader.unknown("loss", key, taken or ["none"], listing=f"{mix} takes")
+        yield f"loss.{key}", message
+        meant.update({s[len("loss."):]: params[key] for s in suggested if s.startswith("loss.")})
+    for spec in specs:
+        own = {k: v for k, v in {**meant, **params}.items() if k in spec.hyperparameters or k in spec.state}
+        for message in spec.check_params(own):
+            yield "loss", message
+
+
+@check("data.max_prompt_length", "training.max_length")
+def _check_lengths(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    prompt, total = config.data.max_prompt_length, config.training.max_length
+    if prompt is not None and prompt >= total:
+        yield "data.max_prompt_length", (f"data.max_prompt_length: {prompt} leaves no room for a response within "
+                                         f"training.max_length {total} (prompt + response)")
+
+
+@check("data.eval", "data.eval_fraction")
+def _check_eval_split(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    if config.data.eval is not None and config.data.eval_fraction > 0:
+        yield "data.eval_fraction", (f"data.eval_fraction: {config.data.eval_fraction:g} would be ignored because "
+                                     "data.eval is given; set one of them")
+
+
+@check("training.adam_betas")
+def _check_betas(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    if len(config.training.adam_betas) != 2:
+        yield "training.adam_betas", f"training.adam_betas: expected 2 values (beta1, beta2), got {len(config.training.adam_betas)}"
+
+
+@check("monitor.early_stopping_metric")
+def _check_metric(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    if config.monitor.early_stopping_metric is None:  # the run's natural metric (the monitor picks it)
+        return
+    split, _, key = config.monitor.early_stopping_metric.partition("/")
+    if split not in ("eval", "monitor") or not key:
+        yield "monitor.early_stopping_metric", (
+            f"monitor.early_stopping_metric: expected 'eval/<key>' or 'monitor/<key>' (a metrics.jsonl split and "
+            f"key, e.g. eval/loss), got {config.monitor.early_stopping_metric!r}")
+
+
+@check("rollout", "reward")
+def _check_rollout(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    if config.rollout is not None and (config.reward is None or not (config.reward.functions or config.reward.judge)):
+        yield "reward", ("reward: an on-policy run (a `rollout:` section) needs `reward.functions` (e.g. "
+                         "['my_rewards.py:score']) or `reward.judge`")

@@ -1,0 +1,250 @@
+"""GRPO's experience source: every step, G samples of each prompt from the current policy, scored, turned into
+group-relative advantages, and handed to the loop as :class:`~preftune.data.batch.GroupBatch` micro-batches.
+
+    prompts of the step -> G samples each (``preftune.generation``, the prompt prefilled once per group)
+    -> rewards (weighted reward functions / judges) -> advantages (``preftune.advantages``: group_relative,
+    rloo or REINFORCE++-style whitening) -> micro-batches of whole groups, each prompt run once in the forward
+
+``per_device_batch_size`` counts prompts per micro-batch; a micro-batch holds its prompts' whole groups.
+The policy-gradient loss is normalized over the WHOLE optimizer step (``step_sequences`` / ``step_tokens``
+summed over micro-batches and processes), so accumulation and process count leave the gradient unchanged.
+
+``rollout.num_iterations`` μ > 1: the rollout sampled at step k is trained on at steps k .. k+μ−1, with π_old
+its per-token log-probs from a no-grad pass of the training engine right after sampling (not the sampler's
+own log-probs: the KV-cache decode and the packed training forward differ in rounding, and the ratio must
+start at exactly 1). The rollout is part of the checkpoint, so a run killed between k and k+μ−1 resumes on it.
+With μ = 1, π_old is the current policy detached (ratio 1, the gradient of REINFORCE with these advantages).
+
+A step whose every group has zero reward spread has no policy-gradient signal: it is skipped and said so
+("all rewards equal: no learning signal") rather than logged as a loss of 0; ``rollout.dynamic_sampling``
+(DAPO) replaces such groups with fresh prompts first, up to ``rollout.max_resample_rounds`` rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from preftune import advantages as adv
+from preftune.data.batch import GroupBatch
+from preftune.data.layouts import LAYOUTS
+from preftune.data.packing import epoch_order
+from preftune.data.prompts import PromptSet
+from preftune.data.tokenize import TokenizedGroup
+from preftune.logprobs import LogpModel
+from preftune.rollout.online import Rollouts, rollout_seed
+
+ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+
+
+def advantages_of(rewards: torch.Tensor, estimator: str, scale: str) -> torch.Tensor:
+    """(P, G) rewards (NaN: no score) -> (P, G) advantages by the configured estimator."""
+    if estimator == "grpo":
+        return adv.group_relative(rewards, scale=scale)
+    if estimator == "rloo":
+        return adv.rloo(rewards)
+    if estimator == "reinforce_pp":  # group mean removed, then whitened over the batch (REINFORCE++ baseline)
+        centred = adv.group_relative(rewards, scale="none")
+        return adv.whiten(centred, ~torch.isnan(rewards))
+    raise ValueError(f"unknown advantage estimator {estimator!r}; one of {ESTIMATORS}")
+
+
+class GroupSource:
+    """GRPO / RLOO / REINFORCE++ groups as an experience source (module docstring)."""
+
+    static = False
+
+    def __init__(self, prompts: PromptSet, eval_prompts: PromptSet, rollouts: Rollouts, *, rollout_cfg,
+                 estimator: str, scale: str, micro: int, accum: int, world: int, rank: int, seed: int, pad_id: int,
+                 layout: str, device, run_dir: Path | None, accelerator, logp: LogpModel, autocast):
+        self.data, self.eval_prompts, self.rollouts, self.rc = prompts, eval_prompts, rollouts, rollout_cfg
+        self.estimator, self.scale = estimator, scale
+        self.micro, self.accum, self.world, self.rank, self.seed = micro, accum, world, rank, seed
+        self.pad_id, self.layout, self.device, self.run_dir = pad_id, layout, device, run_dir
+        self.accelerator, self.logp, self.autocast = accelerator, logp, autocast
+        self.steps_per_epoch = len(prompts) // (micro * world * accum)
+        self._rollout: dict | None = None
+        self._metrics: dict[str, Any] = {}
+
+    # ---- the rollout of a step ---------------------------------------------------------------------------
+    def _positions(self, step: int) -> list[int]:
+        k = step % self.steps_per_epoch
+        out = []
+        for m in range(self.accum):
+            at = (k * self.accum + m) * self.micro * self.world + self.rank * self.micro
+            out.extend(range(at, at + self.micro))
+        return out
+
+    def _sample(self, step: int) -> dict:
+        """This process's groups for ``step``: prompt indices, completions, rewards (P, G), stats."""
+        order = epoch_order(len(self.data), self.seed, step // self.steps_per_epoch)
+        positions = self._positions(step)
+        indices = [order[q] for q in positions]
+        out = self.rollouts.sample(indices, [rollout_seed(self.seed, step, q) for q in positions])
+        out["indices"] = indices
+        if self.rc.dynamic_sampling:
+            out = self._refill(step, out)
+        return out
+
+    def _refill(self, step: int, out: dict) -> dict:
+        """DAPO's dynamic sampling: groups with zero reward spread are replaced by groups of fresh prompts
+        (drawn from a permutation that is a function of (seed, step, round)), while any remain and rounds last."""
+        for r in range(self.rc.max_resample_rounds):
+            flat = _zero_spread(out["rewards"])
+            if not flat.any():
+                break
+            need = int(flat.sum())
+            g = torch.Generator().manual_seed(rollout_seed(self.seed, step, -(r + 1) - 7919 * self.rank) % 2**62)
+            extra_idx = torch.randperm(len(self.data), generator=g)[:need].tolist()
+            extra = self.rollouts.sample(extra_idx, [rollout_seed(self.seed, step, 10**9 + r * 10**6 + self.rank * 10**4
+                                                                  + j) for j in range(need)])
+            slots = np.flatnonzero(flat)
+            for j, slot in enumerate(slots):
+                for key in ("completions", "texts"):
+                    out[key][slot] = extra[key][j]
+                out["indices"][slot] = extra_idx[j]
+                out["rewards"][slot] = extra["rewards"][j]
+                out["scores"][:, slot] = extra["scores"][:, j]
+            out["generate_s"] += extra["generate_s"]
+            out["score_s"] += extra["score_s"]
+        return out
+
+    def _make_rollout(self, step: int) -> dict:
+        out = self._sample(step)
+        rewards = torch.tensor(out["rewards"], dtype=torch.float32)  # (P, G), NaN: unscored
+        if self.scale == "batch" or self.estimator == "reinforce_pp":
+            rewards_all = self._gather(rewards)
+            advantages = advantages_of(rewards_all, self.estimator, self.scale)
+            advantages = advantages[self.rank * rewards.shape[0]: (self.rank + 1) * rewards.shape[0]]
+        else:
+            advantages = advantages_of(rewards, self.estimator, self.scale)
+        truncated = [[c.finish_reason != "stop" for c in g] for g in out["completions"]]
+        use = ~torch.isnan(rewards)
+        if self.rc.mask_truncated_completions:
+            use &= ~torch.tensor(truncated)
+        zero = _zero_spread(out["rewards"])
+        stats = self.rollouts.stats(out)
+        stats.update({"rollout/frac_reward_zero_std": float(zero.mean()),
+                      "rollout/truncated_fraction": float(np.mean(truncated)),
+                      "advantages/mean": float(advantages[use].mean()) if use.any() else 0.0,
+                      "advantages/std": float(advantages[use].std()) if use.sum() > 1 else 0.0})
+        rollout = {"step": step, "indices": out["indices"],
+                   "completions": [[list(c.ids) for c in g] for g in out["completions"]],
+                   "advantages": advantages.tolist(), "use": use.tolist(), "stats": stats,
+                   "rows": [{"prompt": self.data.prompts[i], "completions": t, "rewards": r.tolist()}
+                            for i, t, r in zip(out["indices"], out["texts"], out["rewards"])][:8]}
+        signal = self._global(float(((advantages != 0) & use).sum()))
+        rollout["signal"] = signal
+        if signal > 0 and self.rc.num_iterations > 1:
+            rollout["old_logps"] = self._old_logps(rollout)
+        return rollout
+
+    def _old_logps(self, rollout: dict) -> list[list[float]]:
+        """π_old per token of every micro-batch of the rollout, from the training engine without gradients."""
+        out = []
+        with torch.no_grad(), self.autocast():
+            for batch in self._batches(rollout):
+                tok, _ = self.logp(*batch.model_args(), **batch.model_kwargs())
+                out.append(tok.float().cpu().tolist())
+        return out
+
+    # ---- micro-batches -----------------------------------------------------------------------------------
+    def micro_batches(self, step: int):
+        start = step - step % self.rc.num_iterations
+        if self._rollout is None or self._rollout["step"] != start:
+            self._rollout = self._make_rollout(start)
+        rollout = self._rollout
+        self._metrics = dict(rollout["stats"])
+        if step != start:  # a reused rollout: its generation was paid for at step `start`
+            self._metrics.update({"time/generate_s": 0.0, "time/score_s": 0.0})
+        if rollout["signal"] == 0:
+            self._metrics["rollout/why"] = "all rewards equal within every group"
+            return
+        yield from self._batches(rollout, with_old=True)
+
+    def _batches(self, rollout: dict, with_old: bool = False):
+        """The rollout's ``accum`` micro-batches of ``micro`` whole groups each."""
+        groups = [TokenizedGroup(self.data.prompt_ids[i], comps)
+                  for i, comps in zip(rollout["indices"], rollout["completions"])]
+        adv_t = torch.tensor(rollout["advantages"], dtype=torch.float32)  # (P, G)
+        use = torch.tensor(rollout["use"], dtype=torch.float32)  # (P, G)
+        if "counts" not in rollout:  # the global normalizers of the step
+            tokens = sum(len(c) * u for g, us in zip(rollout["completions"], rollout["use"]) for c, u in zip(g, us))
+            rollout["counts"] = (self._global(float(use.sum())), self._global(float(tokens)))
+        step_sequences, step_tokens = rollout["counts"]
+        old = rollout.get("old_logps") if with_old else None
+        for m in range(self.accum):
+            part = slice(m * self.micro, (m + 1) * self.micro)
+            batch = GroupBatch(LAYOUTS[self.layout](groups[part], self.pad_id),
+                               advantages=adv_t[part].T.reshape(-1),  # (S,) sequence u + k·P
+                               seq_mask=use[part].T.reshape(-1), step_sequences=max(step_sequences, 1.0),
+                               step_tokens=max(step_tokens, 1.0), max_length=self.rc.max_new_tokens,
+                               world_size=self.world, temperature=self.rc.temperature,
+                               old_logps=None if old is None else torch.tensor(old[m]))
+            yield batch.to(self.device)
+
+    def _gather(self, rewards: torch.Tensor) -> torch.Tensor:
+        if self.world == 1 or self.accelerator is None:
+            return rewards
+        return self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
+
+    def _global(self, n: float) -> float:
+        if self.world == 1 or self.accelerator is None:
+            return n
+        t = torch.tensor([float(n)], device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, reduction="sum").item())
+
+    # ---- the contract ------------------------------------------------------------------------------------
+    def metrics(self, step: int) -> dict[str, Any]:
+        return dict(self._metrics)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out rewards of greedy samples; the last rollout's first groups go to ``samples.jsonl``."""
+        if self.run_dir is not None and self._rollout is not None:
+            with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+                for g, row in enumerate(self._rollout["rows"]):
+                    advs = self._rollout["advantages"][g]
+                    f.write(json.dumps({"step": step, "kind": "rollout", **row, "advantages": advs},
+                                       default=str) + "\n")
+        return self.rollouts.evaluate(self.eval_prompts)
+
+    def state_dict(self) -> dict:
+        # The rollout in use: a run killed while reusing it (num_iterations > 1) must resume on the same one.
+        if self._rollout is None or self.rc.num_iterations == 1:
+            return {}
+        return {"rollout": self._rollout}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rollout = state.get("rollout")
+
+
+def _zero_spread(rewards: np.ndarray) -> np.ndarray:
+    """(P,) True for a group whose scored rewards are all equal (or that has fewer than two scores)."""
+    out = []
+    for row in rewards:
+        scored = row[np.isfinite(row)]
+        out.append(len(scored) < 2 or float(scored.max() - scored.min()) == 0.0)
+    return np.array(out, dtype=bool)
+
+
+def build_group_source(cfg, train_prompts: PromptSet, eval_prompts: PromptSet, *, policy, tokenizer, functions,
+                       run_dir, accelerator, micro, accum, world, rank, seed, pad_id, layout, device):
+    rollouts = Rollouts(train_prompts, policy=policy, tokenizer=tokenizer, functions=functions,
+                        rollout_cfg=cfg.rollout, reward_cfg=cfg.reward, pad_id=pad_id)
+    bf16 = cfg.training.precision == "bf16"
+
+    def autocast():
+        if not bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+    return GroupSource(train_prompts, eval_prompts, rollouts, rollout_cfg=cfg.rollout,
+                       estimator=cfg.rollout.advantage_estimator, scale=cfg.rollout.scale_rewards, micro=micro,
+                       accum=accum, world=world, rank=rank, seed=seed, pad_id=pad_id, layout=layout, device=device,
+                       run_dir=run_dir, accelerator=accelerator, logp=LogpModel(policy, cfg.engine.chunk_size),
+                       autocast=autocast)

@@ -1,0 +1,254 @@
+"""Online DPO's experience source: every step the current policy samples, the rewards pick, DPO learns.
+
+    prompts of the step -> N samples each from the current policy (``preftune.generation``) -> rewards
+    (reward functions / judges, ``scoring.py``) -> per prompt the best vs the worst sample -> pairs
+
+A prompt gives no pair when fewer than two of its samples have a score, or when best and worst differ by no
+more than ``reward.min_margin`` (ties: always), or the two token sequences are identical; it is counted in
+``rollout/skipped_fraction``. The step's loss is the mean over its pairs, however many each process and
+micro-batch get (``PreferenceBatch.weights``); a step with no pair anywhere makes no update.
+
+Reproducible and resumable: the prompts of a step come from the epoch order, a function of (seed, epoch),
+and sample j of the prompt at position q of the epoch is drawn with the seed ``rollout_seed(seed, step, q)``
+and index j; the samples then depend only on (seed, step) and the current weights. The reference is scored
+live (``static = False``): an on-policy source never precomputes reference log-probs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from preftune.data.batch import PreferenceBatch
+from preftune.data.layouts import LAYOUTS
+from preftune.data.packing import epoch_order
+from preftune.data.prompts import PromptSet
+from preftune.data.tokenize import TokenizedPair
+from preftune.generation import SamplingParams, generate, sample_seed
+from preftune.rollout.scoring import RewardFunction, check_functions, score_completions
+
+
+def stop_ids(model, tokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS and the model's ``generation_config`` EOS ids: the tokens that end a sample."""
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def rollout_seed(seed: int, step: int, position: int) -> int:
+    """The sampling seed of the prompt at ``position`` of the epoch order, at optimizer step ``step``."""
+    return sample_seed(seed * 1_000_003 + step, position)
+
+
+class Rollouts:
+    """Sampling and scoring shared by the on-policy sources: generate N samples per prompt, decode them, score
+    them with every reward function and combine (weighted sum of the scored functions, a None masked)."""
+
+    def __init__(self, prompts: PromptSet, *, policy, tokenizer, functions: list[RewardFunction], rollout_cfg,
+                 reward_cfg, pad_id: int):
+        self.prompts, self.policy, self.tokenizer, self.functions = prompts, policy, tokenizer, functions
+        self.rc, self.reward_cfg, self.pad_id = rollout_cfg, reward_cfg, pad_id
+        self.params = SamplingParams(max_new_tokens=rollout_cfg.max_new_tokens, temperature=rollout_cfg.temperature,
+                                     top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k,
+                                     n=rollout_cfg.num_generations, stop_ids=stop_ids(policy, tokenizer))
+        if len(prompts):  # a broken reward function fails now, not after the first rollout
+            check_functions(functions, prompts.prompts[0], {k: v[0] for k, v in prompts.columns.items()})
+
+    def sample(self, indices: list[int], seeds: list[int] | None, params: SamplingParams | None = None) -> dict:
+        """Samples of the prompts at ``indices`` (greedy when ``seeds`` is None) and their rewards.
+
+        Returns a dict with ``completions`` (list per prompt of ``generation.Completion``), ``texts`` (per prompt,
+        per sample), ``scores`` (F, P, N) with NaN for None, ``rewards`` (P, N) (NaN where no function scored),
+        and ``generate_s`` / ``score_s`` timings.
+        """
+        params = params or self.params
+        t0 = time.perf_counter()
+        groups = generate(self.policy, [self.prompts.prompt_ids[i] for i in indices], params, seeds,
+                          pad_id=self.pad_id, batch_size=max(1, self.rc.generation_batch_size * params.n))
+        t1 = time.perf_counter()
+        stops = set(params.stop_ids)
+        texts = [[self.tokenizer.decode([t for t in c.ids if t not in stops], skip_special_tokens=True)
+                  for c in g] for g in groups]
+        n = len(groups[0]) if groups else 0
+        flat_prompts, flat_completions, flat_ids = [], [], []
+        for i, g, ts in zip(indices, groups, texts):
+            prompt = self.prompts.prompts[i]
+            for c, text in zip(g, ts):
+                flat_prompts.append(prompt)
+                flat_completions.append([{"role": "assistant", "content": text}] if isinstance(prompt, list) else text)
+                flat_ids.append([t for t in c.ids if t not in stops])
+        columns = {k: [v for v in vals for _ in range(n)] for k, vals in self.prompts.columns_of(indices).items()}
+        columns["completion_ids"] = flat_ids
+        scores = np.array(score_completions(self.functions, flat_prompts, flat_completions, columns),
+                          dtype=np.float64).reshape(len(self.functions), len(indices), n)  # (F, P, N)
+        weights = np.array([f.weight for f in self.functions])[:, None, None]  # (F, 1, 1)
+        scored = ~np.isnan(scores)
+        rewards = np.where(scored, scores * weights, 0.0).sum(0)  # (P, N)
+        rewards[~scored.any(0)] = np.nan  # no function scored this completion
+        if self.reward_cfg.missing_eos_penalty:
+            truncated = np.array([[c.finish_reason != "stop" for c in g] for g in groups])  # (P, N)
+            rewards = rewards - self.reward_cfg.missing_eos_penalty * truncated
+        return {"completions": groups, "texts": texts, "scores": scores, "rewards": rewards,
+                "generate_s": t1 - t0, "score_s": time.perf_counter() - t1}
+
+    def stats(self, out: dict, prefix: str = "") -> dict[str, float]:
+        """Reward mean / std in all and per function, completion length, EOS rate, generation throughput."""
+        comps = [c for g in out["completions"] for c in g]
+        lengths = np.array([len(c.ids) for c in comps], dtype=np.float64)
+        m = {f"{prefix}reward/mean": _nanmean(out["rewards"]), f"{prefix}reward/std": _nanstd(out["rewards"])}
+        for f, s in zip(self.functions, out["scores"]):
+            m[f"{prefix}reward/{f.name}/mean"] = _nanmean(s)
+            m[f"{prefix}reward/{f.name}/std"] = _nanstd(s)
+        m.update({f"{prefix}completions/mean_length": float(lengths.mean()) if len(lengths) else 0.0,
+                  f"{prefix}completions/max_length": float(lengths.max()) if len(lengths) else 0.0,
+                  f"{prefix}rollout/eos_rate": float(np.mean([c.finish_reason == "stop" for c in comps]))
+                  if comps else 0.0})
+        if not prefix:
+            m["time/generate_s"] = out["generate_s"]
+            m["time/score_s"] = out["score_s"]
+            m["rollout/tokens_per_second"] = float(lengths.sum()) / out["generate_s"] if out["generate_s"] else 0.0
+        return m
+
+    def evaluate(self, eval_prompts: PromptSet) -> dict[str, float]:
+        """Greedy samples of the held-out prompts, scored: the on-policy run's eval metrics."""
+        if not len(eval_prompts):
+            return {}
+        other = Rollouts.__new__(Rollouts)
+        other.__dict__.update(self.__dict__)
+        other.prompts = eval_prompts
+        greedy = SamplingParams(max_new_tokens=self.params.max_new_tokens, temperature=0.0, n=1,
+                                stop_ids=self.params.stop_ids)
+        out = other.sample(list(range(len(eval_prompts))), None, greedy)
+        stats = other.stats(out)
+        return {k: v for k, v in stats.items() if not k.startswith(("time/", "rollout/tokens"))}
+
+
+def _nanmean(x: np.ndarray) -> float:
+    return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
+
+
+def _nanstd(x: np.ndarray) -> float:
+    return float(np.nanstd(x)) if np.isfinite(x).any() else math.nan
+
+
+class OnlinePairSource:
+    """Online DPO (best vs worst of N on-policy samples per prompt) as an experience source (module docstring).
+
+    ``per_device_batch_size`` counts prompts: micro-batch m of step k on rank r samples the prompts at
+    positions ``(k·A + m)·M·W + r·M ...`` of the epoch order, as the static source picks examples.
+    """
+
+    static = False
+
+    def __init__(self, prompts: PromptSet, eval_prompts: PromptSet, rollouts: Rollouts, *, micro: int, accum: int,
+                 world: int, rank: int, seed: int, pad_id: int, layout: str, device, min_margin: float,
+                 run_dir: Path | None, accelerator=None):
+        self.data, self.eval_prompts, self.rollouts = prompts, eval_prompts, rollouts
+        self.micro, self.accum, self.world, self.rank, self.seed = micro, accum, world, rank, seed
+        self.pad_id, self.layout, self.device, self.min_margin = pad_id, layout, device, min_margin
+        self.run_dir, self.accelerator = run_dir, accelerator
+        self.steps_per_epoch = len(prompts) // (micro * world * accum)
+        self._metrics: dict[str, Any] = {}
+        self._last: list[dict] = []
+
+    def _positions(self, step: int) -> list[int]:
+        """Epoch-order positions of this process's prompts at ``step`` (all its micro-batches, in order)."""
+        k = step % self.steps_per_epoch
+        out = []
+        for m in range(self.accum):
+            at = (k * self.accum + m) * self.micro * self.world + self.rank * self.micro
+            out.extend(range(at, at + self.micro))
+        return out
+
+    def micro_batches(self, step: int):
+        order = epoch_order(len(self.data), self.seed, step // self.steps_per_epoch)
+        positions = self._positions(step)
+        indices = [order[q] for q in positions]
+        out = self.rollouts.sample(indices, [rollout_seed(self.seed, step, q) for q in positions])
+        pairs, rows = [], []
+        for p, i in enumerate(indices):
+            pair = self._pair(i, out["completions"][p], out["rewards"][p])
+            if pair is not None:
+                pairs.append(pair[0])
+                rows.append({"prompt": self.data.prompts[i], "chosen": out["texts"][p][pair[1]],
+                             "rejected": out["texts"][p][pair[2]], "rewards": out["rewards"][p].tolist()})
+        metrics = self.rollouts.stats(out)
+        if rows:
+            metrics["reward/chosen"] = float(np.mean([max(r for r in row["rewards"] if r == r) for row in rows]))
+            metrics["reward/rejected"] = float(np.mean([min(r for r in row["rewards"] if r == r) for row in rows]))
+        total = self._global(len(pairs))
+        metrics["rollout/skipped_fraction"] = 1.0 - len(pairs) / len(indices)
+        metrics["rollout/pairs"] = float(total)
+        if total == 0:
+            spread = np.nanmax(out["rewards"], axis=1) - np.nanmin(out["rewards"], axis=1) \
+                if np.isfinite(out["rewards"]).any() else np.zeros(1)
+            metrics["rollout/why"] = ("all rewards equal within each prompt's samples" if np.nanmax(spread) <= 0
+                                      else f"no prompt's reward spread exceeds reward.min_margin={self.min_margin}")
+        self._metrics, self._last = metrics, rows
+        if total == 0:
+            return
+        padding = pairs[0] if pairs else self._any_pair(indices[0], out["completions"][0])
+        chunks = np.array_split(np.arange(len(pairs)), self.accum)
+        for chunk in chunks:
+            chosen = [pairs[j] for j in chunk] or [padding]
+            w = torch.ones(len(chosen)) if len(chunk) else torch.zeros(1)
+            yield PreferenceBatch(LAYOUTS[self.layout](chosen, self.pad_id), paired=True, weights=w,
+                                  step_examples=total / self.world).to(self.device)
+
+    def _pair(self, i: int, completions: list, rewards: np.ndarray):
+        """(TokenizedPair, best sample, worst sample) of prompt ``i``, or None when it gives no pair."""
+        valid = [j for j in range(len(completions)) if math.isfinite(rewards[j])]
+        if len(valid) < 2:
+            return None
+        best = max(valid, key=lambda j: rewards[j])
+        worst = min(valid, key=lambda j: rewards[j])
+        if rewards[best] - rewards[worst] <= self.min_margin or completions[best].ids == completions[worst].ids:
+            return None
+        p = self.data.prompt_ids[i]
+        return TokenizedPair(p, list(completions[best].ids), list(completions[worst].ids)), best, worst
+
+    def _any_pair(self, i: int, completions: list) -> TokenizedPair:
+        """A weight-0 pair for a process that has none (its micro-batches must still run)."""
+        a = completions[0].ids
+        b = completions[1].ids if len(completions) > 1 else a
+        return TokenizedPair(self.data.prompt_ids[i], list(a), list(b))
+
+    def _global(self, n: int) -> int:
+        if self.world == 1 or self.accelerator is None:
+            return n
+        t = torch.tensor([float(n)], device=self.accelerator.device)
+        return int(self.accelerator.reduce(t, reduction="sum").item())
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        return dict(self._metrics)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out rewards of greedy samples; the last step's pairs go to ``samples.jsonl`` (kind "rollout")."""
+        if self.run_dir is not None and self._last:
+            with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+                for row in self._last:
+                    f.write(json.dumps({"step": step, "kind": "rollout", **row}, default=str) + "\n")
+        return self.rollouts.evaluate(self.eval_prompts)
+
+    def state_dict(self) -> dict:
+        return {}  # prompts and seeds are functions of (seed, step)
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_online_source(cfg, train_prompts: PromptSet, eval_prompts: PromptSet, *, policy, tokenizer, functions,
+                        run_dir, accelerator, micro, accum, world, rank, seed, pad_id, layout, device):
+    rollouts = Rollouts(train_prompts, policy=policy, tokenizer=tokenizer, functions=functions,
+                        rollout_cfg=cfg.rollout, reward_cfg=cfg.reward, pad_id=pad_id)
+    return OnlinePairSource(train_prompts, eval_prompts, rollouts, micro=micro, accum=accum, world=world, rank=rank,
+                            seed=seed, pad_id=pad_id, layout=layout, device=device,
+                            min_margin=cfg.reward.min_margin, run_dir=run_dir, accelerator=accelerator)
+
