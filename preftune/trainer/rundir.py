@@ -22,6 +22,7 @@ cadence, logging and monitor keys may change. After a non-finite stop the learni
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -67,7 +68,7 @@ class RunDir:
 
     path: Path
     run_id: str
-    record: dict
+    record_of: Any  # () -> the config record (``runconfig.config_record``), computed once when first needed
     say: Any
     lock: RunLock | None = None
     candidates: list[Path] = dataclasses.field(default_factory=list)  # checkpoint to resume, then fallbacks
@@ -75,6 +76,11 @@ class RunDir:
     peak_lr: float | None = None  # a new peak learning rate, accepted after a non-finite stop
     aside: Path | None = None  # the previous run, moved here by overwrite until this one has started
     prior: str | None = None  # what the previous run had left (for messages)
+
+    @functools.cached_property
+    def record(self) -> dict:
+        """This run's resolved config as checkpoints record it (hashing local data files: only when needed)."""
+        return self.record_of()
 
     @property
     def resume_from(self) -> Path | None:
@@ -217,7 +223,7 @@ def claim(cfg, *, resume=None, overwrite: bool = False, processes: int = 1, main
     if overwrite and (latest or own):
         raise ConfigError("--resume and --overwrite contradict each other for a checkpoint of the same "
                           "output_dir: --resume continues the run there, --overwrite removes it")
-    record = config_record(cfg, processes)
+    record = functools.partial(config_record, cfg, processes)
     if not main:
         rd = RunDir(path, _read_json(path / RUN_FILE).get("run_id", ""), record, say)
         return _choose(rd, latest, explicit) if resume else rd

@@ -39,6 +39,10 @@ class RunLock:
                 raise PreftuneError(f"training.output_dir {run_dir} is in use by another run "
                                     f"({describe_holder(holder)}); wait for it to finish, or choose another "
                                     "training.output_dir") from None
+            except OSError as e:  # a filesystem without locks (some network mounts): run, but say what is lost
+                say(f"warning: cannot lock {path} ({e.strerror}); a second run into this directory would not be "
+                    "stopped")
+                break
             try:  # a releasing run may have unlinked the file between our open and our flock: lock the new one
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError:
