@@ -32,6 +32,7 @@ from preftune.hardware import bf16_refusal
 from preftune.logprobs import LogpModel
 from preftune.models import MODEL_KINDS, apply_lora, freeze, load_causal_lm, load_tokenizer, reference_mode
 from preftune.monitor.monitor import Monitor
+from preftune.monitor.samples import truncate_samples
 from preftune.rollout.sources import on_policy_source
 from preftune.runlog import MetricWriter, truncate_after
 from preftune.trainer import checkpoint as ckpt
@@ -82,6 +83,7 @@ class Run:
     total_steps: int
     start_step: int = 0
     nonfinite_total: int = 0
+    no_signal_total: int = 0
     t_start: float = field(default_factory=time.perf_counter)
     claim: rundir.RunDir | None = None  # the run directory: lock, run id, the checkpoint resumed
 
@@ -100,7 +102,8 @@ class Run:
         """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position."""
         if self.main:
             ckpt.save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
-                                 {"nonfinite_steps": self.nonfinite_total, "objective": self.objective.state_dict(),
+                                 {"nonfinite_steps": self.nonfinite_total, "no_signal_steps": self.no_signal_total,
+                                  "objective": self.objective.state_dict(),
                                   "source": self.source.state_dict(), **self.claim.checkpoint_fields()},
                                  self.cfg.training.save_total_limit)
 
@@ -202,13 +205,15 @@ def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
         state = claimed.restore(policy, optimizer, scheduler)  # a corrupt "latest" falls back to an older one
         resume_from = claimed.resume_from
         run.start_step, run.nonfinite_total = state["step"], state.get("nonfinite_steps", 0)
+        run.no_signal_total = state.get("no_signal_steps", 0)
         objective.load_state_dict(state.get("objective", {}))
         source.load_state_dict(state.get("source", {}))
         say(f"resumed from {resume_from} at step {run.start_step}")
     claimed.commit()  # built: a previous run that --overwrite set aside can go now
     if main:
-        if resume_from is not None:  # records past the checkpoint are redone, so none is written twice
+        if resume_from is not None:  # records and samples past the checkpoint are redone, so none is written twice
             truncate_after(run_dir, run.start_step)
+            truncate_samples(run_dir, run.start_step)
         run.writer = MetricWriter(run_dir, append=resume_from is not None)
     return run
 
