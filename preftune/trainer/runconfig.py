@@ -31,11 +31,16 @@ SAFE_PREFIXES = ("monitor.",)
 AFTER_NONFINITE = frozenset({"training.learning_rate"})
 
 
-def config_record(cfg, processes: int) -> dict[str, Any]:
+DATA_KEYS = ("data.train", "data.eval")
+
+
+def config_record(cfg, processes: int, *, digest_files: bool = True) -> dict[str, Any]:
     """The resolved config as flat ``{dotted key: JSON value}``; loaded objects become short descriptions.
 
     ``training.global_batch`` (per device x accumulation x processes) and, for local data files, a hash of their
-    contents are added; ``num_epochs`` is left out when ``max_steps`` overrides it.
+    contents are added (``digest_files=False``: later, by :func:`with_file_digests`); ``num_epochs`` is left out
+    when ``max_steps`` overrides it. Call it before the run changes anything it describes (LoRA layers are
+    injected into a loaded model in place).
     """
     out: dict[str, Any] = {}
 
@@ -48,7 +53,7 @@ def config_record(cfg, processes: int) -> dict[str, Any]:
             elif key == "loss.params":
                 out.update({f"loss.{k}": _describe(v) for k, v in value.items()})
             else:
-                out[key] = _describe(value, data=key in ("data.train", "data.eval"))
+                out[key] = _describe(value, data=digest_files and key in DATA_KEYS)
 
     walk(cfg, "")
     tc = cfg.training
@@ -56,6 +61,16 @@ def config_record(cfg, processes: int) -> dict[str, Any]:
     out["training.global_batch"] = tc.per_device_batch_size * tc.gradient_accumulation_steps * processes
     if tc.max_steps is not None:
         out.pop("training.num_epochs")
+    return out
+
+
+def with_file_digests(record: dict[str, Any], cfg) -> dict[str, Any]:
+    """``record`` with each local data file of ``cfg`` replaced by the hash of its contents."""
+    out = dict(record)
+    for key in DATA_KEYS:
+        value = getattr(cfg.data, key.split(".")[1])
+        if isinstance(value, (str, Path)):
+            out[key] = _describe(str(value), data=True)
     return out
 
 

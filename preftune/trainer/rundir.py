@@ -36,7 +36,13 @@ import torch
 from preftune.errors import ConfigError, PreftuneError
 from preftune.fsio import recover_dirs, temp_dir, write_dir_atomic, write_text_atomic
 from preftune.trainer import checkpoint as ckpt
-from preftune.trainer.runconfig import AFTER_NONFINITE, config_record, math_changes, short_repr
+from preftune.trainer.runconfig import (
+    AFTER_NONFINITE,
+    config_record,
+    math_changes,
+    short_repr,
+    with_file_digests,
+)
 from preftune.trainer.runlock import RunLock, now, release_lock
 
 RUN_FILE = "run.json"
@@ -223,7 +229,8 @@ def claim(cfg, *, resume=None, overwrite: bool = False, processes: int = 1, main
     if overwrite and (latest or own):
         raise ConfigError("--resume and --overwrite contradict each other for a checkpoint of the same "
                           "output_dir: --resume continues the run there, --overwrite removes it")
-    record = functools.partial(config_record, cfg, processes)
+    # the structure now (before LoRA changes a loaded model), the data files' hashes when first needed
+    record = functools.partial(with_file_digests, config_record(cfg, processes, digest_files=False), cfg)
     if not main:
         rd = RunDir(path, _read_json(path / RUN_FILE).get("run_id", ""), record, say)
         return _choose(rd, latest, explicit) if resume else rd
