@@ -54,6 +54,9 @@ class Run:
 
     Attributes:
         policy: the model that trains (not the DDP wrapper); ``model`` is its prepared scoring forward.
+        trainable: every module whose parameters train: the policy, or the policy and what the source trains
+            beside it (``source.companions``, e.g. PPO's critic); the optimizer, the gradient clip and the
+            checkpoints hold it.
         source: the training micro-batches (:mod:`preftune.trainer.source`).
         step_fn: ``(objective, logp_fn, batch, reference_fn) -> (losses (B,), metrics)`` for the data kind.
         reference_fn: scores a batch with the live reference, or None (precomputed, or no reference needed).
@@ -82,6 +85,11 @@ class Run:
     start_step: int = 0
     nonfinite_total: int = 0
     t_start: float = field(default_factory=time.perf_counter)
+    trainable: torch.nn.Module | None = None
+
+    def __post_init__(self):
+        if self.trainable is None:
+            self.trainable = self.policy
 
     @property
     def main(self) -> bool:
@@ -97,7 +105,7 @@ class Run:
     def checkpoint(self, step: int) -> None:
         """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position."""
         if self.main:
-            ckpt.save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
+            ckpt.save_checkpoint(self.run_dir, step, self.trainable, self.optimizer, self.scheduler,
                                  {"nonfinite_steps": self.nonfinite_total, "objective": self.objective.state_dict(),
                                   "source": self.source.state_dict()},
                                  self.cfg.training.save_total_limit)
@@ -172,19 +180,24 @@ def build_run(cfg, resume, log) -> Run:
         cfg, monitor=dataclasses.replace(cfg.monitor, num_prompts=0))
     monitor = Monitor(watched, policy, tokenizer, eval_set, ref_model, accelerator, say)
 
-    # ---- optimizer, schedule, resume ---------------------------------------------------------------------
-    model = accelerator.prepare_model(kind.forward(policy, cfg.engine))
-    optimizer = build_optimizer(policy, tc)
+    # ---- source, optimizer, schedule, resume -------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = tc.per_device_batch_size, tc.gradient_accumulation_steps
     geometry = dict(micro=micro, accum=accum, world=world, rank=rank, seed=tc.seed, pad_id=pad_id, layout=layout,
                     device=device)
     if on_policy:
         source = on_policy_source(objective.data, cfg, train_set, eval_set, policy=policy, tokenizer=tokenizer,
-                                  run_dir=run_dir if main else None, accelerator=accelerator, **geometry)
+                                  run_dir=run_dir if main else None, accelerator=accelerator,
+                                  reference_fn=reference_fn, **geometry)
         eval_set = ExampleSet([])  # held-out prompts are the source's to evaluate; the monitor keeps them
     else:
         source = StaticSource(train_set, group_by_length=cfg.engine.group_by_length, **geometry)
+    # A source may train modules beside the policy (``companions``: PPO's critic), inside its training forward.
+    companions = getattr(source, "companions", None)
+    trainable = torch.nn.ModuleDict({"policy": policy, **companions}) if companions else policy
+    forward = kind.forward(policy, cfg.engine)
+    model = accelerator.prepare_model(source.forward(forward) if companions else forward)
+    optimizer = build_optimizer(trainable, tc)
     if source.steps_per_epoch == 0:
         raise PreftuneError(f"{len(train_set)} training {'prompts' if on_policy else 'examples'} are fewer than one "
                             "optimizer step needs "
@@ -193,10 +206,10 @@ def build_run(cfg, resume, log) -> Run:
     scheduler = build_scheduler(optimizer, tc, total_steps)
     run = Run(cfg, accelerator, say, run_dir, tokenizer, policy, model, objective, STEPS[objective.data],
               reference_fn, source, eval_set, monitor, optimizer, scheduler, None, drops, layout, total_steps,
-              t_start=t_start)
+              t_start=t_start, trainable=trainable)
     resume_from = ckpt.resolve_resume(resume, run_dir)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler)
+        state = ckpt.load_checkpoint(resume_from, trainable, optimizer, scheduler)
         run.start_step, run.nonfinite_total = state["step"], state.get("nonfinite_steps", 0)
         objective.load_state_dict(state.get("objective", {}))
         source.load_state_dict(state.get("source", {}))
