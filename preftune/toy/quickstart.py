@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -109,25 +111,32 @@ def run_quickstart(out_dir: str | Path, seed: int = 0, log=print) -> dict:
         torch.set_num_threads(threads)
 
 
-def _run(out: Path, seed: int, log, t_start: float) -> dict:
+@dataclass
+class SFTPhase:
+    """The toy task and the SFT reference model every quickstart method starts from."""
+
+    tokenizer: Any
+    model: Any  # the SFT model, trained in place; saved in out/sft/final
+    sft_items: list[toy.Item]
+    items: list[toy.Item]  # the train prompts the SFT data did not use (the DPO pairs' prompts)
+    held_out: list[toy.Item]
+    config: dict
+    summary: dict
+
+
+def sft_phase(out: Path, seed: int, log=print) -> SFTPhase:
+    """Build the toy task and SFT-train the reference model into ``out/sft`` (same seed: same model)."""
     import preftune
 
-    quiet = lambda *_: None  # noqa: E731  (the runs' own chatter; the phases are logged here)
-
-    # ---- the task ----------------------------------------------------------------------------------------
+    quiet = lambda *_: None  # noqa: E731  (the run's own chatter; the phase is logged here)
     n_sft = SFT["steps"] * SFT["batch_size"]  # every SFT example seen once
     items, held_out = toy.split_items(seed, n_train=n_sft + DPO["pairs"], n_test=HELD_OUT)
-    sft_items, dpo_items = items[:n_sft], items[n_sft:]
+    sft_items, rest = items[:n_sft], items[n_sft:]
     tokenizer = toy.build_tokenizer()
     model = toy.build_model(tokenizer, seed=seed)
-    train_pairs = toy.pair_rows(dpo_items, seed=seed + 1)
-    test_pairs = toy.pair_rows(held_out, seed=seed + 2)
-    log(f"quickstart: toy task, {len(sft_items)} SFT prompts, {len(train_pairs)} train pairs, "
-        f"{len(test_pairs)} held-out prompts and pairs; model {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters")
-
-    # ---- SFT: the reference model ------------------------------------------------------------------------
-    sft_config = {
+    log(f"quickstart: toy task, {len(sft_items)} SFT prompts, {len(rest)} further train prompts, "
+        f"{len(held_out)} held-out prompts; model {sum(p.numel() for p in model.parameters()):,} parameters")
+    config = {
         "loss": {"name": "sft"},
         "training": {"output_dir": str(out / "sft"), "learning_rate": SFT["learning_rate"],
                      "per_device_batch_size": SFT["batch_size"], "max_steps": SFT["steps"],
@@ -135,10 +144,24 @@ def _run(out: Path, seed: int, log, t_start: float) -> dict:
                      "logging_every": 50, "progress_bar": False},
     }
     t0 = time.perf_counter()
-    sft_summary = preftune.train({"model": model, "tokenizer": tokenizer,
-                                  "data": {"train": toy.sft_rows(sft_items, seed=seed)}, **sft_config}, log=quiet)
+    summary = preftune.train({"model": model, "tokenizer": tokenizer,
+                              "data": {"train": toy.sft_rows(sft_items, seed=seed)}, **config}, log=quiet)
     log(f"quickstart: SFT {SFT['steps']} steps in {time.perf_counter() - t0:.1f}s, final loss "
-        f"{sft_summary['final_loss']:.3f}")
+        f"{summary['final_loss']:.3f}")
+    return SFTPhase(tokenizer, model, sft_items, rest, held_out, config, summary)
+
+
+def _run(out: Path, seed: int, log, t_start: float) -> dict:
+    import preftune
+
+    quiet = lambda *_: None  # noqa: E731  (the runs' own chatter; the phases are logged here)
+
+    # ---- the task and SFT: the reference model -----------------------------------------------------------
+    sft = sft_phase(out, seed, log)
+    tokenizer, model, held_out = sft.tokenizer, sft.model, sft.held_out
+    sft_config, sft_summary = sft.config, sft.summary
+    train_pairs = toy.pair_rows(sft.items, seed=seed + 1)
+    test_pairs = toy.pair_rows(held_out, seed=seed + 2)
 
     # ---- before: the SFT model ---------------------------------------------------------------------------
     reference = pair_logps(model, tokenizer, test_pairs)  # (n, 2); the DPO run's reference is this model

@@ -78,6 +78,22 @@ def test_every_planted_problem_is_found_at_its_row(dirty):
     assert validate(dirty, thresholds=Thresholds(max_unusable_fraction=0.25)).usable
 
 
+def test_near_identical_compares_word_order_not_a_bag_of_words(tmp_path, jsonl, pair):
+    # LONG has 29 words. Reversed, every word is still there (bag-of-words overlap 1.0), but the longest common
+    # run is short: difflib's ratio is 2·3/58 = 0.103, far under the 0.9 threshold: "the man bit the dog" is not
+    # "the dog bit the man". One word swapped ("lazy" -> "sleepy") keeps 28 of 29 in order: 2·28/58 = 0.966.
+    reversed_long = " ".join(reversed(LONG.split()))
+    assert similarity(LONG, reversed_long) == pytest.approx(6 / 58)
+    assert similarity(LONG, LONG.replace("lazy", "sleepy")) == pytest.approx(56 / 58)
+    rows = [pair(i) for i in range(6)] + [
+        {"prompt": "Order?", "chosen": LONG, "rejected": reversed_long},  # 7: same words, another order
+        {"prompt": "Near?", "chosen": LONG, "rejected": LONG.replace("lazy", "sleepy")},  # 8: near-identical
+    ]
+    r = validate(jsonl(tmp_path / "order.jsonl", rows))
+    assert _rows(r, "near_identical") == ["8"]
+    assert r.finding("identical") is None
+
+
 def test_example_rows_are_capped_and_in_file_order(tmp_path, jsonl, pair):
     path = jsonl(tmp_path / "d.jsonl", [pair(0)] * 8)
     f = validate(path, max_examples=3).finding("duplicates")
