@@ -1,6 +1,6 @@
 """The `preftune` command line.
 
-    preftune quickstart [--method M] [--out DIR]         offline demo: toy task, SFT, DPO (or iterative DPO), before/after
+    preftune quickstart [--method M] [--out DIR]         offline demo: toy task, SFT, DPO (iterative DPO, PPO), before/after
     preftune train CONFIG.yaml [--set k.sub=v ...]       train from a YAML config (--resume to continue)
     preftune data validate|clean|convert|agreement ...   preference-data tooling
     preftune generate / judge ...                        sample responses; judge them into pairs
@@ -24,6 +24,7 @@ import traceback
 QUICKSTARTS = {
     "dpo": "preftune.toy.quickstart:run_quickstart",
     "iterative_dpo": "preftune.tune.quickstart:run_iterative_quickstart",
+    "ppo": "preftune.toy.quickstart_ppo:run_ppo_quickstart",
 }
 """``preftune quickstart --method NAME`` -> "module:function(out_dir, seed=...) -> report" (imported on use)."""
 
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="offline demo: toy task, SFT, DPO, before/after evaluation")
     p.add_argument("--method", choices=sorted(QUICKSTARTS), default="dpo",
-                   help="the demo: dpo (default) or iterative_dpo (3 rounds of generate -> judge -> train)")
+                   help="the demo: dpo (default), iterative_dpo (3 rounds of generate -> judge -> train) or ppo "
+                        "(PPO with a critic against the toy verifier)")
     p.add_argument("--out", help="output directory (default: runs/quickstart, runs/quickstart-METHOD for others)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_quickstart)

@@ -282,7 +282,11 @@ class RolloutConfig:
     """PPO's value function V(s_t). `head`: a value head on the policy's own trunk (one model, one optimizer;
     the value loss trains the trunk too); `policy`: a separate critic, a copy of the initial policy with a new
     head; or the path (hub id) of a reward model (`task: reward` output) whose trunk and score head start the
-    critic. The critic trains in full (LoRA or not), with the policy's optimizer and learning rate."""
+    critic. The critic trains in full (LoRA or not), in the policy's optimizer."""
+    critic_learning_rate: float | None = within("(0, ∞)", None)
+    """PPO: the critic's peak learning rate (the schedule scales it like the policy's); None:
+    `training.learning_rate`. A fresh value head learns slowly at a policy's rate (Adam moves each weight by
+    about the rate per step whatever `vf_coef` is), so a higher one is common (OpenRLHF: ~10x)."""
 
 
 @dataclass

@@ -169,7 +169,7 @@ def _check_rollout(config, reader: Reader) -> Iterator[tuple[str, str]]:
 
 # Rollout options only PPO's source reads (with their defaults), and the group source's options PPO never reads.
 PPO_ONLY = {"ppo_epochs": 4, "minibatches": 1, "gamma": 1.0, "gae_lambda": 0.95, "whiten_advantages": True,
-            "early_stop_kl": None, "critic": "head"}
+            "early_stop_kl": None, "critic": "head", "critic_learning_rate": None}
 NOT_PPO = {"num_iterations": 1, "dynamic_sampling": False, "mask_truncated_completions": False,
            "advantage_estimator": "grpo", "scale_rewards": "group"}
 

@@ -59,7 +59,8 @@ class PPOSource:
     """PPO rollouts as an experience source (module docstring).
 
     ``companions``: the critic, which trains beside the policy (the run's optimizer, gradient clipping and
-    checkpoints hold it); ``forward(engine)`` gives the training forward with the critic inside it.
+    checkpoints hold it), at ``rollout.critic_learning_rate`` (``learning_rates``) when given;
+    ``forward(engine)`` gives the training forward with the critic inside it.
     """
 
     static = False
@@ -75,6 +76,8 @@ class PPOSource:
         self.pad_id, self.layout, self.device, self.run_dir, self.accelerator = (pad_id, layout, device, run_dir,
                                                                                  accelerator)
         self.companions = {"critic": critic}
+        self.learning_rates = {} if rollout_cfg.critic_learning_rate is None else {
+            "critic": rollout_cfg.critic_learning_rate}
         self.epochs, self.minibatches = rollout_cfg.ppo_epochs, rollout_cfg.minibatches
         self.steps_per_rollout = self.epochs * self.minibatches
         self.per_minibatch = micro * accum  # this process's prompts per minibatch

@@ -193,11 +193,12 @@ def build_run(cfg, resume, log) -> Run:
     else:
         source = StaticSource(train_set, group_by_length=cfg.engine.group_by_length, **geometry)
     # A source may train modules beside the policy (``companions``: PPO's critic), inside its training forward.
-    companions = getattr(source, "companions", None)
+    companions = getattr(source, "companions", None) or {}
     trainable = torch.nn.ModuleDict({"policy": policy, **companions}) if companions else policy
     forward = kind.forward(policy, cfg.engine)
     model = accelerator.prepare_model(source.forward(forward) if companions else forward)
-    optimizer = build_optimizer(trainable, tc)
+    rates = {companions[name]: lr for name, lr in getattr(source, "learning_rates", {}).items()}
+    optimizer = build_optimizer(trainable, tc, rates)
     if source.steps_per_epoch == 0:
         raise PreftuneError(f"{len(train_set)} training {'prompts' if on_policy else 'examples'} are fewer than one "
                             "optimizer step needs "

@@ -13,7 +13,8 @@ Optional parts: ``after_step(step, values)`` receives the step's logged metrics 
 a source that adapts to training (PPO ends its epochs over a rollout early on a KL bound). ``companions``, a
 dict of modules that train beside the policy (PPO's critic), comes with ``forward(engine) -> module``, the
 training forward holding them: the run then trains policy and companions with one optimizer, one gradient
-clip and one checkpoint (``trainer.build``).
+clip and one checkpoint (``trainer.build``); ``learning_rates``, {companion name: peak rate}, gives a companion
+its own rate.
 """
 
 from __future__ import annotations
