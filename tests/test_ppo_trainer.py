@@ -426,3 +426,18 @@ def test_sigkill_mid_rollout_then_resume_equals_uninterrupted(tmp_path, python, 
     losses = [(r["step"], r["loss"]) for r in train_records(killed)]
     assert [s for s, _ in losses] == list(range(1, 7))
     assert losses == [(r["step"], r["loss"]) for r in train_records(full)]
+
+
+def test_critic_choices_and_its_learning_rate(ppo_config, make_model, tmp_path):
+    from preftune.trainer.build import build_run
+
+    cfg = to_config(ppo_config(make_model(seed=0), rollout={"critic": "policy", "critic_learning_rate": 3e-2},
+                               training={"learning_rate": 1e-3}))
+    run = build_run(cfg, None, lambda *_: None)
+    critic = {id(p) for p in run.source.critic.parameters()}
+    rates = {(id(p) in critic, g["lr"]) for g in run.optimizer.param_groups for p in g["params"]}
+    assert rates == {(False, 1e-3), (True, 3e-2)}  # the policy at its rate, the critic at its own
+    assert {n.split(".")[0] for n, _ in run.trainable.named_parameters()} == {"policy", "critic"}
+    with pytest.raises(ConfigError, match="rollout.critic 'no/such/reward-model'"):
+        build_run(to_config(ppo_config(make_model(seed=0), rollout={"critic": "no/such/reward-model"},
+                                       training={"output_dir": str(tmp_path / "bad")})), None, lambda *_: None)

@@ -47,7 +47,7 @@ from preftune.data.layouts import LAYOUTS
 from preftune.data.packing import epoch_order
 from preftune.data.prompts import PromptSet
 from preftune.data.tokenize import TokenizedGroup
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, PreftuneError
 from preftune.logprobs import Critic, LogpModel, ValueHead, decoder_of, hidden_size_of
 from preftune.losses import get_loss
 from preftune.losses.ppo import AdaptiveKLController, kl_penalty_rewards
@@ -339,7 +339,11 @@ def build_critic(spec: str, policy: nn.Module, tokenizer) -> nn.Module:
         nn.init.zeros_(head.bias)
         critic = Critic(decoder_of(base), head)
     else:
-        rm = load_reward_model(spec, tokenizer)
+        try:
+            rm = load_reward_model(spec, tokenizer)
+        except PreftuneError as e:
+            raise ConfigError(f"rollout.critic {spec!r}: {e} (the critic is `head`, `policy` or a reward model's "
+                              "path or hub id)") from None
         head = getattr(rm, "score", None)
         if not isinstance(head, nn.Linear):
             raise ConfigError(f"rollout.critic {spec!r}: a critic reads a decoder's hidden state at every token, "
