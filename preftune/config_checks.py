@@ -174,12 +174,14 @@ NOT_PPO = {"num_iterations": 1, "dynamic_sampling": False, "mask_truncated_compl
            "advantage_estimator": "grpo", "scale_rewards": "group"}
 
 
-@check("rollout", "loss.name", "loss")
+@check("rollout", "loss.name", "loss", "task")
 def _check_ppo(config, reader: Reader) -> Iterator[tuple[str, str]]:
     """PPO trains on its own samples (a `rollout:` section); the options of one on-policy source are refused
     with another's loss (they would be ignored); the adaptive KL coefficient needs a non-zero start."""
     from preftune.losses import get_loss
 
+    if config.loss.name is None:
+        return
     try:
         kinds = {get_loss(n).data for n in loss_names(config.loss.name)}
     except KeyError:

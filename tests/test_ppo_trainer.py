@@ -441,3 +441,17 @@ def test_critic_choices_and_its_learning_rate(ppo_config, make_model, tmp_path):
     with pytest.raises(ConfigError, match="rollout.critic 'no/such/reward-model'"):
         build_run(to_config(ppo_config(make_model(seed=0), rollout={"critic": "no/such/reward-model"},
                                        training={"output_dir": str(tmp_path / "bad")})), None, lambda *_: None)
+
+
+def test_dropout_is_off_in_rollout_and_training_passes(ppo_config, make_model, tmp_path):
+    model = make_model(seed=0)
+    model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.5))  # an nn.Dropout (never called here)
+    for m in model.modules():  # transformers' attention applies this rate functionally, in train mode
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    cfg = ppo_config(model, rollout={"ppo_epochs": 1, "minibatches": 1}, training={"max_steps": 1})
+    preftune.train(cfg, log=lambda *_: None)
+    assert model.model.layers[0].mlp.drop.p == 0.0
+    assert all(m.attention_dropout == 0.0 for m in model.modules() if hasattr(m, "attention_dropout"))
+    first = train_records(tmp_path / "run")[0]
+    assert first["policy/ratio_mean"] == 1.0 and first["policy/approx_kl_k1"] == 0.0  # deterministic passes
