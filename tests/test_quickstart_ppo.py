@@ -5,13 +5,14 @@ import json
 
 import pytest
 
-from preftune.cli import main
-from preftune.toy.quickstart_ppo import TARGETS
+from preftune.cli import QUICKSTARTS
+from preftune.toy.quickstart_ppo import TARGETS, run_ppo_quickstart
 
 
 @pytest.mark.slow
-def test_ppo_quickstart_meets_targets_and_writes_its_files(tmp_path):
-    assert main(["quickstart", "--method", "ppo", "--out", str(tmp_path)]) == 0
+def test_ppo_quickstart_meets_targets_and_writes_its_files(tmp_path, toy_sft):
+    assert QUICKSTARTS["ppo"] == "preftune.toy.quickstart_ppo:run_ppo_quickstart"  # `quickstart --method ppo`
+    run_ppo_quickstart(tmp_path, seed=0, log=lambda *_: None, sft_dir=toy_sft.run_dir)
     report = json.loads((tmp_path / "report.json").read_text())
     before, after = report["before"]["generation_accuracy"], report["after"]["generation_accuracy"]
     assert 0.25 <= before <= 0.75  # the SFT model signs off on about half of the held-out prompts

@@ -10,7 +10,7 @@ values are all the signal. Writes ``out/report.json`` with ``before`` / ``after`
 (greedy answers on the held-out prompts that the verifier accepts, as the other demos measure it), the
 run's final PPO statistics (explained variance, KL to the SFT model, value error), the checks and the wall
 time; the PPO run's own files (``metrics.jsonl``, ``samples.jsonl``, ``plots/``, ``report.html``,
-``final/``) are in ``out``, the SFT run in ``out/sft``.
+``final/``) are in ``out``, the SFT run in ``out/sft`` (or the reused ``sft_dir``).
 """
 
 from __future__ import annotations
@@ -54,23 +54,27 @@ def ppo_config(out: Path, seed: int, train_prompts: list, eval_prompts: list) ->
     }
 
 
-def run_ppo_quickstart(out_dir: str | Path, seed: int = 0, log=print) -> dict:
-    """SFT the toy model, train it with PPO against the toy verifier, evaluate before and after."""
+def run_ppo_quickstart(out_dir: str | Path, seed: int = 0, log=print, *, sft_dir: str | Path | None = None) -> dict:
+    """SFT the toy model, train it with PPO against the toy verifier, evaluate before and after.
+
+    ``sft_dir``: the ``sft`` directory of an earlier quickstart with the same seed, reused instead of training SFT
+    again (the tests share one).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 0.1M-parameter model runs faster on one thread (see toy.quickstart)
     try:
-        return _run(out, seed, log, t_start)
+        return _run(out, seed, log, t_start, sft_dir)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out: Path, seed: int, log, t_start: float) -> dict:
+def _run(out: Path, seed: int, log, t_start: float, sft_dir) -> dict:
     import preftune
 
-    sft = sft_phase(out, seed, log)
+    sft = sft_phase(out, seed, log, sft_dir)
     tokenizer, model, held_out = sft.tokenizer, sft.model, sft.held_out
     before, before_rows = generation_accuracy(model, tokenizer, held_out)
     model.train()
@@ -101,7 +105,7 @@ def _run(out: Path, seed: int, log, t_start: float) -> dict:
                                                           "policy/clip_frac", "policy/approx_kl_k3")}},
         "config": {"sft": sft.config, "ppo": config["training"] | {k: config[k] for k in ("loss", "rollout", "reward")},
                    "recipe": {"sft": SFT, "ppo": PPO, "held_out": HELD_OUT}},
-        "runs": {"sft": {"summary": str(out / "sft" / "train_summary.json"), "model": sft.summary["model_dir"],
+        "runs": {"sft": {"summary": str(sft.run_dir / "train_summary.json"), "model": sft.summary["model_dir"],
                          "train_runtime_s": sft.summary["train_runtime_s"], "steps": sft.summary["steps"]},
                  "ppo": {"summary": str(out / "train_summary.json"), "model": summary["model_dir"],
                          "train_runtime_s": summary["train_runtime_s"], "steps": summary["steps"]}},
