@@ -274,3 +274,17 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             value = value + deltas[key].to(value.dtype)
         out[key.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")] = value.detach().clone()
     return out
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout of ``model`` off, in train mode too: ``nn.Dropout`` modules get p = 0, and attention layers
+    that apply their ``attention_dropout`` rate functionally (transformers' attention classes) get 0.
+
+    On-policy methods that compare two passes over the same tokens (PPO's ratio π/π_old, its values against
+    V_old) need both passes deterministic (TRL's ``disable_dropout_in_model`` does the first half)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model

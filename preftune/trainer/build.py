@@ -56,6 +56,9 @@ class Run:
 
     Attributes:
         policy: the model that trains (not the DDP wrapper); ``model`` is its prepared scoring forward.
+        trainable: every module whose parameters train: the policy, or the policy and what the source trains
+            beside it (``source.companions``, e.g. PPO's critic); the optimizer, the gradient clip and the
+            checkpoints hold it.
         source: the training micro-batches (:mod:`preftune.trainer.source`).
         step_fn: ``(objective, logp_fn, batch, reference_fn) -> (losses (B,), metrics)`` for the data kind.
         reference_fn: scores a batch with the live reference, or None (precomputed, or no reference needed).
@@ -86,6 +89,11 @@ class Run:
     no_signal_total: int = 0
     t_start: float = field(default_factory=time.perf_counter)
     claim: rundir.RunDir | None = None  # the run directory: lock, run id, the checkpoint resumed
+    trainable: torch.nn.Module | None = None
+
+    def __post_init__(self):
+        if self.trainable is None:
+            self.trainable = self.policy
 
     @property
     def main(self) -> bool:
@@ -101,7 +109,7 @@ class Run:
     def checkpoint(self, step: int) -> None:
         """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position."""
         if self.main:
-            ckpt.save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
+            ckpt.save_checkpoint(self.run_dir, step, self.trainable, self.optimizer, self.scheduler,
                                  {"nonfinite_steps": self.nonfinite_total, "no_signal_steps": self.no_signal_total,
                                   "objective": self.objective.state_dict(),
                                   "source": self.source.state_dict(), **self.claim.checkpoint_fields()},
@@ -178,19 +186,25 @@ def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
         cfg, monitor=dataclasses.replace(cfg.monitor, num_prompts=0))
     monitor = Monitor(watched, policy, tokenizer, eval_set, ref_model, accelerator, say)
 
-    # ---- optimizer, schedule, resume ---------------------------------------------------------------------
-    model = accelerator.prepare_model(kind.forward(policy, cfg.engine))
-    optimizer = build_optimizer(policy, tc)
+    # ---- source, optimizer, schedule, resume -------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = tc.per_device_batch_size, tc.gradient_accumulation_steps
     geometry = dict(micro=micro, accum=accum, world=world, rank=rank, seed=tc.seed, pad_id=pad_id, layout=layout,
                     device=device)
     if on_policy:
         source = on_policy_source(objective.data, cfg, train_set, eval_set, policy=policy, tokenizer=tokenizer,
-                                  run_dir=run_dir if main else None, accelerator=accelerator, **geometry)
+                                  run_dir=run_dir if main else None, accelerator=accelerator,
+                                  reference_fn=reference_fn, **geometry)
         eval_set = ExampleSet([])  # held-out prompts are the source's to evaluate; the monitor keeps them
     else:
         source = StaticSource(train_set, group_by_length=cfg.engine.group_by_length, **geometry)
+    # A source may train modules beside the policy (``companions``: PPO's critic), inside its training forward.
+    companions = getattr(source, "companions", None) or {}
+    trainable = torch.nn.ModuleDict({"policy": policy, **companions}) if companions else policy
+    forward = kind.forward(policy, cfg.engine)
+    model = accelerator.prepare_model(source.forward(forward) if companions else forward)
+    rates = {companions[name]: lr for name, lr in getattr(source, "learning_rates", {}).items()}
+    optimizer = build_optimizer(trainable, tc, rates)
     if source.steps_per_epoch == 0:
         raise PreftuneError(f"{len(train_set)} training {'prompts' if on_policy else 'examples'} are fewer than one "
                             "optimizer step needs "
@@ -199,10 +213,10 @@ def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
     scheduler = build_scheduler(optimizer, tc, total_steps)
     run = Run(cfg, accelerator, say, run_dir, tokenizer, policy, model, objective, STEPS[objective.data],
               reference_fn, source, eval_set, monitor, optimizer, scheduler, None, drops, layout, total_steps,
-              t_start=t_start, claim=claimed)
+              t_start=t_start, claim=claimed, trainable=trainable)
     resume_from = claimed.resume_from
     if resume_from is not None:
-        state = claimed.restore(policy, optimizer, scheduler)  # a corrupt "latest" falls back to an older one
+        state = claimed.restore(trainable, optimizer, scheduler)  # a corrupt "latest" falls back to an older one
         resume_from = claimed.resume_from
         run.start_step, run.nonfinite_total = state["step"], state.get("nonfinite_steps", 0)
         run.no_signal_total = state.get("no_signal_steps", 0)

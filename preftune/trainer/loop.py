@@ -84,7 +84,7 @@ def run_steps(run: Run) -> dict:
                 break
             continue
         # -- clip and update, unless some process saw a non-finite loss or gradient
-        params = [p for p in run.policy.parameters() if p.requires_grad]
+        params = [p for p in run.trainable.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
         if _any_process(acc, bad or not torch.isfinite(grad_norm).item()):
             run.optimizer.zero_grad(set_to_none=True)
@@ -111,6 +111,8 @@ def run_steps(run: Run) -> dict:
         values.update(grad_norm=float(grad_norm), learning_rate=run.scheduler.get_last_lr()[0],
                       tokens_per_second=total_tokens / dt, epoch=step / run.source.steps_per_epoch)
         totals["last_train"] = values
+        if hasattr(run.source, "after_step"):  # a source that adapts to training (PPO's early stop) sees the step
+            run.source.after_step(step, values)
         if run.writer and (done % tc.logging_every == 0 or done == run.total_steps):
             run.writer.write(done, "train", values)
         run.monitor.after_step(done, values, run.writer)
