@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from preftune.configfile import read_config
 from preftune.errors import ConfigError, PreftuneError
-from preftune.runconfig import read_config
 from preftune.runlog import read_metrics
 
 CARD_FILE = "README.md"

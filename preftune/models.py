@@ -40,7 +40,14 @@ def _looks_local(name: str) -> bool:
 def _load(kind: str, name: str, loader):
     path = Path(name).expanduser()
     if path.exists():
-        return loader(str(path))
+        if path.is_dir() and not (path / "config.json").exists() and (kind == "model" or not _has_tokenizer(path)):
+            what = ("a LoRA adapter directory (adapter_config.json): give its base model as the model"
+                    if (path / "adapter_config.json").exists() else "is it a directory written by save_pretrained?")
+            raise PreftuneError(f"{kind} directory {name} has no config.json; {what}")
+        try:
+            return loader(str(path))
+        except (OSError, ValueError) as e:
+            raise PreftuneError(f"could not load {kind} {name}: {str(e).strip().splitlines()[0]}") from None
     if _looks_local(name) or name.count("/") > 1:
         raise PreftuneError(f"{kind} path does not exist: {name}")
     try:
@@ -50,6 +57,11 @@ def _load(kind: str, name: str, loader):
             f"could not load {kind} {name!r}: not a local path, and the hub does not serve it from here "
             f"(no network, a typo, or a gated repo): {str(e).splitlines()[0]}"
         ) from None
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                              "tokenizer.model", "vocab.txt"))
 
 
 def load_tokenizer(tokenizer, model_name):
@@ -201,8 +213,11 @@ def apply_lora(model: nn.Module, lora, seed: int, task_type: str = "CAUSAL_LM") 
                      target_modules=lora.target_modules, task_type=task_type, modules_to_save=head)
     try:
         return get_peft_model(model, cfg)
-    except ValueError as e:
-        raise PreftuneError(f"lora.target_modules: {e}") from None
+    except ValueError as e:  # peft says which setting it rejects; name that key, not always target_modules
+        text = str(e)
+        key = ("lora.r" if "`r`" in text else "lora.alpha" if "alpha" in text else
+               "lora.target_modules" if "target" in text or "module" in text else "lora")
+        raise PreftuneError(f"{key}: {text}") from None
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -286,3 +301,17 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             value = value + deltas[key].to(value.dtype)
         out[key.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")] = value.detach().clone()
     return out
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout of ``model`` off, in train mode too: ``nn.Dropout`` modules get p = 0, and attention layers
+    that apply their ``attention_dropout`` rate functionally (transformers' attention classes) get 0.
+
+    On-policy methods that compare two passes over the same tokens (PPO's ratio π/π_old, its values against
+    V_old) need both passes deterministic (TRL's ``disable_dropout_in_model`` does the first half)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model

@@ -6,8 +6,9 @@ them imports the trainer. One JSON object per line::
 
     {"step": 10, "split": "train" | "eval" | ..., "<metric>": value, ...}
 
-A kill can leave the last line half-written: readers skip that one line (it is redone on resume); a broken
-line anywhere else is an error naming the file and line.
+A kill can leave the last line half-written (no newline, not parseable): readers skip that one line (it is
+redone on resume); a broken line anywhere else, or a line that is not an object with an integer ``step``, is an
+error naming the file and line. ``samples.jsonl`` is read the same way (:func:`read_records`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import json
 import math
 from pathlib import Path
 
+from preftune.configfile import flat_params, write_config
 from preftune.errors import PreftuneError
-from preftune.runconfig import flat_params, write_config
+from preftune.fsio import write_text_atomic
 from preftune.trackers import open_trackers
 
 METRICS_FILE = "metrics.jsonl"
@@ -37,7 +39,7 @@ class MetricWriter:
         run_dir: the run directory (created if absent).
         report_to: tracker names (``training.report_to``): accelerate's trackers, e.g. ``["tensorboard",
             "wandb", "mlflow"]``; TensorBoard writes under ``run_dir/tensorboard``.
-        config: the resolved config as plain data (:func:`preftune.runconfig.config_record`): written to
+        config: the resolved config as plain data (:func:`preftune.configfile.config_tree`): written to
             ``run_dir/config.yaml`` and given to every tracker as hyperparameters (TensorBoard hparams, W&B
             config, MLflow params).
         resume_step: the checkpoint's step when resuming, else None. Records past it are removed from
@@ -78,32 +80,52 @@ class MetricWriter:
             self.trackers.finish(failed)
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Every record of ``run_dir/metrics.jsonl`` ([] when there is none); a half-written last line is skipped."""
-    path = Path(run_dir) / METRICS_FILE
+def read_records(path: Path, what: str = "metrics record") -> list[dict]:
+    """The JSON objects of a JSONL log, each with an integer ``step`` ([] when the file does not exist).
+
+    A last line without its newline that does not parse is what a kill mid-write leaves: it is skipped (the
+    step is redone on resume). Any other line that is not such an object is an error naming file and line.
+    """
+    path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
-            if number == len(lines):  # the line a kill leaves behind
+            if number == len(lines) and not text.endswith("\n"):  # the line a kill leaves behind
                 break
             raise PreftuneError(f"{path}:{number}: not a JSON record ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise PreftuneError(f"{path}:{number}: not a JSON record (a {type(record).__name__}, not an object)")
+        if not isinstance(record.get("step"), int) or isinstance(record.get("step"), bool):
+            raise PreftuneError(f"{path}:{number}: not a {what} (no integer \"step\")")
+        records.append(record)
     return records
 
 
-def truncate_after(run_dir: Path, step: int) -> int:
-    """Keep only the records up to ``step`` (a resumed run redoes the rest, so none is written twice); returns
-    the highest step the file held before (``step`` when it held none past it)."""
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of ``run_dir/metrics.jsonl`` ([] when there is none); a half-written last line is skipped."""
+    return read_records(Path(run_dir) / METRICS_FILE)
+
+
+def truncate_records(path: Path, step: int, what: str = "metrics record") -> int:
+    """Keep only the records up to ``step`` (a resumed run redoes the rest, so none is written twice); the file
+    is replaced through a rename, so a kill during it loses nothing. Returns the highest step the file held
+    before (``step`` when it held none past it)."""
+    path = Path(path)
     if not path.exists():
         return step
-    records = read_metrics(run_dir)
-    kept = [r for r in records if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    records = read_records(path, what)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
     return max([step] + [r["step"] for r in records])
+
+
+def truncate_after(run_dir: Path, step: int) -> int:
+    """:func:`truncate_records` of ``run_dir/metrics.jsonl``."""
+    return truncate_records(Path(run_dir) / METRICS_FILE, step)

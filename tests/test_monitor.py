@@ -365,8 +365,8 @@ def test_monitor_off_and_bad_metric(toy, dpo_config, make_model, train_pairs, ev
     splits = {r["split"] for r in read_metrics(cfg["training"]["output_dir"])}
     assert splits == {"train", "eval"}
     bad = dpo_config(make_model(0), train_pairs[:8], monitor={"early_stopping_metric": "loss"})
-    with pytest.raises(ConfigError, match="early_stopping_metric"):
-        preftune.train(bad, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="early_stopping_metric"):  # overwrite: the same output_dir again
+        preftune.train(bad, overwrite=True, log=lambda *_: None)
 
 
 def test_resumed_run_keeps_the_monitor_history(toy):

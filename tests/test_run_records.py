@@ -20,8 +20,8 @@ import yaml
 
 import preftune
 from preftune.config import to_config
+from preftune.configfile import read_config
 from preftune.errors import ConfigError, PreftuneError
-from preftune.runconfig import read_config
 from preftune.runlog import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,8 +57,8 @@ def test_config_yaml_describes_objects_never_pickles(dpo_config, make_model, tra
     assert written["model"].startswith("<in memory: LlamaForCausalLM, ") and "parameters" in written["model"]
     assert written["tokenizer"].startswith("<in memory: ") and "vocabulary" in written["tokenizer"]
     assert written["data"]["train"].startswith("<in memory: list of 8 rows, blake2b ")
-    with pytest.raises(PreftuneError, match="could not load tokenizer '<in memory: "):
-        preftune.train(str(tmp_path / "run" / "config.yaml"), log=lambda *_: None)  # names it, trains nothing
+    with pytest.raises(PreftuneError, match="could not load tokenizer '<in memory: "):  # names it, trains nothing
+        preftune.train(str(tmp_path / "run" / "config.yaml"), overwrite=True, log=lambda *_: None)
 
 
 # ---- TensorBoard: hparams, each step once after a resume -------------------------------------------------------

@@ -35,15 +35,13 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from preftune.errors import ConfigError
 from preftune.eval.drift import completion_token_logps, end_ids, generate_ids, generation_stats, kl_estimates
+from preftune.fsio import write_dir_atomic
 from preftune.losses import get_loss
 from preftune.models import is_peft, reference_mode, save_pretrained
 from preftune.monitor import samples as samples_mod
@@ -328,17 +326,11 @@ class Monitor:
 
 
 def _save_atomically(policy, tokenizer, out: Path, info: dict) -> None:
-    """``save_pretrained`` into a temporary directory, then swap it in: a crash never leaves half a model."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=out.parent))
-    try:
+    """``save_pretrained`` into a temporary directory, then swap it in (``fsio.write_dir_atomic``): ``best/``
+    is the old best model or the new one at every instant, never half of one."""
+
+    def write(tmp: Path) -> None:
         save_pretrained(policy, tokenizer, tmp)
         (tmp / "best.json").write_text(json.dumps(info, indent=1))
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomic(out, write, "the best model to")

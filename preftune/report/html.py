@@ -94,7 +94,7 @@ def _run_section(run_dir: Path, plots: list[Path]) -> str:
 
     import yaml
 
-    from preftune.runconfig import read_config
+    from preftune.configfile import read_config
 
     config = read_config(run_dir)
     parts = []

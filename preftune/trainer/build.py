@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from preftune.config import check_loss_params
+from preftune.configfile import config_tree
 from preftune.data.load import is_local_path
 from preftune.data.prepare import ExampleSet, prepare_data
 from preftune.data.prompts import prepare_prompts
@@ -34,9 +35,9 @@ from preftune.models import MODEL_KINDS, apply_lora, freeze, load_causal_lm, loa
 from preftune.monitor.monitor import Monitor
 from preftune.monitor.samples import truncate_samples
 from preftune.rollout.sources import on_policy_source
-from preftune.runconfig import config_record
 from preftune.runlog import MetricWriter
 from preftune.trainer import checkpoint as ckpt
+from preftune.trainer import rundir
 from preftune.trainer.callbacks import Hooks
 from preftune.trainer.optim import build_optimizer, build_scheduler
 from preftune.trainer.reference import reference_logps
@@ -57,6 +58,9 @@ class Run:
 
     Attributes:
         policy: the model that trains (not the DDP wrapper); ``model`` is its prepared scoring forward.
+        trainable: every module whose parameters train: the policy, or the policy and what the source trains
+            beside it (``source.companions``, e.g. PPO's critic); the optimizer, the gradient clip and the
+            checkpoints hold it.
         source: the training micro-batches (:mod:`preftune.trainer.source`).
         step_fn: ``(objective, logp_fn, batch, reference_fn) -> (losses (B,), metrics)`` for the data kind.
         reference_fn: scores a batch with the live reference, or None (precomputed, or no reference needed).
@@ -87,6 +91,12 @@ class Run:
     no_signal_total: int = 0
     t_start: float = field(default_factory=time.perf_counter)
     hooks: Hooks = field(default_factory=Hooks)  # the caller's callbacks (``train(..., callbacks=)``)
+    claim: rundir.RunDir | None = None  # the run directory: lock, run id, the checkpoint resumed
+    trainable: torch.nn.Module | None = None
+
+    def __post_init__(self):
+        if self.trainable is None:
+            self.trainable = self.policy
 
     @property
     def main(self) -> bool:
@@ -102,17 +112,18 @@ class Run:
     def checkpoint(self, step: int) -> Path | None:
         """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position."""
         if self.main:
-            return ckpt.save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
+            return ckpt.save_checkpoint(self.run_dir, step, self.trainable, self.optimizer, self.scheduler,
                                         {"nonfinite_steps": self.nonfinite_total,
                                          "no_signal_steps": self.no_signal_total,
                                          "objective": self.objective.state_dict(),
-                                         "source": self.source.state_dict()},
+                                         "source": self.source.state_dict(), **self.claim.checkpoint_fields()},
                                         self.cfg.training.save_total_limit)
         return None
 
 
-def build_run(cfg, resume, log) -> Run:
-    """Assemble a run from a checked config; ``resume``: True/"latest" or a checkpoint path, or None."""
+def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
+    """Assemble a run from a checked config; ``resume``: True/"latest" or a checkpoint path, or None;
+    ``overwrite``: replace a previous run in ``output_dir`` (see ``rundir.claim``)."""
     from accelerate import Accelerator
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -129,8 +140,8 @@ def build_run(cfg, resume, log) -> Run:
         say(f"warning: {warning}")
     seed_everything(tc.seed)
     t_start = time.perf_counter()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    # the lock, a used directory refused, the checkpoint to resume and its config checked: before any loading
+    claimed = rundir.claim_run(cfg, resume=resume, overwrite=overwrite, accelerator=accelerator, say=say)
     bf16 = tc.precision == "bf16"
     refusal = bf16_refusal(device.type, tc.allow_slow_bf16) if bf16 else None
     if refusal:
@@ -181,19 +192,25 @@ def build_run(cfg, resume, log) -> Run:
     monitor = Monitor(watched, policy, tokenizer, eval_set, ref_model, accelerator, say,
                       ref_is_live=reference_fn is not None)
 
-    # ---- optimizer, schedule, resume ---------------------------------------------------------------------
-    model = accelerator.prepare_model(kind.forward(policy, cfg.engine))
-    optimizer = build_optimizer(policy, tc)
+    # ---- source, optimizer, schedule, resume -------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = tc.per_device_batch_size, tc.gradient_accumulation_steps
     geometry = dict(micro=micro, accum=accum, world=world, rank=rank, seed=tc.seed, pad_id=pad_id, layout=layout,
                     device=device)
     if on_policy:
         source = on_policy_source(objective.data, cfg, train_set, eval_set, policy=policy, tokenizer=tokenizer,
-                                  run_dir=run_dir if main else None, accelerator=accelerator, **geometry)
+                                  run_dir=run_dir if main else None, accelerator=accelerator,
+                                  reference_fn=reference_fn, **geometry)
         eval_set = ExampleSet([])  # held-out prompts are the source's to evaluate; the monitor keeps them
     else:
         source = StaticSource(train_set, group_by_length=cfg.engine.group_by_length, **geometry)
+    # A source may train modules beside the policy (``companions``: PPO's critic), inside its training forward.
+    companions = getattr(source, "companions", None) or {}
+    trainable = torch.nn.ModuleDict({"policy": policy, **companions}) if companions else policy
+    forward = kind.forward(policy, cfg.engine)
+    model = accelerator.prepare_model(source.forward(forward) if companions else forward)
+    rates = {companions[name]: lr for name, lr in getattr(source, "learning_rates", {}).items()}
+    optimizer = build_optimizer(trainable, tc, rates)
     if source.steps_per_epoch == 0:
         raise PreftuneError(f"{len(train_set)} training {'prompts' if on_policy else 'examples'} are fewer than one "
                             "optimizer step needs "
@@ -202,20 +219,22 @@ def build_run(cfg, resume, log) -> Run:
     scheduler = build_scheduler(optimizer, tc, total_steps)
     run = Run(cfg, accelerator, say, run_dir, tokenizer, policy, model, objective, STEPS[objective.data],
               reference_fn, source, eval_set, monitor, optimizer, scheduler, None, drops, layout, total_steps,
-              t_start=t_start)
-    resume_from = ckpt.resolve_resume(resume, run_dir)
+              t_start=t_start, claim=claimed, trainable=trainable)
+    resume_from = claimed.resume_from
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler)
+        state = claimed.restore(trainable, optimizer, scheduler)  # a corrupt "latest" falls back to an older one
+        resume_from = claimed.resume_from
         run.start_step, run.nonfinite_total = state["step"], state.get("nonfinite_steps", 0)
         run.no_signal_total = state.get("no_signal_steps", 0)
         objective.load_state_dict(state.get("objective", {}))
         source.load_state_dict(state.get("source", {}))
         say(f"resumed from {resume_from} at step {run.start_step}")
+    claimed.commit()  # built: a previous run that --overwrite set aside can go now
     if main:  # config.yaml, metrics.jsonl and samples.jsonl (cut back to the checkpoint: those steps are
-        # redone, so none is written twice) and the trackers
+        # redone, so none is written twice; the writer cuts metrics.jsonl) and the trackers
         if resume_from is not None:
             truncate_samples(run_dir, run.start_step)
-        run.writer = MetricWriter(run_dir, tc.report_to, config=config_record(cfg),
+        run.writer = MetricWriter(run_dir, tc.report_to, config=config_tree(cfg),
                                   resume_step=None if resume_from is None else run.start_step)
     return run
 

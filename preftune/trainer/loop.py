@@ -22,30 +22,37 @@ import torch
 
 from preftune.config import to_config
 from preftune.data.packing import epoch_order  # noqa: F401  (re-exported: the order tests read it here)
-from preftune.errors import PreftuneError
 from preftune.models import save_pretrained
+from preftune.trainer import rundir
 from preftune.trainer.build import Run, build_run
 from preftune.trainer.callbacks import Hooks
+from preftune.trainer.checkpoint import parameters_finite
 from preftune.trainer.console import Progress, console
 from preftune.trainer.heap import reuse_freed_memory
 from preftune.trainer.metrics import MetricSums
 from preftune.trainer.record import closing_on_error, data_record, end_of_run, preflight
 
 
-def train(config, *, resume: str | bool | None = None, log=print, callbacks=None) -> dict:
+def train(config, *, resume: str | bool | None = None, overwrite: bool = False, log=print,
+          callbacks=None) -> dict:
     """Run one training job; returns the summary also written to ``output_dir/train_summary.json``.
 
     ``config`` is a :class:`~preftune.config.Config`, a dict or a YAML path. ``config.model`` may be a loaded
-    model and ``config.data.train`` a ``datasets.Dataset``. ``resume``: True/"latest" or a checkpoint path.
+    model and ``config.data.train`` a ``datasets.Dataset``. ``resume``: True/"latest" or a checkpoint path
+    (``"auto"``: the newest checkpoint if there is one, else a fresh start replacing an attempt without one);
+    ``overwrite``: replace the previous run in ``output_dir`` (a used directory is refused without one of them).
     ``callbacks``: objects with ``on_step`` / ``on_eval`` / ``on_save`` / ``on_end`` (:mod:`.callbacks`).
     """
     cfg = to_config(config)
     preflight(cfg, callbacks)
-    with reuse_freed_memory(cfg.engine.reuse_freed_memory and not torch.cuda.is_available()):
-        run = build_run(cfg, resume, console(log))
-        run.hooks = Hooks.for_run(callbacks, run)
-        with closing_on_error(run):
-            return finish(run, run_steps(run))
+    try:
+        with reuse_freed_memory(cfg.engine.reuse_freed_memory and not torch.cuda.is_available()):
+            run = build_run(cfg, resume, console(log), overwrite=overwrite)
+            run.hooks = Hooks.for_run(callbacks, run)
+            with closing_on_error(run):
+                return finish(run, run_steps(run))
+    finally:
+        rundir.release(cfg.training.output_dir)  # the run directory's lock, however the run ended
 
 
 def run_steps(run: Run) -> dict:
@@ -85,7 +92,7 @@ def run_steps(run: Run) -> dict:
                 break
             continue
         # -- clip and update, unless some process saw a non-finite loss or gradient
-        params = [p for p in run.policy.parameters() if p.requires_grad]
+        params = [p for p in run.trainable.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
         if _any_process(acc, bad or not torch.isfinite(grad_norm).item()):
             run.optimizer.zero_grad(set_to_none=True)
@@ -96,6 +103,8 @@ def run_steps(run: Run) -> dict:
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        if _any_process(acc, not parameters_finite(params)):  # e.g. an infinite learning rate: nothing to skip
+            raise run.claim.nonfinite_stop(step + 1, run.main, "the update made the weights non-finite")
 
         # -- log, evaluate, checkpoint
         dt = time.perf_counter() - t0
@@ -110,6 +119,8 @@ def run_steps(run: Run) -> dict:
         values.update(grad_norm=float(grad_norm), learning_rate=run.scheduler.get_last_lr()[0],
                       tokens_per_second=total_tokens / dt, epoch=step / run.source.steps_per_epoch)
         totals["last_train"] = values
+        if hasattr(run.source, "after_step"):  # a source that adapts to training (PPO's early stop) sees the step
+            run.source.after_step(step, values)
         if run.writer and (done % tc.logging_every == 0 or done == run.total_steps):
             run.writer.write(done, "train", values)
         run.monitor.after_step(done, values, run.writer)
@@ -162,15 +173,11 @@ def _no_signal(run: Run, step: int) -> None:
 
 
 def _nonfinite(run: Run, step: int, consecutive: int) -> None:
-    """A skipped update: say so; after ``training.max_nonfinite_steps`` in a row, checkpoint and stop."""
+    """A skipped update: say so; after ``training.max_nonfinite_steps`` in a row, stop. The weights of that
+    moment may already be diverging, so no checkpoint is written: the error names the last good one."""
     run.say(f"step {step + 1}: non-finite loss or gradient, update skipped ({consecutive} in a row)")
     if consecutive >= run.cfg.training.max_nonfinite_steps:
-        run.checkpoint(step)
-        raise PreftuneError(
-            f"{consecutive} consecutive non-finite steps at step {step + 1}; stopped with a checkpoint. "
-            "Likely causes: learning rate too high, beta too large or too small, or rows with extreme "
-            "lengths; check dropped.jsonl and lower training.learning_rate."
-        )
+        raise run.claim.nonfinite_stop(step + 1, run.main, f"{consecutive} consecutive non-finite steps")
 
 
 def evaluate(run: Run, step: int) -> dict:
@@ -205,8 +212,8 @@ def finish(run: Run, totals: dict) -> dict:
         eval_values = evaluate(run, run.total_steps) or eval_values
     model_dir = run.run_dir / "final"
     if tc.save_model:
-        if run.main:
-            save_pretrained(run.policy, run.tokenizer, model_dir)
+        if run.main:  # into a temporary directory, then swapped in: never half a model
+            run.claim.publish_model("final", lambda tmp: save_pretrained(run.policy, run.tokenizer, tmp))
         run.hooks.on_save(run.monitor.stopped_at or run.total_steps, model_dir if run.main else None)
     runtime, loop_s = time.perf_counter() - run.t_start, totals["train_time"]
     summary = {

@@ -7,11 +7,19 @@ import math
 import torch
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases and norms (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(model: torch.nn.Module, cfg, learning_rates: dict | None = None) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norms (1-D tensors).
+
+    ``learning_rates``: {submodule: peak learning rate} for parts that train at their own rate (PPO's critic);
+    the schedule scales every rate alike. The rest trains at ``cfg.learning_rate``.
+    """
+    own = {id(p): lr for module, lr in (learning_rates or {}).items() for p in module.parameters()}
+    groups = []
+    for lr in dict.fromkeys([cfg.learning_rate, *own.values()]):
+        params = [p for p in model.parameters() if p.requires_grad and own.get(id(p), cfg.learning_rate) == lr]
+        extra = {} if lr == cfg.learning_rate else {"lr": lr}
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, **extra},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
     # foreach=False: the multi-tensor path holds a temporary copy of every state, a memory peak we avoid.
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), foreach=False)
 

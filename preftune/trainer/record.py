@@ -14,10 +14,10 @@ import contextlib
 import hashlib
 from pathlib import Path
 
+from preftune.configfile import describe
 from preftune.data.load import is_local_path
 from preftune.errors import ConfigError
 from preftune.hub import push, write_model_card
-from preftune.runconfig import describe
 from preftune.trackers import check_trackers
 from preftune.trainer.callbacks import check_callbacks
 from preftune.trainer.reference import examples_fingerprint

@@ -2,7 +2,9 @@
 the trackers get.
 
 A neutral room, like :mod:`preftune.runlog`: the trainer writes through :func:`write_config`; the report, the
-model card and ``preftune push`` read through :func:`read_config`, never the trainer.
+model card and ``preftune push`` read through :func:`read_config`, never the trainer. (Checkpoints keep a flat
+form of the same config, with data-file digests, to check what a resume may change:
+``preftune.trainer.runconfig``; this file is the one a person reads or runs again.)
 
 ``config.yaml`` holds every field of the checked :class:`~preftune.config.Config`, defaults filled in, in the
 layout ``preftune train`` reads back (loss hyperparameters directly under ``loss:``). An object passed from
@@ -34,7 +36,9 @@ def describe(value: Any) -> str:
     kind = type(value).__name__
     if hasattr(value, "parameters") and hasattr(value, "state_dict"):  # a torch / transformers model
         origin = getattr(getattr(value, "config", None), "_name_or_path", "") or getattr(value, "name_or_path", "")
-        return f"<in memory: {kind}, {sum(p.numel() for p in value.parameters()):,} parameters" + (
+        # LoRA layers a run injected into the caller's model are not part of what was passed
+        n = sum(p.numel() for name, p in value.named_parameters() if "lora_" not in name)
+        return f"<in memory: {kind}, {n:,} parameters" + (
             f", from {origin}>" if origin else ">")
     if hasattr(value, "convert_tokens_to_ids"):  # a tokenizer
         origin = getattr(value, "name_or_path", "")
@@ -74,7 +78,7 @@ def _plain(value: Any, objects: bool = False) -> Any:
     return describe(value)
 
 
-def config_record(cfg) -> dict:
+def config_tree(cfg) -> dict:
     """The config as nested plain data (the ``config.yaml`` layout); in-memory objects described."""
     hints = typing.get_type_hints(type(cfg))
     out = {}
@@ -83,7 +87,7 @@ def config_record(cfg) -> dict:
         if f.name == "params" and isinstance(value, dict):  # loss hyperparameters sit beside `name`
             out.update({k: _plain(v) for k, v in value.items()})
         elif dataclasses.is_dataclass(value):
-            out[f.name] = config_record(value)
+            out[f.name] = config_tree(value)
         else:
             out[f.name] = _plain(value, objects=hints.get(f.name) is Any)
     return out
