@@ -112,8 +112,8 @@ def test_weights_made_nonfinite_by_an_update_stop_the_run(make, tmp_path, monkey
     """Independent of how: an optimizer step that leaves one NaN in the weights at step 3."""
     real = build.build_optimizer
 
-    def poisoning(model, tc):
-        opt, count = real(model, tc), []
+    def poisoning(model, tc, *args, **kwargs):
+        opt, count = real(model, tc, *args, **kwargs), []
 
         def poison(optimizer, args, kwargs):
             count.append(1)
