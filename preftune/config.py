@@ -125,7 +125,8 @@ class ReferenceConfig:
     model: str | None = None
     """Reference model path or hub id; None uses the initial policy (the adapter-disabled base with LoRA)."""
     precompute: bool = True
-    """Compute reference log-probs once before training and cache them on disk instead of every step."""
+    """Compute reference log-probs once before training and cache them on disk instead of every step. Static
+    data only: an on-policy run (`rollout:`) scores its fresh samples with the live reference every step."""
     cache_dir: str | None = None
     """Where cached reference log-probs live; default `$PREFTUNE_CACHE` or `~/.cache/preftune/reference`."""
 
@@ -165,12 +166,14 @@ class EngineConfig:
 @dataclass
 class TrainingConfig:
     output_dir: str = REQUIRED
-    """Run directory: metrics, checkpoints, dropped rows, the final model."""
+    """Run directory: metrics, checkpoints, dropped rows, the final model; one run per directory (a used one
+    needs `--resume` or `--overwrite`)."""
     learning_rate: float = within("[0, ∞)")
     """Peak learning rate (DPO full fine-tuning usually 5e-7..5e-6; LoRA 5e-6..5e-5); 0 leaves the weights where
     they start (a run that only evaluates, or checks that the policy starts at the reference)."""
     per_device_batch_size: int = within("[1, ∞)", 2)
-    """Preference pairs (or completions, for unpaired losses) per process per micro-batch."""
+    """Preference pairs (or completions, for unpaired losses) per process per micro-batch; on-policy runs
+    (`rollout:`): prompts, each sampled `rollout.num_generations` times."""
     gradient_accumulation_steps: int = within("[1, ∞)", 1)
     """Micro-batches per optimizer step; global batch = per_device_batch_size x this x processes."""
     num_epochs: float = within("(0, ∞)", 1.0)
@@ -212,15 +215,21 @@ class TrainingConfig:
     save_every: int = within("[0, ∞)", 0)
     """Write a resumable checkpoint every N optimizer steps (0: none)."""
     save_total_limit: int = within("[0, ∞)", 2)
-    """Checkpoints kept on disk (oldest removed first); 0: all are kept."""
+    """Checkpoints of this run kept on disk (oldest step removed first); 0: all are kept."""
     logging_every: int = within("[1, ∞)", 1)
     """Write train metrics every N optimizer steps."""
     max_nonfinite_steps: int = within("[1, ∞)", 3)
-    """Consecutive non-finite steps (skipped) after which the run stops with a checkpoint."""
+    """Consecutive non-finite steps (skipped) after which the run stops, naming the last good checkpoint."""
     save_model: bool = True
     """Save the final model (or adapter) in Hugging Face format under `output_dir/final`."""
     progress_bar: bool = True
     """Show a progress bar with loss, margin, accuracy and tokens/s."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers for every metric and the config (accelerate's: tensorboard, wandb, mlflow, ...; [])."""
+    push_to_hub: bool = False
+    """Upload `output_dir/final` with its model card to `hub_model_id` at the end (as `preftune push`)."""
+    hub_model_id: str | None = None
+    """Hugging Face Hub repository for `push_to_hub`, `user/name`; created private when it does not exist."""
 
 
 @dataclass
@@ -268,14 +277,14 @@ class MonitorConfig:
 
 @dataclass
 class RolloutConfig:
-    num_generations: int = within("[2, ∞)", 4)
+    num_generations: int = within("[1, ∞)", 4)
     """Completions sampled from the current policy per prompt at every step (online DPO: best vs worst of
-    them; GRPO: the group). At least 2."""
+    them; GRPO: the group). At least 2, except for PPO (its critic is the baseline; 1 is usual)."""
     max_new_tokens: int = within("[1, ∞)", 64)
     """Longest completion, in tokens; a completion cut here has no end-of-sequence token (`finish: length`)."""
     temperature: float = within("(0, ∞)", 1.0)
-    """Sampling temperature (> 0). GRPO divides the training pass's logits by it too, so the ratio π/π_old
-    compares the distributions that were sampled."""
+    """Sampling temperature (> 0). GRPO and PPO divide the training pass's logits by it too, so the ratio
+    π/π_old compares the distributions that were sampled."""
     top_p: float = within("(0, 1]", 1.0)
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p` (1.0: all)."""
     top_k: int = within("[0, ∞)", 0)
@@ -298,6 +307,32 @@ class RolloutConfig:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """`grpo` advantages divided by the group's reward std (GRPO), the whole batch's (some implementations), or
     not at all (Dr. GRPO)."""
+    ppo_epochs: int = within("[1, ∞)", 4)
+    """PPO: passes over each rollout buffer, each in `minibatches` shuffled minibatches of one optimizer step:
+    a rollout serves ppo_epochs × minibatches steps (fewer after an `early_stop_kl` stop)."""
+    minibatches: int = within("[1, ∞)", 1)
+    """PPO: minibatches per pass; a rollout holds minibatches × per_device_batch_size ×
+    gradient_accumulation_steps × processes prompts, each sampled `num_generations` times."""
+    gamma: float = within("[0, 1]", 1.0)
+    """PPO: GAE's discount γ over completion tokens (1: the score, which arrives at the last token, counts
+    fully at every token)."""
+    gae_lambda: float = within("[0, 1]", 0.95)
+    """PPO: GAE's λ (1: Monte-Carlo return minus the value; 0: one-step TD error)."""
+    whiten_advantages: bool = True
+    """PPO: normalize the advantages over the rollout (masked mean 0, std 1); off, the step size follows the
+    reward scale, and a warning says so (seed 001 #5)."""
+    early_stop_kl: float | None = within("(0, ∞)", None)
+    """PPO: end the epochs over a rollout after a step whose approximate KL to the sampling policy (k3, mean
+    over its sequences of the token mean, `policy/approx_kl_k3`) exceeds this (e.g. 0.02); None: never."""
+    critic: str = "head"
+    """PPO's value function V(s_t). `head`: a value head on the policy's own trunk (one model, one optimizer;
+    the value loss trains the trunk too); `policy`: a separate critic, a copy of the initial policy with a new
+    head; or the path (hub id) of a reward model (`task: reward` output) whose trunk and score head start the
+    critic. The critic trains in full (LoRA or not), in the policy's optimizer."""
+    critic_learning_rate: float | None = within("(0, ∞)", None)
+    """PPO: the critic's peak learning rate (the schedule scales it like the policy's); None:
+    `training.learning_rate`. A fresh value head learns slowly at a policy's rate (Adam moves each weight by
+    about the rate per step whatever `vf_coef` is), so a higher one is common (OpenRLHF: ~10x)."""
 
 
 @dataclass
@@ -305,8 +340,9 @@ class RewardConfig:
     functions: list[str | dict[str, Any]] = field(default_factory=list)
     """Reward functions `path/to/file.py:fn` or `package.module:fn` (or `{function: ..., name: ..., kwargs:
     {...}}`), called as `fn(prompts=[...], completions=[...], **columns)` and returning one float (or None: no
-    score) per completion: TRL's signature, so a TRL reward function works unchanged. Built-ins:
-    `preftune.rewards:toy_verifier`, `format_reward`, `exact_answer`, `length_penalty`."""
+    score) per completion: TRL's signature, so a TRL reward function works unchanged. Paths are relative to the
+    working directory. Built-ins: `preftune.rewards:toy_verifier`, `format_reward`, `exact_answer`,
+    `length_penalty` (docs/online_dpo.md)."""
     weights: list[float] | None = within("(-∞, ∞)", None)
     """One weight per function (default 1.0 each); the weighted sum is the reward (a negative weight makes a
     function a penalty)."""
@@ -314,6 +350,10 @@ class RewardConfig:
     """Instead of (or besides) functions: a judge config (a YAML path or a mapping; see docs/judges.md) or a
     `--judge` value such as `toy-verifier`. A judge with a score (verifier, reward model, scored LLM judge)
     scores each completion; a pairwise-only judge ranks the samples of a prompt by wins, asked in both orders."""
+    judge_mode: Literal["auto", "score", "pairwise"] = "auto"
+    """How `judge` rewards: `score` each completion alone (verifiers, reward models, an LLM's 1-10 score),
+    or `pairwise`: every two samples of a prompt compared, both orders (a flip is a tie), the reward is the
+    number of wins (n·(n−1) judge calls per prompt); `auto`: score when the judge can, else pairwise."""
     min_margin: float = within("[0, ∞)", 0.0)
     """Online DPO: a prompt whose best and worst reward differ by no more than this gives no pair (skipped
     and counted as `rollout/skipped_fraction`); 0 skips exact ties only."""
@@ -363,7 +403,8 @@ class Config:
     """Health checks, KL, alarms, samples and early stopping during training."""
     rollout: RolloutConfig | None = None
     """On-policy sampling: present, the run generates from the current policy every step (online DPO with a
-    paired loss, GRPO with a policy-gradient loss); `training.per_device_batch_size` then counts prompts."""
+    paired loss, GRPO with a policy-gradient loss) or every rollout (PPO); `training.per_device_batch_size`
+    then counts prompts."""
     reward: RewardConfig | None = None
     """How on-policy samples are scored (reward functions and / or a judge); required with `rollout`."""
 

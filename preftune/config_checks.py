@@ -165,6 +165,45 @@ def _check_rollout(config, reader: Reader) -> Iterator[tuple[str, str]]:
     if config.rollout is not None and (config.reward is None or not (config.reward.functions or config.reward.judge)):
         yield "reward", ("reward: an on-policy run (a `rollout:` section) needs `reward.functions` (e.g. "
                          "['my_rewards.py:score']) or `reward.judge`")
+    if config.reward is not None and config.rollout is None:  # a scorer without sampling would go unused
+        yield "reward", ("reward: scores on-policy samples, but there is no `rollout:` section (add e.g. "
+                         "`rollout: {num_generations: 4}` to train on-policy, or remove `reward:`)")
+
+
+# Rollout options only PPO's source reads (with their defaults), and the group source's options PPO never reads.
+PPO_ONLY = {"ppo_epochs": 4, "minibatches": 1, "gamma": 1.0, "gae_lambda": 0.95, "whiten_advantages": True,
+            "early_stop_kl": None, "critic": "head", "critic_learning_rate": None}
+NOT_PPO = {"num_iterations": 1, "dynamic_sampling": False, "mask_truncated_completions": False,
+           "advantage_estimator": "grpo", "scale_rewards": "group"}
+
+
+@check("rollout", "loss.name", "loss", "task")
+def _check_ppo(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    """PPO trains on its own samples (a `rollout:` section); the options of one on-policy source are refused
+    with another's loss (they would be ignored); the adaptive KL coefficient needs a non-zero start."""
+    from preftune.losses import get_loss
+
+    if config.loss.name is None:
+        return
+    try:
+        kinds = {get_loss(n).data for n in loss_names(config.loss.name)}
+    except KeyError:
+        return  # an unknown loss is _check_loss's to report
+    rollout, mix = config.rollout, "/".join(loss_names(config.loss.name))
+    if "ppo" in kinds and rollout is None:
+        yield "rollout", (f"loss {mix} learns from the policy's own samples: add a `rollout:` section (e.g. "
+                          "{num_generations: 1, max_new_tokens: 256, ppo_epochs: 4}) and `reward:`")
+    if rollout is None:
+        return
+    wrong = NOT_PPO if "ppo" in kinds else PPO_ONLY
+    for key, default in wrong.items():
+        if getattr(rollout, key) != default:
+            owner = "GRPO" if "ppo" in kinds else "PPO"
+            yield f"rollout.{key}", f"rollout.{key}: {getattr(rollout, key)} is a {owner} option; {mix} ignores it"
+    params = config.loss.params
+    if "ppo" in kinds and params.get("target_kl") is not None and params.get("kl_coef", 0.05) == 0:
+        yield "loss.target_kl", ("loss.target_kl: the adaptive KL coefficient multiplies loss.kl_coef, which is 0; "
+                                 "give it a starting value (e.g. 0.05)")
 
 
 @check("data.train", "data.eval", "engine.group_by_length", "rollout")

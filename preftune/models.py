@@ -40,7 +40,14 @@ def _looks_local(name: str) -> bool:
 def _load(kind: str, name: str, loader):
     path = Path(name).expanduser()
     if path.exists():
-        return loader(str(path))
+        if path.is_dir() and not (path / "config.json").exists() and (kind == "model" or not _has_tokenizer(path)):
+            what = ("a LoRA adapter directory (adapter_config.json): give its base model as the model"
+                    if (path / "adapter_config.json").exists() else "is it a directory written by save_pretrained?")
+            raise PreftuneError(f"{kind} directory {name} has no config.json; {what}")
+        try:
+            return loader(str(path))
+        except (OSError, ValueError) as e:
+            raise PreftuneError(f"could not load {kind} {name}: {str(e).strip().splitlines()[0]}") from None
     if _looks_local(name) or name.count("/") > 1:
         raise PreftuneError(f"{kind} path does not exist: {name}")
     try:
@@ -64,6 +71,11 @@ def hub_options(cfg) -> dict[str, Any]:
     if getattr(cfg, "revision", None):
         options["revision"] = cfg.revision
     return options
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                              "tokenizer.model", "vocab.txt"))
 
 
 def load_tokenizer(tokenizer, model_name, *, trust_remote_code: bool = False, revision: str | None = None):
@@ -264,18 +276,30 @@ MODEL_KINDS = {
 def apply_lora(model: nn.Module, lora, seed: int, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap ``model`` with a fresh LoRA adapter (peft); only adapter weights train.
 
+    In place, as peft does: the adapter layers are injected into ``model`` itself (its base weights are left
+    untouched and frozen), so a model passed from Python carries the trained adapter after training, as a
+    fully fine-tuned one carries its trained weights. A model that already has LoRA layers is refused: a
+    second adapter named ``default`` would silently mix with the first.
     ``task_type="SEQ_CLS"`` (reward models): the new head trains in full beside the adapter (modules_to_save).
     """
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
 
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise PreftuneError("lora: this model already has LoRA layers (an in-memory model keeps the adapter of "
+                            "an earlier LoRA run: peft adds it in place); pass a fresh model, one loaded from "
+                            "disk, or the earlier run's PeftModel after `.unload()`")
     torch.manual_seed(seed)
     head = [_head_name(model)] if task_type == "SEQ_CLS" else None
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=lora.target_modules, task_type=task_type, modules_to_save=head)
     try:
         return get_peft_model(model, cfg)
-    except ValueError as e:
-        raise PreftuneError(f"lora.target_modules: {e}") from None
+    except ValueError as e:  # peft says which setting it rejects; name that key, not always target_modules
+        text = str(e)
+        key = ("lora.r" if "`r`" in text else "lora.alpha" if "alpha" in text else
+               "lora.target_modules" if "target" in text or "module" in text else "lora")
+        raise PreftuneError(f"{key}: {text}") from None
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -313,17 +337,35 @@ def save_pretrained(model: nn.Module, tokenizer, out: Path, state_dict: dict | N
     gathered from a sharded engine (FSDP, ZeRO-3), under the model's own names, used instead of its sharded one.
     """
     out.mkdir(parents=True, exist_ok=True)
-    if is_peft(model) and model.peft_config[model.active_adapter].task_type == "SEQ_CLS":
-        if state_dict is not None:
-            raise PreftuneError("a LoRA reward model cannot be saved merged from sharded weights: train it "
-                                "without FSDP / ZeRO-3, or fully fine-tune it")
-        model.get_base_model().save_pretrained(str(out), state_dict=merged_state_dict(model))
-    elif state_dict is not None:
-        model.save_pretrained(str(out), state_dict=state_dict)
-    else:
-        model.save_pretrained(str(out))
+    with _no_progress_bars():  # transformers' "Writing model shards" bar would break the training bar's line
+        if is_peft(model) and model.peft_config[model.active_adapter].task_type == "SEQ_CLS":
+            if state_dict is not None:
+                raise PreftuneError("a LoRA reward model cannot be saved merged from sharded weights: train it "
+                                    "without FSDP / ZeRO-3, or fully fine-tune it")
+            model.get_base_model().save_pretrained(str(out), state_dict=merged_state_dict(model))
+        elif state_dict is not None:
+            model.save_pretrained(str(out), state_dict=state_dict)
+        else:
+            model.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' and huggingface_hub's progress bars off for the block, each restored as it was."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    was_on, hub_was_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+            if hub_was_off:
+                disable_progress_bars()
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -348,3 +390,17 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             value = value + deltas[key].to(value.dtype)
         out[key.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")] = value.detach().clone()
     return out
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout of ``model`` off, in train mode too: ``nn.Dropout`` modules get p = 0, and attention layers
+    that apply their ``attention_dropout`` rate functionally (transformers' attention classes) get 0.
+
+    On-policy methods that compare two passes over the same tokens (PPO's ratio π/π_old, its values against
+    V_old) need both passes deterministic (TRL's ``disable_dropout_in_model`` does the first half)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from preftune.config import check_loss_params
+from preftune.configfile import config_tree
 from preftune.data.prepare import ExampleSet, prepare_data
 from preftune.data.prompts import prepare_prompts
 from preftune.data.sources import missing_files
@@ -40,9 +41,12 @@ from preftune.models import (
     save_pretrained,
 )
 from preftune.monitor.monitor import Monitor
+from preftune.monitor.samples import truncate_samples
 from preftune.rollout.sources import on_policy_source
-from preftune.runlog import MetricWriter, truncate_after
+from preftune.runlog import MetricWriter
 from preftune.trainer import checkpoint as ckpt
+from preftune.trainer import rundir
+from preftune.trainer.callbacks import Hooks
 from preftune.trainer.optim import build_optimizer, build_scheduler
 from preftune.trainer.parallel import (
     Parallel,
@@ -69,6 +73,9 @@ class Run:
 
     Attributes:
         policy: the model that trains (not the DDP wrapper); ``model`` is its prepared scoring forward.
+        trainable: every module whose parameters train: the policy, or the policy and what the source trains
+            beside it (``source.companions``, e.g. PPO's critic); the optimizer, the gradient clip and the
+            checkpoints hold it.
         source: the training micro-batches (:mod:`preftune.trainer.source`).
         step_fn: ``(objective, logp_fn, batch, reference_fn) -> (losses (B,), metrics)`` for the data kind.
         reference_fn: scores a batch with the live reference, or None (precomputed, or no reference needed).
@@ -96,8 +103,16 @@ class Run:
     total_steps: int
     start_step: int = 0
     nonfinite_total: int = 0
+    no_signal_total: int = 0
     t_start: float = field(default_factory=time.perf_counter)
+    hooks: Hooks = field(default_factory=Hooks)  # the caller's callbacks (``train(..., callbacks=)``)
+    claim: rundir.RunDir | None = None  # the run directory: lock, run id, the checkpoint resumed
+    trainable: torch.nn.Module | None = None
     parallel: Parallel | None = None  # the engine (DDP, FSDP, DeepSpeed): ``trainer/parallel.py``
+
+    def __post_init__(self):
+        if self.trainable is None:
+            self.trainable = self.policy
 
     @property
     def main(self) -> bool:
@@ -110,29 +125,34 @@ class Run:
     def logp_fn(self, batch):
         return self.model(*batch.model_args(), **batch.model_kwargs())
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int) -> Path | None:
         """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position. A
         sharded engine's checkpoint is written by every process (``parallel.save_sharded_checkpoint``)."""
+        state = {"nonfinite_steps": self.nonfinite_total, "no_signal_steps": self.no_signal_total,
+                 "objective": self.objective.state_dict(), "source": self.source.state_dict(),
+                 **self.claim.checkpoint_fields()}
         if self.parallel.sharded:
-            save_sharded_checkpoint(self.parallel, self.run_dir, step, self.scheduler,
-                                    {"nonfinite_steps": self.nonfinite_total, "objective": self.objective.state_dict(),
-                                     "source": self.source.state_dict()}, self.cfg.training.save_total_limit)
-        elif self.main:
-            ckpt.save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
-                                 {"nonfinite_steps": self.nonfinite_total, "objective": self.objective.state_dict(),
-                                  "source": self.source.state_dict()},
-                                 self.cfg.training.save_total_limit)
-
-    def save_model(self, out: Path) -> None:
-        """The policy in Hugging Face format (called by every process: a sharded engine gathers its weights
-        first); the main process writes."""
-        state = self.parallel.full_state_dict(self.policy)
+            path = save_sharded_checkpoint(self.parallel, self.run_dir, step, self.scheduler, state,
+                                           self.cfg.training.save_total_limit)
+            return path if self.main else None
         if self.main:
-            save_pretrained(self.policy, self.tokenizer, out, state_dict=state)
+            return ckpt.save_checkpoint(self.run_dir, step, self.trainable, self.optimizer, self.scheduler, state,
+                                        self.cfg.training.save_total_limit)
+        return None
+
+    def save_model(self, name: str = "final") -> Path | None:
+        """The policy in Hugging Face format as ``output_dir/name``, swapped in whole (called by every process:
+        a sharded engine gathers its weights first); the main process writes and returns the path."""
+        state = self.parallel.full_state_dict(self.policy)
+        if not self.main:
+            return None
+        return self.claim.publish_model(name, lambda tmp: save_pretrained(self.policy, self.tokenizer, tmp,
+                                                                          state_dict=state))
 
 
-def build_run(cfg, resume, log) -> Run:
-    """Assemble a run from a checked config; ``resume``: True/"latest" or a checkpoint path, or None."""
+def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
+    """Assemble a run from a checked config; ``resume``: True/"latest" or a checkpoint path, or None;
+    ``overwrite``: replace a previous run in ``output_dir`` (see ``rundir.claim``)."""
     # ---- setup -------------------------------------------------------------------------------------------
     check_loss_params(cfg)
     objective = Objective.from_config(cfg.loss)
@@ -149,8 +169,8 @@ def build_run(cfg, resume, log) -> Run:
         say(f"warning: {warning}")
     seed_everything(tc.seed)
     t_start = time.perf_counter()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    # the lock, a used directory refused, the checkpoint to resume and its config checked: before any loading
+    claimed = rundir.claim_run(cfg, resume=resume, overwrite=overwrite, accelerator=accelerator, say=say)
     bf16 = tc.precision == "bf16"
     refusal = (bf16_refusal(device.type, tc.allow_slow_bf16) if bf16 else None) or low_precision_refusal(
         device.type, cfg.model_dtype, tc.allow_slow_bf16)
@@ -216,26 +236,33 @@ def build_run(cfg, resume, log) -> Run:
                                          save_best=cfg.monitor.save_best and not parallel.shards_weights))
     if parallel.shards_weights and cfg.monitor.enabled:
         say(f"monitor: no samples, generation KL or best model under {parallel.name} (the weights are sharded)")
-    monitor = Monitor(watched, policy, tokenizer, eval_set, ref_model, accelerator, say)
+    monitor = Monitor(watched, policy, tokenizer, eval_set, ref_model, accelerator, say,
+                      ref_is_live=reference_fn is not None)
 
-    # ---- optimizer, schedule, resume ---------------------------------------------------------------------
-    optimizer = build_optimizer(policy, tc)
-    model, optimizer = parallel.prepare(kind.forward(policy, cfg.engine), optimizer, policy)
-    engine.append(model)
-    if deferred:
-        _precompute(cfg, policy, [train_set, eval_set], tokenization, pad_id, autocast, accelerator, say, model)
+    # ---- source, optimizer, schedule, resume -------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = tc.per_device_batch_size, tc.gradient_accumulation_steps
     geometry = dict(micro=micro, accum=accum, world=world, rank=rank, seed=tc.seed, pad_id=pad_id, layout=layout,
                     device=device)
     if on_policy:
         source = on_policy_source(objective.data, cfg, train_set, eval_set, policy=policy, tokenizer=tokenizer,
-                                  run_dir=run_dir if main else None, accelerator=accelerator, **geometry)
+                                  run_dir=run_dir if main else None, accelerator=accelerator,
+                                  reference_fn=reference_fn, **geometry)
         eval_set = ExampleSet([])  # held-out prompts are the source's to evaluate; the monitor keeps them
     elif stream is not None:
         source = stream.source(**geometry)
     else:
         source = StaticSource(train_set, group_by_length=cfg.engine.group_by_length, **geometry)
+    # A source may train modules beside the policy (``companions``: PPO's critic), inside its training forward.
+    companions = getattr(source, "companions", None) or {}
+    trainable = torch.nn.ModuleDict({"policy": policy, **companions}) if companions else policy
+    forward = kind.forward(policy, cfg.engine)
+    rates = {companions[name]: lr for name, lr in getattr(source, "learning_rates", {}).items()}
+    optimizer = build_optimizer(trainable, tc, rates)  # before the engine: FSDP / DeepSpeed take it over
+    model, optimizer = parallel.prepare(source.forward(forward) if companions else forward, optimizer, policy)
+    engine.append(model)
+    if deferred:
+        _precompute(cfg, policy, [train_set, eval_set], tokenization, pad_id, autocast, accelerator, say, model)
     if source.steps_per_epoch == 0:
         raise PreftuneError(f"{len(train_set)} training {'prompts' if on_policy else 'examples'} are fewer than one "
                             "optimizer step needs "
@@ -244,19 +271,26 @@ def build_run(cfg, resume, log) -> Run:
     scheduler = build_scheduler(optimizer, tc, total_steps)
     run = Run(cfg, accelerator, say, run_dir, tokenizer, policy, model, objective, STEPS[objective.data],
               reference_fn, source, eval_set, monitor, optimizer, scheduler, None, drops, layout, total_steps,
-              t_start=t_start, parallel=parallel)
-    resume_from = ckpt.resolve_resume(resume, run_dir)
+              t_start=t_start, claim=claimed, trainable=trainable, parallel=parallel)
+    resume_from = claimed.resume_from
     if resume_from is not None:
-        state = (load_sharded_checkpoint(parallel, resume_from, scheduler) if parallel.sharded else
-                 ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler))
+        if parallel.sharded:  # the engine's own state, written by every process
+            state = load_sharded_checkpoint(parallel, resume_from, scheduler)
+        else:
+            state = claimed.restore(trainable, optimizer, scheduler)  # a corrupt "latest" falls back to an older one
+        resume_from = claimed.resume_from
         run.start_step, run.nonfinite_total = state["step"], state.get("nonfinite_steps", 0)
+        run.no_signal_total = state.get("no_signal_steps", 0)
         objective.load_state_dict(state.get("objective", {}))
         source.load_state_dict(state.get("source", {}))
         say(f"resumed from {resume_from} at step {run.start_step}")
-    if main:
-        if resume_from is not None:  # records past the checkpoint are redone, so none is written twice
-            truncate_after(run_dir, run.start_step)
-        run.writer = MetricWriter(run_dir, append=resume_from is not None)
+    claimed.commit()  # built: a previous run that --overwrite set aside can go now
+    if main:  # config.yaml, metrics.jsonl and samples.jsonl (cut back to the checkpoint: those steps are
+        # redone, so none is written twice; the writer cuts metrics.jsonl) and the trackers
+        if resume_from is not None:
+            truncate_samples(run_dir, run.start_step)
+        run.writer = MetricWriter(run_dir, tc.report_to, config=config_tree(cfg),
+                                  resume_step=None if resume_from is None else run.start_step)
     return run
 
 
@@ -275,7 +309,7 @@ def _precompute(cfg, source, sets: list[ExampleSet], tokenization, pad_id, autoc
 
 def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autocast, accelerator, say, *,
                precompute: bool, parallel: Parallel, engine: list):
-    """(reference model kept for the monitor or None, live reference scoring function or None).
+    """(separate or frozen reference model for the monitor, or None; live reference scoring function or None).
 
     Precomputed: once, before the first step (the policy *is* the reference then), cached on disk; the numbers
     are attached to each set. Otherwise: a frozen separate model, the adapter-disabled policy (LoRA), or a
@@ -294,7 +328,7 @@ def _reference(cfg, policy, sets: list[ExampleSet], tokenization, pad_id, autoca
             through = parallel.prepare_reference(LogpModel(ref_model, cfg.engine.chunk_size))
         _precompute(cfg, ref_model if ref_model is not None else policy, sets, tokenization, pad_id, autocast,
                     accelerator, say, through)
-        return None, None  # the reference lives on as numbers
+        return ref_model, None  # the reference lives on as numbers (a separate model only for the monitor's KL)
     if ref_model is None and cfg.lora is None:
         # ZeRO-3 partitions the weights as they load: a copy of partitions is no model, so load it again
         fresh = parallel.zero_stage == 3 and not isinstance(cfg.model, torch.nn.Module)

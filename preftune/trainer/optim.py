@@ -7,15 +7,20 @@ import math
 import torch
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg, learning_rates: dict | None = None) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; no weight decay on biases and norms (1-D tensors).
 
-    Trainable weights in bf16 / fp16 (``model_dtype``) get fp32 master copies (:class:`MasterAdamW`) unless
-    ``cfg.master_weights`` is False.
+    ``learning_rates``: {submodule: peak learning rate} for parts that train at their own rate (PPO's critic);
+    the schedule scales every rate alike. The rest trains at ``cfg.learning_rate``. Trainable weights in bf16 /
+    fp16 (``model_dtype``) get fp32 master copies (:class:`MasterAdamW`) unless ``cfg.master_weights`` is False.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    own = {id(p): lr for module, lr in (learning_rates or {}).items() for p in module.parameters()}
+    groups = []
+    for lr in dict.fromkeys([cfg.learning_rate, *own.values()]):
+        params = [p for p in model.parameters() if p.requires_grad and own.get(id(p), cfg.learning_rate) == lr]
+        extra = {} if lr == cfg.learning_rate else {"lr": lr}
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, **extra},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
     low = any(p.dtype in (torch.bfloat16, torch.float16) for g in groups for p in g["params"])
     kind = MasterAdamW if low and getattr(cfg, "master_weights", True) else torch.optim.AdamW
     # foreach=False: the multi-tensor path holds a temporary copy of every state, a memory peak we avoid.

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from preftune.errors import PreftuneError
+from preftune.fsio import TMP, publish_dir
 from preftune.trainer import checkpoint as ckpt
 
 
@@ -243,10 +244,12 @@ ENGINE_DIR = "engine"  # accelerate.save_state's directory inside checkpoints/st
 def save_sharded_checkpoint(parallel: Parallel, run_dir: Path, step: int, scheduler, state: dict, keep: int) -> Path:
     """``checkpoints/step-N`` of a sharded run, written by every process: ``engine/`` (``accelerator.save_state``:
     model and optimizer shards, or the full state when the engine's state-dict type says so), then by the
-    main process the schedule, RNG and ``trainer_state.json``, and the rename that publishes it."""
+    main process the schedule, RNG and ``trainer_state.json``, the swap that publishes it and the pruning of
+    this run's older checkpoints (``checkpoint.prune``)."""
     acc = parallel.acc
     root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.sharded-tmp"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".{final.name}{TMP}sharded"  # one name every process agrees on; a leftover is a temp dir
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -257,12 +260,8 @@ def save_sharded_checkpoint(parallel: Parallel, run_dir: Path, step: int, schedu
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(ckpt.rng_state(), tmp / "rng.pt")
         (tmp / ckpt.STATE).write_text(json.dumps({**state, "step": step, "engine": parallel.name}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        done = sorted(p for p in root.glob("step-*") if (p / ckpt.STATE).exists())
-        for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, final)  # fsync, then swap: complete or absent
+        ckpt.prune(Path(run_dir), state.get("run_id"), step, keep)
     acc.wait_for_everyone()
     return final
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from preftune.data.tokenize import TokenizedPair
+from preftune.fsio import write_error
 
 CACHE_VERSION = "1"
 
@@ -119,8 +120,11 @@ def load_cached(cache_dir: Path, key: str, n: int) -> torch.Tensor | None:
 def store_cached(cache_dir: Path, key: str, logps: torch.Tensor) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
-    torch.save(logps, tmp)
-    os.replace(tmp, cache_dir / f"{key}.pt")
+    try:
+        torch.save(logps, tmp)
+        os.replace(tmp, cache_dir / f"{key}.pt")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def reference_logps(source: nn.Module, dataset, *, cfg, tokenization_fp: str, pad_id: int, autocast, accelerator,
@@ -173,7 +177,13 @@ def reference_logps(source: nn.Module, dataset, *, cfg, tokenization_fp: str, pa
     else:
         values = part
     if accelerator.is_main_process:
-        store_cached(cache_dir, key, values)
+        try:
+            store_cached(cache_dir, key, values)
+        except (OSError, RuntimeError) as e:  # the cache only saves time: a full disk must not stop the run
+            error = write_error(e, "the reference cache", cache_dir)
+            if error is None:
+                raise
+            say(f"warning: {error}; continuing without caching")
     say(f"reference log-probs ({name}): computed for {len(dataset)} examples in {time.perf_counter() - t0:.1f}s, "
         f"cached as {key}")
     return values

@@ -8,6 +8,13 @@ the current policy and scores its reference live. ``metrics(step)`` returns what
 step (generation time, rewards, ...), logged beside the loss; ``evaluate(step)`` the source's own held-out
 metrics (an on-policy source: rewards of greedy samples on held-out prompts). The loop never knows which
 method it runs.
+
+Optional parts: ``after_step(step, values)`` receives the step's logged metrics (averaged over processes), for
+a source that adapts to training (PPO ends its epochs over a rollout early on a KL bound). ``companions``, a
+dict of modules that train beside the policy (PPO's critic), comes with ``forward(engine) -> module``, the
+training forward holding them: the run then trains policy and companions with one optimizer, one gradient
+clip and one checkpoint (``trainer.build``); ``learning_rates``, {companion name: peak rate}, gives a companion
+its own rate.
 """
 
 from __future__ import annotations

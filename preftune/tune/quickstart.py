@@ -50,15 +50,18 @@ def iterate_config(out: Path, sft_model: str, seed: int) -> dict:
     }
 
 
-def run_iterative_quickstart(out_dir: str | Path, seed: int = 0, log=print) -> dict:
-    """SFT the toy model, run three iterate rounds from it, evaluate before and after; returns the report."""
+def run_iterative_quickstart(out_dir: str | Path, seed: int = 0, log=print, *,
+                             sft_dir: str | Path | None = None) -> dict:
+    """SFT the toy model, run three iterate rounds from it, evaluate before and after; returns the report.
+
+    ``sft_dir``: an earlier quickstart's ``sft`` directory (same seed) reused instead of training SFT again."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 0.1M-parameter model runs faster on one thread (see toy.quickstart)
     try:
-        return _run(out, seed, log, t_start)
+        return _run(out, seed, log, t_start, sft_dir)
     finally:
         torch.set_num_threads(threads)
 
@@ -73,12 +76,12 @@ def _without_training_chatter(log):
     return out
 
 
-def _run(out: Path, seed: int, log, t_start: float) -> dict:
-    sft = sft_phase(out, seed, log)
+def _run(out: Path, seed: int, log, t_start: float, sft_dir=None) -> dict:
+    sft = sft_phase(out, seed, log, sft_dir)
     write_jsonl(out / "prompts.jsonl", [{"prompt": it.prompt} for it in sft.items])
     write_jsonl(out / "held_out.jsonl", [{"prompt": it.prompt} for it in sft.held_out])
     before, _ = generation_accuracy(sft.model, sft.tokenizer, sft.held_out)
-    config = iterate_config(out, str(out / "sft" / "final"), seed)
+    config = iterate_config(out, str(sft.model_dir), seed)
     (out / "iterate.yaml").write_text(dump_yaml(config), encoding="utf-8")
     t0 = time.perf_counter()
     table = run_iterate(config, log=_without_training_chatter(log))
@@ -103,7 +106,7 @@ def _run(out: Path, seed: int, log, t_start: float) -> dict:
         "targets": TARGETS,
         "seed": seed,
         "config": {"sft": sft.config, "iterate": config, "recipe": ITERATE},
-        "runs": {"sft": str(out / "sft" / "final"), "iterate": str(out / "iterate"), "final_model": table["model"]},
+        "runs": {"sft": str(sft.model_dir), "iterate": str(out / "iterate"), "final_model": table["model"]},
         "samples": [{"prompt": r["prompt"], "after": r["response"], "ok": r["ok"]} for r in rows[:8]],
         "wall_time_s": time.perf_counter() - t_start,
     }

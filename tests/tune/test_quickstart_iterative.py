@@ -7,14 +7,15 @@ import json
 
 import pytest
 
-from preftune.cli import QUICKSTARTS, main
-from preftune.tune.quickstart import TARGETS
+from preftune.cli import QUICKSTARTS
+from preftune.tune.quickstart import TARGETS, run_iterative_quickstart
 
 
 @pytest.mark.slow
-def test_iterative_quickstart_meets_targets(tmp_path, capsys):
-    assert set(QUICKSTARTS) >= {"dpo", "iterative_dpo"}
-    assert main(["quickstart", "--method", "iterative_dpo", "--out", str(tmp_path)]) == 0
+def test_iterative_quickstart_meets_targets(tmp_path, capsys, toy_sft):
+    assert QUICKSTARTS["iterative_dpo"] == "preftune.tune.quickstart:run_iterative_quickstart"
+    # the session's SFT model (the quickstart's own SFT phase, trained once for every method's tests)
+    assert run_iterative_quickstart(tmp_path, sft_dir=toy_sft.run_dir)["passed"]
     report = json.loads((tmp_path / "report.json").read_text())
     before, after = report["before"]["generation_accuracy"], report["after"]["generation_accuracy"]
     assert 0.25 <= before <= 0.75  # the SFT model of the DPO demo: the preferred behaviour on about half
