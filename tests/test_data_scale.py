@@ -192,8 +192,9 @@ def test_chat_template_from_the_config(tmp_path, dpo_config, make_model, plain_t
     template = tmp_path / "chat.jinja"
     template.write_text(toy_tok.chat_template)
     rows = conversational(train_pairs[:16])
-    for value in (toy_tok.chat_template, str(template)):
-        cfg = dpo_config(make_model(seed=2), rows, training={"max_steps": 1, "save_model": True})
+    for i, value in enumerate((toy_tok.chat_template, str(template))):
+        cfg = dpo_config(make_model(seed=2), rows, training={"max_steps": 1, "save_model": True,
+                                                             "output_dir": str(tmp_path / f"run{i}")})
         cfg["tokenizer"], cfg["data"]["chat_template"] = copy.deepcopy(plain_tok), value
         summary = preftune.train(cfg, log=lambda *_: None)
         assert summary["train_examples"] == 16 and summary["dropped_rows"] == {}
@@ -201,7 +202,7 @@ def test_chat_template_from_the_config(tmp_path, dpo_config, make_model, plain_t
 
         assert AutoTokenizer.from_pretrained(summary["model_dir"]).chat_template == toy_tok.chat_template
     with pytest.raises(DataError, match="neither a file nor a Jinja template"):
-        cfg = dpo_config(make_model(seed=2), rows)
+        cfg = dpo_config(make_model(seed=2), rows, training={"output_dir": str(tmp_path / "run-missing")})
         cfg["data"]["chat_template"] = str(tmp_path / "missing.jinja")
         preftune.train(cfg, log=lambda *_: None)
 

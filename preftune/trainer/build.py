@@ -38,7 +38,6 @@ from preftune.models import (
     load_model,
     load_tokenizer,
     reference_mode,
-    save_pretrained,
 )
 from preftune.monitor.monitor import Monitor
 from preftune.monitor.samples import truncate_samples
@@ -139,15 +138,6 @@ class Run:
             return ckpt.save_checkpoint(self.run_dir, step, self.trainable, self.optimizer, self.scheduler, state,
                                         self.cfg.training.save_total_limit)
         return None
-
-    def save_model(self, name: str = "final") -> Path | None:
-        """The policy in Hugging Face format as ``output_dir/name``, swapped in whole (called by every process:
-        a sharded engine gathers its weights first); the main process writes and returns the path."""
-        state = self.parallel.full_state_dict(self.policy)
-        if not self.main:
-            return None
-        return self.claim.publish_model(name, lambda tmp: save_pretrained(self.policy, self.tokenizer, tmp,
-                                                                          state_dict=state))
 
 
 def build_run(cfg, resume, log, overwrite: bool = False) -> Run:

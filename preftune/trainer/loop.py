@@ -21,6 +21,7 @@ import torch
 
 from preftune.config import to_config
 from preftune.data.packing import epoch_order  # noqa: F401  (re-exported: the order tests read it here)
+from preftune.models import save_pretrained
 from preftune.trainer import rundir
 from preftune.trainer.build import Run, build_run
 from preftune.trainer.callbacks import Hooks
@@ -215,7 +216,10 @@ def finish(run: Run, totals: dict) -> dict:
         eval_values = evaluate(run, run.total_steps) or eval_values
     model_dir = run.run_dir / "final"
     if tc.save_model:
-        run.save_model("final")  # every process: a sharded engine gathers the weights, the main one writes
+        gathered = run.parallel.full_state_dict(run.policy)  # every process: a sharded engine gathers the weights
+        full = {} if gathered is None else {"state_dict": gathered}
+        if run.main:  # into a temporary directory, then swapped in: never half a model
+            run.claim.publish_model("final", lambda tmp: save_pretrained(run.policy, run.tokenizer, tmp, **full))
         run.hooks.on_save(run.monitor.stopped_at or run.total_steps, model_dir if run.main else None)
     runtime, loop_s = time.perf_counter() - run.t_start, totals["train_time"]
     summary = {

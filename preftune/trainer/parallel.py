@@ -12,7 +12,7 @@
     clip          ``clip_grad_norm_`` over the trainable parameters (FSDP2: over their DTensor shards, the norm
                   then read as a plain tensor); DeepSpeed clips itself (``gradient_clipping`` is set to
                   ``training.max_grad_norm``) and reports the norm
-    save          ``final/`` and ``best/``: the full state dict gathered on every process
+    save          ``final/``: the full state dict gathered on every process
                   (``accelerator.get_state_dict``: FSDP's full state dict, ZeRO-3's consolidated 16-bit one),
                   written by the main process; checkpoints of a sharded engine: ``accelerator.save_state``
                   (each process writes its shard), beside the usual schedule, RNG and position
