@@ -138,7 +138,7 @@ def test_method_lifts_heldout_accuracy(toy_setup, method):
     }
     path = run_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
-    assert cli_main(["train", str(path)]) == 0
+    assert cli_main(["train", str(path), "--overwrite"]) == 0
     summary = json.loads((run_dir / "train_summary.json").read_text())
     accuracy = summary["final_eval_metrics"]["rewards/accuracies"]
     print(f"{method}: held-out accuracy {accuracy:.3f} in {summary['train_runtime_s']:.1f}s")
