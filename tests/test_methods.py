@@ -107,7 +107,7 @@ def toy_setup(tmp_path_factory):
         "model": toy.build_model(tok), "tokenizer": tok,
         "data": {"train": toy.sft_rows(train_items, seed=0)},
         "loss": {"name": "sft"},
-        "training": {"output_dir": str(root / "sft"), "learning_rate": 3e-3, "max_steps": 1200,
+        "training": {"output_dir": str(root / "toy-sft"), "learning_rate": 3e-3, "max_steps": 1200,
                      "per_device_batch_size": 16, "warmup_ratio": 0.05, "progress_bar": False,
                      "logging_every": 100},
     }, log=lambda *a: None)
@@ -116,7 +116,7 @@ def toy_setup(tmp_path_factory):
                 for r in pairs for side in ("chosen", "rejected")]
     return {
         "root": root,
-        "model": str(root / "sft" / "final"),
+        "model": str(root / "toy-sft" / "final"),
         "pairs": write_jsonl(root / "pairs.jsonl", pairs),
         "unpaired": write_jsonl(root / "kto.jsonl", unpaired),
         "eval": write_jsonl(root / "eval.jsonl", toy.pair_rows(test_items, seed=2)),
@@ -138,7 +138,7 @@ def test_method_lifts_heldout_accuracy(toy_setup, method):
     }
     path = run_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
-    assert cli_main(["train", str(path), "--overwrite"]) == 0
+    assert cli_main(["train", str(path)]) == 0
     summary = json.loads((run_dir / "train_summary.json").read_text())
     accuracy = summary["final_eval_metrics"]["rewards/accuracies"]
     print(f"{method}: held-out accuracy {accuracy:.3f} in {summary['train_runtime_s']:.1f}s")
