@@ -37,7 +37,7 @@ from preftune.data.packing import epoch_order
 from preftune.data.prompts import PromptSet
 from preftune.data.tokenize import TokenizedGroup
 from preftune.logprobs import LogpModel
-from preftune.rollout.online import Rollouts, rollout_seed
+from preftune.rollout.online import Rollouts, epoch_positions, process_sums, rollout_seed
 
 ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
@@ -72,18 +72,10 @@ class GroupSource:
         self._metrics: dict[str, Any] = {}
 
     # ---- the rollout of a step ---------------------------------------------------------------------------
-    def _positions(self, step: int) -> list[int]:
-        k = step % self.steps_per_epoch
-        out = []
-        for m in range(self.accum):
-            at = (k * self.accum + m) * self.micro * self.world + self.rank * self.micro
-            out.extend(range(at, at + self.micro))
-        return out
-
     def _sample(self, step: int) -> dict:
         """This process's groups for ``step``: prompt indices, completions, rewards (P, G), stats."""
         order = epoch_order(len(self.data), self.seed, step // self.steps_per_epoch)
-        positions = self._positions(step)
+        positions = epoch_positions(step % self.steps_per_epoch, self.accum, self.micro, self.world, self.rank)
         indices = [order[q] for q in positions]
         out = self.rollouts.sample(indices, [rollout_seed(self.seed, step, q) for q in positions])
         out["indices"] = indices
@@ -194,10 +186,7 @@ class GroupSource:
         return self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
 
     def _global(self, n: float) -> float:
-        if self.world == 1 or self.accelerator is None:
-            return n
-        t = torch.tensor([float(n)], device=self.accelerator.device)
-        return float(self.accelerator.reduce(t, reduction="sum").item())
+        return process_sums(self.accelerator, self.world, n)[0]
 
     # ---- the contract ------------------------------------------------------------------------------------
     def metrics(self, step: int) -> dict[str, Any]:

@@ -39,6 +39,26 @@ def rollout_seed(seed: int, step: int, position: int) -> int:
     return sample_seed(seed * 1_000_003 + step, position)
 
 
+def epoch_positions(k: int, micro_batches: int, micro: int, world: int, rank: int) -> list[int]:
+    """Epoch-order positions of this process's prompts for the k-th optimizer step (or rollout) of an epoch
+    made of ``micro_batches`` micro-batches of ``micro`` prompts per process: micro-batch m on rank r takes
+    ``(k·B + m)·M·W + r·M ...`` (B micro-batches, M prompts, W processes), as the static source picks examples,
+    so the prompts of a step do not depend on how it is split over processes."""
+    out = []
+    for m in range(micro_batches):
+        at = (k * micro_batches + m) * micro * world + rank * micro
+        out.extend(range(at, at + micro))
+    return out
+
+
+def process_sums(accelerator, world: int, *values: float) -> list[float]:
+    """``values`` summed over every process (unchanged in a single process), in float64."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if world > 1 and accelerator is not None:
+        t = accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu()
+    return t.tolist()
+
+
 class Rollouts:
     """Sampling and scoring shared by the on-policy sources: generate N samples per prompt, decode them, score
     them with every reward function and combine (weighted sum of the scored functions, a None masked)."""
@@ -150,18 +170,9 @@ class OnlinePairSource:
         self._metrics: dict[str, Any] = {}
         self._last: list[dict] = []
 
-    def _positions(self, step: int) -> list[int]:
-        """Epoch-order positions of this process's prompts at ``step`` (all its micro-batches, in order)."""
-        k = step % self.steps_per_epoch
-        out = []
-        for m in range(self.accum):
-            at = (k * self.accum + m) * self.micro * self.world + self.rank * self.micro
-            out.extend(range(at, at + self.micro))
-        return out
-
     def micro_batches(self, step: int):
         order = epoch_order(len(self.data), self.seed, step // self.steps_per_epoch)
-        positions = self._positions(step)
+        positions = epoch_positions(step % self.steps_per_epoch, self.accum, self.micro, self.world, self.rank)
         indices = [order[q] for q in positions]
         out = self.rollouts.sample(indices, [rollout_seed(self.seed, step, q) for q in positions])
         pairs, rows = [], []
@@ -177,7 +188,7 @@ class OnlinePairSource:
             metrics["reward/chosen"] = float(np.mean([max(r for r in row["rewards"] if r is not None) for row in rows]))
             metrics["reward/rejected"] = float(np.mean([min(r for r in row["rewards"] if r is not None)
                                                         for row in rows]))
-        total = self._global(len(pairs))
+        total = int(process_sums(self.accelerator, self.world, len(pairs))[0])
         metrics["rollout/skipped_fraction"] = 1.0 - len(pairs) / len(indices)
         metrics["rollout/pairs"] = float(total)
         if total == 0:
@@ -220,12 +231,6 @@ class OnlinePairSource:
         a = completions[0].ids
         b = completions[1].ids if len(completions) > 1 else a
         return TokenizedPair(self.data.prompt_ids[i], list(a), list(b))
-
-    def _global(self, n: int) -> int:
-        if self.world == 1 or self.accelerator is None:
-            return n
-        t = torch.tensor([float(n)], device=self.accelerator.device)
-        return int(self.accelerator.reduce(t, reduction="sum").item())
 
     def metrics(self, step: int) -> dict[str, Any]:
         return dict(self._metrics)

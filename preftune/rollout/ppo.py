@@ -52,7 +52,7 @@ from preftune.logprobs import Critic, LogpModel, ValueHead, decoder_of, hidden_s
 from preftune.losses import get_loss
 from preftune.losses.ppo import AdaptiveKLController, kl_penalty_rewards
 from preftune.models import disable_dropout, is_peft, load_reward_model
-from preftune.rollout.online import Rollouts, rollout_seed
+from preftune.rollout.online import Rollouts, epoch_positions, process_sums, rollout_seed
 
 
 class PPOSource:
@@ -97,12 +97,8 @@ class PPOSource:
     # ---- the rollout ---------------------------------------------------------------------------------------
     def _positions(self, index: int) -> list[int]:
         """Epoch-order positions of this process's prompts in rollout ``index`` (minibatch-major)."""
-        k = index % self.rollouts_per_epoch
-        out = []
-        for j in range(self.minibatches * self.accum):
-            at = (k * self.minibatches * self.accum + j) * self.micro * self.world + self.rank * self.micro
-            out.extend(range(at, at + self.micro))
-        return out
+        return epoch_positions(index % self.rollouts_per_epoch, self.minibatches * self.accum, self.micro,
+                               self.world, self.rank)
 
     def _perm(self, index: int, epoch: int) -> list[int]:
         """The order of this process's rollout prompts in ``epoch``: a function of (seed, rollout, epoch, rank)."""
@@ -209,10 +205,7 @@ class PPOSource:
 
     # ---- statistics over every process --------------------------------------------------------------------
     def _sums(self, *values) -> list[float]:
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        if self.world > 1 and self.accelerator is not None:
-            t = self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum").cpu()
-        return t.tolist()
+        return process_sums(self.accelerator, self.world, *values)
 
     def _global(self, n: float) -> float:
         return self._sums(n)[0]
