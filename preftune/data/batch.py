@@ -109,8 +109,42 @@ def padded(values: torch.Tensor, target_seq: torch.Tensor, num_sequences: int, w
     return out.index_put((target_seq, pos), values)
 
 
+class GlobalStepBatch:
+    """What the on-policy batches (:class:`GroupBatch`, :class:`PPOBatch`) share: S sequences of ``seqs`` whose
+    per-sequence loss contributions are normalized over the whole optimizer step (``step_sequences`` over
+    ``world_size`` processes), so they are summed, never averaged."""
+
+    paired = False
+
+    @property
+    def num_examples(self) -> int:
+        return self.seqs.num_sequences
+
+    @property
+    def num_tokens(self) -> int:
+        return self.seqs.num_tokens
+
+    def model_args(self) -> tuple:
+        return self.seqs.model_args()
+
+    def reduce(self, losses: torch.Tensor, accumulation: int) -> torch.Tensor:
+        """The per-sequence contributions (S,) of a globally normalized loss already add up to the step's
+        loss over micro-batches and processes (``losses.policy``, ``losses.ppo``): they are summed."""
+        return losses.float().sum()
+
+    def kept(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-sequence metrics of the loss-bearing sequences; the loss terms (``loss``, ``loss/...``) rescaled
+        so that their mean over the step's sequences (what the loop logs) is the step's term."""
+        keep = self.seq_mask > 0
+        out = {k: v[keep] if v.dim() == 1 and v.shape[0] == keep.shape[0] else v for k, v in metrics.items()}
+        for k in out:
+            if k == "loss" or k.startswith("loss/"):
+                out[k] = out[k] * (self.step_sequences / self.world_size)
+        return out
+
+
 @dataclass
-class GroupBatch:
+class GroupBatch(GlobalStepBatch):
     """P prompts x G on-policy completions each, laid out for the engine: completion k of prompt u is
     sequence s = u + k·P (S = P·G), every prompt run once for its G completions (``TokenizedGroup``).
 
@@ -140,19 +174,6 @@ class GroupBatch:
     old_logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
 
-    paired = False
-
-    @property
-    def num_examples(self) -> int:
-        return self.seqs.num_sequences
-
-    @property
-    def num_tokens(self) -> int:
-        return self.seqs.num_tokens
-
-    def model_args(self) -> tuple:
-        return self.seqs.model_args()
-
     def model_kwargs(self) -> dict:
         return {"per_token": True, "temperature": self.temperature}
 
@@ -160,20 +181,6 @@ class GroupBatch:
         """(S, T) 1.0 on the loss-bearing completion tokens."""
         ones = torch.ones_like(self.seqs.target_seq, dtype=torch.float32)
         return padded(ones, self.seqs.target_seq, self.seqs.num_sequences) * self.seq_mask[:, None]
-
-    def reduce(self, losses: torch.Tensor, accumulation: int) -> torch.Tensor:
-        """The per-sequence contributions (S,) of a globally normalized loss already add up to the step's
-        loss over micro-batches and processes (``losses.policy``): they are summed, never averaged."""
-        return losses.float().sum()
-
-    def kept(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-sequence metrics of the loss-bearing sequences; ``loss`` rescaled so that its mean over the
-        step's sequences (what the loop logs) is the step's loss."""
-        keep = self.seq_mask > 0
-        out = {k: v[keep] if v.dim() == 1 and v.shape[0] == keep.shape[0] else v for k, v in metrics.items()}
-        if "loss" in out:
-            out["loss"] = out["loss"] * (self.step_sequences / self.world_size)
-        return out
 
     def to(self, device) -> GroupBatch:
         def move(t):
@@ -185,7 +192,7 @@ class GroupBatch:
 
 
 @dataclass
-class PPOBatch:
+class PPOBatch(GlobalStepBatch):
     """One micro-batch of a PPO minibatch: P prompts x G on-policy completions in the grouped layout
     (completion k of prompt u is sequence s = u + k·P, as :class:`GroupBatch`), with the rollout's per-token
     quantities laid out (S, T) per sequence, right-padded (T: the longest completion in the micro-batch).
@@ -220,36 +227,9 @@ class PPOBatch:
     with_values: bool = True
     with_entropy: bool = True
 
-    paired = False
-
-    @property
-    def num_examples(self) -> int:
-        return self.seqs.num_sequences
-
-    @property
-    def num_tokens(self) -> int:
-        return self.seqs.num_tokens
-
-    def model_args(self) -> tuple:
-        return self.seqs.model_args()
-
     def model_kwargs(self) -> dict:
         return {"per_token": True, "temperature": self.temperature, "entropy": self.with_entropy,
                 "values": self.with_values}
-
-    def reduce(self, losses: torch.Tensor, accumulation: int) -> torch.Tensor:
-        """Per-sequence contributions of a globally normalized loss (``losses.ppo``): summed, as GroupBatch."""
-        return losses.float().sum()
-
-    def kept(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-sequence metrics of the loss-bearing sequences; the loss terms (``loss``, ``loss/...``) rescaled
-        so that their mean over the step's sequences (what the loop logs) is the step's term."""
-        keep = self.seq_mask > 0
-        out = {k: v[keep] if v.dim() == 1 and v.shape[0] == keep.shape[0] else v for k, v in metrics.items()}
-        for k in out:
-            if k == "loss" or k.startswith("loss/"):
-                out[k] = out[k] * (self.step_sequences / self.world_size)
-        return out
 
     def to(self, device) -> PPOBatch:
         return replace(self, seqs=self.seqs.to(device), old_logps=self.old_logps.to(device),
