@@ -100,17 +100,19 @@ def run_quickstart(out_dir: str | Path, seed: int = 0, log=print, *, sft_dir: st
     ``sft_dir``: the ``sft`` directory of an earlier quickstart with the same seed, reused instead of training
     SFT again (the tests share one). Same seed, same machine: same numbers.
     """
-    return _one_thread(_dpo, out_dir, seed, log, sft_dir)
+    return run_on_one_thread(_dpo, out_dir, seed, log, sft_dir)
 
 
 def run_online_dpo_quickstart(out_dir: str | Path, seed: int = 0, log=print, *,
                               sft_dir: str | Path | None = None) -> dict:
     """``preftune quickstart --method online_dpo``: the same task and SFT model, then online DPO (every step the
     policy samples, the toy verifier scores, DPO trains best vs worst); before / after generation accuracy."""
-    return _one_thread(_online_dpo, out_dir, seed, log, sft_dir)
+    return run_on_one_thread(_online_dpo, out_dir, seed, log, sft_dir)
 
 
-def _one_thread(run, out_dir, seed: int, log, sft_dir) -> dict:
+def run_on_one_thread(run, out_dir, seed: int, log, sft_dir) -> dict:
+    """``run(out, seed, log, t_start, sft_dir)`` with ``out_dir`` created and torch on one thread (restored
+    after): the shape every quickstart method runs in."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

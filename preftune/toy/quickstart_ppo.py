@@ -19,9 +19,15 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from preftune.toy.quickstart import HELD_OUT, MAX_LENGTH, MAX_NEW_TOKENS, SFT, generation_accuracy, sft_phase
+from preftune.toy.quickstart import (
+    HELD_OUT,
+    MAX_LENGTH,
+    MAX_NEW_TOKENS,
+    SFT,
+    generation_accuracy,
+    run_on_one_thread,
+    sft_phase,
+)
 
 # The recipe. A rollout: 32 prompts (16 per minibatch x 2 minibatches), one sample each; 2 epochs over it, so
 # 4 optimizer steps per rollout and 6 rollouts in 24 steps. A separate critic at 5x the policy's learning rate:
@@ -60,15 +66,7 @@ def run_ppo_quickstart(out_dir: str | Path, seed: int = 0, log=print, *, sft_dir
     ``sft_dir``: the ``sft`` directory of an earlier quickstart with the same seed, reused instead of training SFT
     again (the tests share one).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 0.1M-parameter model runs faster on one thread (see toy.quickstart)
-    try:
-        return _run(out, seed, log, t_start, sft_dir)
-    finally:
-        torch.set_num_threads(threads)
+    return run_on_one_thread(_run, out_dir, seed, log, sft_dir)
 
 
 def _run(out: Path, seed: int, log, t_start: float, sft_dir) -> dict:

@@ -16,9 +16,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from preftune.toy.quickstart import MAX_LENGTH, MAX_NEW_TOKENS, generation_accuracy, sft_phase
+from preftune.toy.quickstart import (
+    MAX_LENGTH,
+    MAX_NEW_TOKENS,
+    generation_accuracy,
+    run_on_one_thread,
+    sft_phase,
+)
 from preftune.tune import adapter
 from preftune.tune.files import write_json, write_jsonl
 from preftune.tune.iterate import run_iterate
@@ -55,15 +59,7 @@ def run_iterative_quickstart(out_dir: str | Path, seed: int = 0, log=print, *,
     """SFT the toy model, run three iterate rounds from it, evaluate before and after; returns the report.
 
     ``sft_dir``: an earlier quickstart's ``sft`` directory (same seed) reused instead of training SFT again."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 0.1M-parameter model runs faster on one thread (see toy.quickstart)
-    try:
-        return _run(out, seed, log, t_start, sft_dir)
-    finally:
-        torch.set_num_threads(threads)
+    return run_on_one_thread(_run, out_dir, seed, log, sft_dir)
 
 
 def _without_training_chatter(log):
