@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from process_helpers import kill_at_checkpoint
 
 import preftune
 from preftune.errors import PreftuneError
@@ -59,15 +58,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, python, saved_model_
     victim = start(python, script, saved_model_dir, pairs_jsonl, killed_dir)
 
     target = killed_dir / "checkpoints" / "step-00000004"
-    deadline = time.monotonic() + 240
-    while not target.exists():
-        if victim.poll() is not None:
-            pytest.fail(f"the run ended before its step-4 checkpoint:\n{victim.stdout.read()}")
-        assert time.monotonic() < deadline, "no step-4 checkpoint within 240 s"
-        time.sleep(0.01)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    victim.stdout.close()
+    kill_at_checkpoint(victim, target)
     assert victim.returncode == -signal.SIGKILL
     assert not (killed_dir / "final").exists(), "the run finished before it could be killed"
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from online_helpers import prompt_rows, train_records
+from process_helpers import kill_at_checkpoint
 
 import preftune
 from preftune.runlog import read_metrics
@@ -69,15 +68,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, python, saved_model_
     # the uninterrupted run, in this process while the victim starts (the same config, another directory)
     preftune.train(resume_config(saved_model_dir, train, evals, online_rewards, full_dir), log=lambda *_: None)
     target = killed_dir / "checkpoints" / "step-00000004"
-    deadline = time.monotonic() + 240
-    while not target.exists():
-        if victim.poll() is not None:
-            pytest.fail(f"the run ended before its step-4 checkpoint:\n{victim.stdout.read()}")
-        assert time.monotonic() < deadline, "no step-4 checkpoint within 240 s"
-        time.sleep(0.01)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    victim.stdout.close()
+    kill_at_checkpoint(victim, target)
     assert not (killed_dir / "final").exists(), "the run finished before it could be killed"
     latest = ckpt.latest_checkpoint(killed_dir)
     resumed_from = json.loads((latest / "trainer_state.json").read_text())["step"]

@@ -8,14 +8,12 @@ tests/test_advantages.py and tests/losses/test_ppo.py; the engine's values and e
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from process_helpers import kill_at_checkpoint
 
 import preftune
 from preftune import advantages as adv
@@ -400,15 +398,7 @@ def test_sigkill_mid_rollout_then_resume_equals_uninterrupted(tmp_path, python, 
     uninterrupted = _start(python, script, saved_model_dir, full)
     victim = _start(python, script, saved_model_dir, killed)
     target = killed / "checkpoints" / "step-00000003"  # inside the first rollout (steps 1-4)
-    deadline = time.monotonic() + 240
-    while not target.exists():
-        if victim.poll() is not None:
-            pytest.fail(f"the run ended before its step-3 checkpoint:\n{victim.stdout.read()}")
-        assert time.monotonic() < deadline, "no step-3 checkpoint within 240 s"
-        time.sleep(0.01)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    victim.stdout.close()
+    kill_at_checkpoint(victim, target)
     assert not (killed / "final").exists(), "the run finished before it could be killed"
     state = json.loads((target / "trainer_state.json").read_text())
     assert state["source"]["rollout"]["start"] == 0 and state["source"]["kl"]["value"] != 0.05
