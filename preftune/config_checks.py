@@ -165,3 +165,40 @@ def _check_rollout(config, reader: Reader) -> Iterator[tuple[str, str]]:
     if config.rollout is not None and (config.reward is None or not (config.reward.functions or config.reward.judge)):
         yield "reward", ("reward: an on-policy run (a `rollout:` section) needs `reward.functions` (e.g. "
                          "['my_rewards.py:score']) or `reward.judge`")
+
+
+# Rollout options that only the group source (policy-gradient losses) reads; online DPO would ignore them.
+GROUP_ONLY = {"num_iterations": 1, "dynamic_sampling": False, "mask_truncated_completions": False}
+
+
+@check("rollout", "reward", "loss.name", "task")
+def _check_groups(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    """On-policy groups: a policy-gradient loss needs a `rollout:` section, a group holds at least 2 samples,
+    the overlong buffer fits in the generation budget, and options only GRPO reads are not set for online DPO."""
+    from preftune.losses import get_loss
+
+    try:
+        kinds = {get_loss(n).data for n in loss_names(config.loss.name)}
+    except KeyError:
+        return  # an unknown loss is _check_loss's to report
+    rollout = config.rollout
+    if "policy" in kinds and rollout is None:
+        yield "rollout", (f"loss {'/'.join(loss_names(config.loss.name))} learns from the policy's own samples: add "
+                          "a `rollout:` section (e.g. {num_generations: 8, max_new_tokens: 256}) and `reward:`")
+    if rollout is None:
+        return
+    if rollout.num_generations < 2:
+        yield "rollout.num_generations", (
+            f"rollout.num_generations: {rollout.num_generations} makes groups of one completion: its reward is "
+            "its own group mean, so every advantage is 0 (GRPO) and no pair can be formed (online DPO); use at "
+            "least 2 (TRL's default is 8; training.per_device_batch_size counts prompts, each with its whole group)")
+    reward = config.reward
+    if reward is not None and reward.overlong_buffer is not None and reward.overlong_buffer > rollout.max_new_tokens:
+        yield "reward.overlong_buffer", (
+            f"reward.overlong_buffer: {reward.overlong_buffer} exceeds rollout.max_new_tokens "
+            f"{rollout.max_new_tokens}: the punishment would start before a completion has any length")
+    if "paired" in kinds:
+        for key, default in GROUP_ONLY.items():
+            if getattr(rollout, key) != default:
+                yield f"rollout.{key}", (f"rollout.{key}: {getattr(rollout, key)} is a GRPO option (policy-gradient "
+                                         f"losses); online DPO ({'/'.join(loss_names(config.loss.name))}) ignores it")

@@ -127,6 +127,8 @@ class GroupBatch:
         max_length: the longest a completion may be (``rollout.max_new_tokens``; Dr. GRPO's constant).
         world_size: processes whose gradients are averaged.
         temperature: the sampling temperature; the training pass divides its logits by it too.
+        with_entropy: the engine also returns each position's entropy (the training pass asks for it: a metric;
+            π_old and reference passes do not).
     """
 
     seqs: SequenceBatch
@@ -139,6 +141,7 @@ class GroupBatch:
     temperature: float = 1.0
     old_logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
+    with_entropy: bool = False
 
     paired = False
 
@@ -154,7 +157,7 @@ class GroupBatch:
         return self.seqs.model_args()
 
     def model_kwargs(self) -> dict:
-        return {"per_token": True, "temperature": self.temperature}
+        return {"per_token": True, "temperature": self.temperature, "entropy": self.with_entropy}
 
     def token_mask(self) -> torch.Tensor:
         """(S, T) 1.0 on the loss-bearing completion tokens."""

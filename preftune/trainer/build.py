@@ -205,6 +205,8 @@ def build_run(cfg, resume, log) -> Run:
         if resume_from is not None:  # records past the checkpoint are redone, so none is written twice
             truncate_after(run_dir, run.start_step)
         run.writer = MetricWriter(run_dir, append=resume_from is not None)
+        if hasattr(source, "writer"):  # a source that logs text (an on-policy completions table) gets the writer
+            source.writer = run.writer
     return run
 
 
