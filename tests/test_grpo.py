@@ -356,3 +356,169 @@ def test_all_rewards_equal_is_said_and_nothing_updates(grpo, make_model, quiet_l
     rec = records(tmp_path / "run")
     assert [r["step"] for r in rec] == [1, 2]
     assert all(r["rollout/frac_reward_zero_std"] == 1.0 and "loss" not in r for r in rec)  # no "loss 0" logged
+
+
+# ---- the reference: only at β > 0, frozen or the adapter-disabled base ------------------------------------------
+
+
+def no_model_copies(monkeypatch, why: str) -> None:
+    """Make ``copy.deepcopy`` of a model fail (other deep copies work)."""
+    real = copy.deepcopy
+
+    def guarded(x, *args, **kwargs):
+        if isinstance(x, torch.nn.Module):
+            pytest.fail(why)
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", guarded)
+
+
+def test_beta_zero_loads_no_reference(grpo, make_model, monkeypatch, tmp_path):
+    monkeypatch.setattr("preftune.trainer.build._reference", lambda *a, **k: pytest.fail("a reference at beta 0"))
+    no_model_copies(monkeypatch, "a reference copy was made at beta = 0")
+    preftune.train(grpo(make_model(seed=3), prompt_rows(8), loss={"beta": 0.0},
+                        reference={"model": str(tmp_path / "no-such-model")}), log=lambda *_: None)  # loading fails
+    assert "kl" not in records(tmp_path / "run")[0]
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}])
+def test_beta_positive_scores_a_frozen_reference(grpo, make_model, monkeypatch, tmp_path, lora):
+    from preftune.trainer.loop import run_steps
+
+    from preftune.trainer import build
+
+    if lora is not None:  # LoRA: the reference is the base with the adapter disabled, never a copy
+        no_model_copies(monkeypatch, "LoRA made a reference copy")
+    real_freeze, frozen_models = build.freeze, []
+
+    def spy(model):
+        frozen_models.append(model)
+        return real_freeze(model)
+
+    monkeypatch.setattr(build, "freeze", spy)
+    cfg = grpo(make_model(seed=3), prompt_rows(16), loss={"beta": 0.04}, lora=lora,
+               training={"max_steps": 3, "learning_rate": 2e-2})
+    run = built(cfg)
+    assert len(frozen_models) == (0 if lora is not None else 1)
+    frozen = frozen_models[0] if frozen_models else None
+    start = None if frozen is None else copy.deepcopy(frozen.state_dict())
+    run_steps(run)
+    kl = [r["kl"] for r in records(tmp_path / "run")]
+    assert kl[0] == pytest.approx(0.0, abs=1e-7)  # the first step's policy is the reference
+    assert kl[-1] > 1e-5  # the policy moved, the reference did not
+    if frozen is not None:
+        assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+        for name, value in frozen.state_dict().items():
+            assert torch.equal(value, start[name]), name
+
+
+# ---- entropy: from the chunked head, without the logits ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_from_the_chunked_head_matches_full_logits(make_model, temperature):
+    model = make_model(seed=4).float()
+    groups = [TokenizedGroup([2, 11, 9], [[12, 13], [12, 14, 15]]), TokenizedGroup([2, 20], [[21, 22, 23], [24]])]
+    seqs = LAYOUTS["packed"](groups, 0)
+    tok, _, ent = LogpModel(model, chunk_size=3)(*seqs.model_args(), per_token=True, temperature=temperature,
+                                                 entropy=True)
+    # naive: each sequence alone, full logits, H = −Σ p log p of softmax(z / T)
+    want = []
+    for k in range(2):
+        for g in groups:
+            ids = torch.tensor([g.prompt_ids + g.completions[k]])
+            z = model(input_ids=ids).logits[0, len(g.prompt_ids) - 1 : -1].float() / temperature
+            logp = z.log_softmax(-1)
+            want.append(-(logp.exp() * logp).sum(-1))
+    got = padded(ent, seqs.target_seq, seqs.num_sequences)
+    for s, w in enumerate(want):
+        torch.testing.assert_close(got[s, : len(w)], w, atol=1e-5, rtol=0)
+    assert not ent.requires_grad
+    hidden, head = torch.randn(7, 32), model.get_output_embeddings()
+    targets = torch.randint(0, head.weight.shape[0], (7,))
+    a = token_logps(hidden, head, targets, 0, temperature=temperature, with_entropy=True)  # the naive head
+    b = token_logps(hidden, head, targets, 3, temperature=temperature, with_entropy=True)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b[0], token_logps(hidden, head, targets, 3, temperature=temperature))
+
+
+# ---- what a run logs -------------------------------------------------------------------------------------------
+
+
+def test_metrics_completions_table_tensorboard_and_report(grpo, make_model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from preftune.report.html import write_report
+
+    rows = prompt_rows(24)
+    cfg = grpo(make_model(seed=3), rows[:16], loss={"beta": 0.04, "epsilon_high": 0.28}, rollout={"max_new_tokens": 5},
+               training={"max_steps": 2, "eval_every": 1, "learning_rate": 2e-2}, data={"eval": rows[16:]},
+               monitor={"num_prompts": 2})
+    preftune.train(cfg, log=lambda *_: None)
+    run_dir = tmp_path / "run"
+    last = records(run_dir)[-1]
+    for key in ("loss", "entropy", "kl", "clip_low_frac", "clip_high_frac", "ratio_mean", "completion_length",
+                "completions/mean_length", "completions/max_length", "rollout/truncated_fraction",
+                "rollout/eos_rate", "rollout/frac_reward_zero_std", "reward/mean", "reward/std",
+                "reward/varied/mean", "reward/varied/std", "advantages/std", "time/generate_s", "time/score_s",
+                "time/train_s", "grad_norm"):
+        assert key in last, key
+    assert 0 < last["entropy"] <= math.log(len(cfg["tokenizer"])) + 1e-6
+    assert last["rollout/truncated_fraction"] + last["rollout/eos_rate"] == pytest.approx(1.0)
+    assert "reward/mean" in records(run_dir, "eval")[-1]  # held-out greedy samples, scored
+    table = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    table = [r for r in table if r.get("kind") == "rollout"]
+    assert {r["step"] for r in table} == {1, 2} and len([r for r in table if r["step"] == 2]) == 16  # 4 groups x 4
+    row = table[-1]
+    assert {"prompt", "completion", "reward", "scores", "advantage", "truncated"} <= set(row)
+    group = [r for r in table if r["step"] == 2 and r["group"] == row["group"]]
+    rewards = np.array([r["reward"] for r in group])
+    want = (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-4) if rewards.std() > 0 else 0 * rewards
+    np.testing.assert_allclose([r["advantage"] for r in group], want, rtol=1e-5, atol=1e-6)  # GRPO's advantage
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert {"train/entropy", "train/rollout/frac_reward_zero_std", "train/clip_low_frac"} <= set(events.Tags()["scalars"])
+    assert any(t.startswith("rollout") for t in events.Tags()["tensors"])  # the completions table (text)
+    html = write_report(run_dir).read_text()
+    assert "On-policy rollouts" in html and "frac_reward_zero_std" in html and "entropy" in html
+    assert row["completion"].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in html
+
+
+# ---- bad input: one clear line, before the first rollout ------------------------------------------------------
+
+
+@pytest.mark.parametrize("ref, message", [
+    ("no/such/rewards.py:fn", "file no/such/rewards.py not found"),
+    (f"{REWARDS}:missing", "has no function 'missing'"),
+    ("no_such_module_xyz:fn", "cannot import module 'no_such_module_xyz'"),
+    (f"{REWARDS}:wrong_count", "reward function wrong_count returned 2 values for 1 completions"),
+    (f"{REWARDS}:not_a_number", "reward function not_a_number returned 'high' (str) for row 0"),
+    (f"{REWARDS}:always_raises", "reward function always_raises raised RuntimeError: scorer offline on row 0"),
+])
+def test_a_broken_reward_function_fails_before_any_generation(grpo, make_model, monkeypatch, ref, message):
+    monkeypatch.setattr("preftune.rollout.online.generate", lambda *a, **k: pytest.fail("generated first"))
+    cfg = grpo(make_model(seed=3), prompt_rows(8))
+    cfg["reward"]["functions"] = [ref]
+    with pytest.raises(PreftuneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        preftune.train(cfg, log=lambda *_: None)
+
+
+def test_a_reward_function_failing_on_real_samples_names_the_row(grpo, make_model):
+    with pytest.raises(PreftuneError, match=r"reward function raises_on_long raised ValueError: cannot score long "
+                                            r"answers on row \d+ \(prompt '.+', completion '.+'\)"):
+        preftune.train(grpo(make_model(seed=3), prompt_rows(8), fn=("raises_on_long",)), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rollout": {"num_generations": 1}}, "rollout.num_generations: 1 makes groups of one completion"),
+    ({"rollout": None}, "loss grpo learns from the policy's own samples: add a `rollout:` section"),
+    ({"loss": {"name": "dpo", "beta": 0.1}, "rollout": {"num_iterations": 2}},
+     "rollout.num_iterations: 2 is a GRPO option"),
+])
+def test_group_settings_are_refused_when_the_config_is_read(grpo, change, message):
+    cfg = grpo("m", prompt_rows(8))
+    for key, value in change.items():
+        cfg[key] = value if value is None or key == "loss" else {**cfg[key], **value}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        to_config(cfg)

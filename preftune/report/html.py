@@ -1,6 +1,6 @@
 """``report.html``: one self-contained page per run, built from ``metrics.jsonl`` (and ``samples.jsonl``).
 
-Sections: the final numbers; a timeline of the monitor's alarms, health diagnoses and events (best model,
+Sections: the final numbers; for an on-policy run its rollouts (``preftune.report.onpolicy``); a timeline of the monitor's alarms, health diagnoses and events (best model,
 early stopping) as an inline SVG and a table; the plots of ``preftune.report.plots`` (loss, margins,
 accuracies, chosen/rejected log-probs, KL, lengths, diversity; alarms drawn as red lines), embedded as base64
 PNGs; the greedy samples, policy beside reference, latest step first. No external resources: the file can be
@@ -146,6 +146,7 @@ def _samples(rows: list[dict]) -> str:
 def render_report(run_dir: str | Path, plots: list[Path] | None = None) -> str:
     """The report page as a string; ``plots``: PNGs already drawn by ``plot_run`` (drawn now if None)."""
     from preftune.monitor.samples import read_samples
+    from preftune.report.onpolicy import onpolicy_section
     from preftune.report.plots import plot_run
 
     run_dir = Path(run_dir)
@@ -161,6 +162,7 @@ def render_report(run_dir: str | Path, plots: list[Path] | None = None) -> str:
         f'<body data-images-total="{len(plots)}">',
         f"<h1>preftune run report: {_e(run_dir.name)}</h1>", verdict,
         "<h2>Final numbers</h2>", _final_table(records),
+        onpolicy_section(records, read_samples(run_dir, kind="rollout")),
         "<h2>Timeline: alarms, diagnoses, events</h2>", _timeline(records),
         "<h2>Curves</h2>", _plots(plots),
         "<h2>Samples</h2>", _samples(read_samples(run_dir)),

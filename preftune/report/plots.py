@@ -18,6 +18,13 @@ PANELS = {
     "accuracies": ["rewards/accuracies"],
     "logps": ["logps/chosen", "logps/rejected"],
 }
+# On-policy policy-gradient runs (GRPO family): the policy's entropy and KL, and the shares of clipped tokens,
+# of zero-spread groups and of truncated samples.
+POLICY_PANELS = {
+    "entropy_kl": ["entropy", "kl"],
+    "policy_fractions": ["clip_low_frac", "clip_high_frac", "rollout/frac_reward_zero_std",
+                         "rollout/truncated_fraction"],
+}
 MONITOR_PANELS = {
     "kl": ["kl/k3_seq", "kl/k1_seq"],
     "lengths": ["length/policy", "length/reference"],
@@ -34,6 +41,8 @@ def series(records: list[dict], split: str, key: str) -> tuple[list[int], list[f
 def _curves(panel: str) -> list[tuple[str, str, str]]:
     if panel in PANELS:
         return [(split, key, style) for key in PANELS[panel] for split, style in (("train", "-"), ("eval", "o--"))]
+    if panel in POLICY_PANELS:
+        return [("train", key, "-") for key in POLICY_PANELS[panel]]
     return [("monitor", key, "s:" if "reference" in key else "o-") for key in MONITOR_PANELS[panel]]
 
 
@@ -50,7 +59,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for panel in [*PANELS, *MONITOR_PANELS]:
+    for panel in [*PANELS, *POLICY_PANELS, *MONITOR_PANELS]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         drawn = False
         for split, key, style in _curves(panel):
