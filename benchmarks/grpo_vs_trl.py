@@ -78,7 +78,7 @@ def _reward_fn(path: Path):
     return module.reward
 
 
-def trl_trainer(a, steps: int):
+def trl_trainer(a, steps: int, lr: float = LR):
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,7 +90,7 @@ def trl_trainer(a, steps: int):
     args = GRPOConfig(
         output_dir=str(a.run_dir), per_device_train_batch_size=G * PROMPTS_PER_STEP, gradient_accumulation_steps=1,
         num_generations=G, max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0, beta=BETA,
-        epsilon=EPSILON, loss_type="dapo", scale_rewards="group", num_iterations=1, learning_rate=LR,
+        epsilon=EPSILON, loss_type="dapo", scale_rewards="group", num_iterations=1, learning_rate=lr,
         use_vllm=False, bf16=a.precision == "bf16", use_cpu=True, report_to="none", max_steps=steps,
         logging_steps=1, save_strategy="no", gradient_checkpointing=False, disable_tqdm=True, seed=0,
         log_completions=False,
@@ -174,7 +174,7 @@ def run_worker(a) -> None:
 
 
 def check_math(a) -> dict:
-    """TRL trains 3 steps; at each step's loss, preftune recomputes on TRL's own micro-batch (its prompts, its
+    """TRL trains 3 steps at lr 1e-3; at each step's loss, preftune recomputes on TRL's own micro-batch (its prompts, its
     sampled completions, the same policy and reference weights at that moment): per-token log-probs with its
     packed engine at the temperature, rewards with the same function, advantages with
     ``advantages.group_relative``, and the loss and KL with the registered ``grpo`` loss, normalized over the
@@ -189,7 +189,7 @@ def check_math(a) -> dict:
     from preftune.losses import get_loss
     from preftune.logprobs import LogpModel
 
-    trainer = trl_trainer(a, 3)
+    trainer = trl_trainer(a, 3, lr=1e-3)  # a large step, so that step 2's policy is far from the reference
     reward = _reward_fn(a.reward)
     tok = trainer.processing_class
     rows = []
@@ -203,10 +203,19 @@ def check_math(a) -> dict:
             B = c_ids.shape[0]
             prompts = [p_ids[i][p_mask[i].bool()].tolist() for i in range(B)]
             comps = [c_ids[i][c_mask[i].bool()].tolist() for i in range(B)]
-            P = B // G  # TRL repeats each prompt G times in a row: row i·G + j is sample j of prompt i
-            groups = [TokenizedGroup(prompts[i * G], comps[i * G:(i + 1) * G]) for i in range(P)]
+            # TRL shuffles the rows of a generation batch before splitting it: find each prompt's G rows.
+            rows_of: dict[tuple, list[int]] = {}
+            for i, p in enumerate(prompts):
+                rows_of.setdefault(tuple(p), []).append(i)
+            keys = list(rows_of)
+            P = len(keys)
+            assert all(len(rows_of[k]) == G for k in keys), "a micro-batch without whole groups"
+            groups = [TokenizedGroup(list(k), [comps[i] for i in rows_of[k]]) for k in keys]
             seqs = LAYOUTS["packed"](groups, tok.pad_token_id)
-            order = [u + k * P for u in range(P) for k in range(G)]  # preftune sequence of TRL row i·G + j
+            order = [0] * B  # TRL row -> preftune sequence u + k·P
+            for u, k in enumerate(keys):
+                for j, i in enumerate(rows_of[k]):
+                    order[i] = u + j * P
 
             def logps(m):
                 t, _ = LogpModel(m, 256)(*seqs.model_args(), per_token=True, temperature=self.temperature)
@@ -217,8 +226,12 @@ def check_math(a) -> dict:
             policy, ref = logps(model), logps(self.ref_model)
             model.train(was)
             texts = tok.batch_decode(comps, skip_special_tokens=True)
-            r = torch.tensor(reward(texts), dtype=torch.float32).view(P, G)
-            a_pt = adv.group_relative(r, scale="group").reshape(-1)  # (B,)
+            r = torch.tensor(reward(texts), dtype=torch.float32)  # (B,) in TRL's rows
+            by_group = torch.stack([r[rows_of[k]] for k in keys])  # (P, G)
+            a_groups = adv.group_relative(by_group, scale="group")  # (P, G)
+            a_pt = torch.empty(B)
+            for u, k in enumerate(keys):
+                a_pt[rows_of[k]] = a_groups[u]
             mask = torch.zeros_like(policy)
             for i, c in enumerate(comps):
                 mask[i, : len(c)] = 1
