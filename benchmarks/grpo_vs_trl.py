@@ -186,8 +186,8 @@ def check_math(a) -> dict:
     from preftune.data.batch import padded
     from preftune.data.layouts import LAYOUTS
     from preftune.data.tokenize import TokenizedGroup
-    from preftune.losses import get_loss
     from preftune.logprobs import LogpModel
+    from preftune.losses import get_loss
 
     trainer = trl_trainer(a, 3, lr=1e-3)  # a large step, so that step 2's policy is far from the reference
     reward = _reward_fn(a.reward)

@@ -1,11 +1,13 @@
 """The `preftune` command line.
 
-    preftune quickstart [--out DIR]                      offline demo: toy task, SFT, DPO, before/after
+    preftune quickstart [--method M] [--out DIR]         offline demo: toy task, SFT, then DPO (or online or iterative DPO)
     preftune train CONFIG.yaml [--set k.sub=v ...]       train from a YAML config (--resume to continue)
     preftune data validate|clean|convert|agreement ...   preference-data tooling
     preftune generate / judge ...                        sample responses; judge them into pairs
     preftune eval MODEL --data PAIRS [--reference REF]   preference accuracy, KL, lengths, diversity, win rate
     preftune report RUN_DIR                              RUN_DIR/report.html: curves, alarms, samples
+    preftune iterate / sweep CONFIG                      iterative DPO rounds; Optuna hyperparameter sweeps
+    preftune review export|import ...                    blind A/B sheets for human raters; their verdicts
     preftune losses                                      registered losses and what they need
     preftune config-doc                                  every config field with its type, default and doc
 
@@ -19,11 +21,20 @@ import os
 import sys
 import traceback
 
+QUICKSTARTS = {
+    "dpo": "preftune.toy.quickstart:run_quickstart",
+    "iterative_dpo": "preftune.tune.quickstart:run_iterative_quickstart",
+    "online_dpo": "preftune.toy.quickstart:run_online_dpo_quickstart",
+}
+"""``preftune quickstart --method NAME`` -> "module:function(out_dir, seed=...) -> report" (imported on use)."""
+
 
 def _cmd_quickstart(args) -> int:
-    from preftune.toy.quickstart import run_quickstart
+    import importlib
 
-    report = run_quickstart(args.out, seed=args.seed)
+    module, _, name = QUICKSTARTS[args.method].partition(":")
+    out = args.out or ("runs/quickstart" if args.method == "dpo" else f"runs/quickstart-{args.method}")
+    report = getattr(importlib.import_module(module), name)(out, seed=args.seed)
     return 0 if report.get("passed", True) else 1
 
 
@@ -67,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("quickstart", help="offline demo: toy task, SFT, DPO, before/after evaluation")
-    p.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
+    p = sub.add_parser("quickstart", help="offline demo: toy task, SFT, DPO (or --method), before/after evaluation")
+    p.add_argument("--method", choices=sorted(QUICKSTARTS), default="dpo",
+                   help="the demo: dpo (default), online_dpo (every step the policy samples, the toy verifier "
+                        "scores, DPO trains best vs worst) or iterative_dpo (3 rounds of generate -> judge -> train)")
+    p.add_argument("--out", help="output directory (default: runs/quickstart, runs/quickstart-METHOD for others)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_quickstart)
 
@@ -84,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-doc", help="print the config reference (markdown)")
     p.set_defaults(func=_cmd_config_doc)
 
-    for module in ("preftune.data.cli", "preftune.rollout.cli", "preftune.eval.cli", "preftune.report.cli"):
+    for module in ("preftune.data.cli", "preftune.rollout.cli", "preftune.eval.cli", "preftune.report.cli",
+                   "preftune.tune.cli"):
         __import__(module, fromlist=["register"]).register(sub)
     return parser
 

@@ -96,7 +96,8 @@ class ReferenceConfig:
     model: str | None = None
     """Reference model path or hub id; None uses the initial policy (the adapter-disabled base with LoRA)."""
     precompute: bool = True
-    """Compute reference log-probs once before training and cache them on disk instead of every step."""
+    """Compute reference log-probs once before training and cache them on disk instead of every step. Static
+    data only: an on-policy run (`rollout:`) scores its fresh samples with the live reference every step."""
     cache_dir: str | None = None
     """Where cached reference log-probs live; default `$PREFTUNE_CACHE` or `~/.cache/preftune/reference`."""
 
@@ -141,7 +142,8 @@ class TrainingConfig:
     """Peak learning rate (DPO full fine-tuning usually 5e-7..5e-6; LoRA 5e-6..5e-5); 0 leaves the weights where
     they start (a run that only evaluates, or checks that the policy starts at the reference)."""
     per_device_batch_size: int = within("[1, ∞)", 2)
-    """Preference pairs (or completions, for unpaired losses) per process per micro-batch."""
+    """Preference pairs (or completions, for unpaired losses) per process per micro-batch; on-policy runs
+    (`rollout:`): prompts, each sampled `rollout.num_generations` times."""
     gradient_accumulation_steps: int = within("[1, ∞)", 1)
     """Micro-batches per optimizer step; global batch = per_device_batch_size x this x processes."""
     num_epochs: float = within("(0, ∞)", 1.0)
@@ -269,8 +271,9 @@ class RewardConfig:
     functions: list[str | dict[str, Any]] = field(default_factory=list)
     """Reward functions `path/to/file.py:fn` or `package.module:fn` (or `{function: ..., name: ..., kwargs:
     {...}}`), called as `fn(prompts=[...], completions=[...], **columns)` and returning one float (or None: no
-    score) per completion: TRL's signature, so a TRL reward function works unchanged. Built-ins:
-    `preftune.rewards:toy_verifier`, `format_reward`, `exact_answer`, `length_penalty`."""
+    score) per completion: TRL's signature, so a TRL reward function works unchanged. Paths are relative to the
+    working directory. Built-ins: `preftune.rewards:toy_verifier`, `format_reward`, `exact_answer`,
+    `length_penalty` (docs/online_dpo.md)."""
     weights: list[float] | None = within("(-∞, ∞)", None)
     """One weight per function (default 1.0 each); the weighted sum is the reward (a negative weight makes a
     function a penalty)."""
@@ -278,6 +281,10 @@ class RewardConfig:
     """Instead of (or besides) functions: a judge config (a YAML path or a mapping; see docs/judges.md) or a
     `--judge` value such as `toy-verifier`. A judge with a score (verifier, reward model, scored LLM judge)
     scores each completion; a pairwise-only judge ranks the samples of a prompt by wins, asked in both orders."""
+    judge_mode: Literal["auto", "score", "pairwise"] = "auto"
+    """How `judge` rewards: `score` each completion alone (verifiers, reward models, an LLM's 1-10 score),
+    or `pairwise`: every two samples of a prompt compared, both orders (a flip is a tie), the reward is the
+    number of wins (n·(n−1) judge calls per prompt); `auto`: score when the judge can, else pairwise."""
     min_margin: float = within("[0, ∞)", 0.0)
     """Online DPO: a prompt whose best and worst reward differ by no more than this gives no pair (skipped
     and counted as `rollout/skipped_fraction`); 0 skips exact ties only."""

@@ -165,6 +165,9 @@ def _check_rollout(config, reader: Reader) -> Iterator[tuple[str, str]]:
     if config.rollout is not None and (config.reward is None or not (config.reward.functions or config.reward.judge)):
         yield "reward", ("reward: an on-policy run (a `rollout:` section) needs `reward.functions` (e.g. "
                          "['my_rewards.py:score']) or `reward.judge`")
+    if config.reward is not None and config.rollout is None:  # a scorer without sampling would go unused
+        yield "reward", ("reward: scores on-policy samples, but there is no `rollout:` section (add e.g. "
+                         "`rollout: {num_generations: 4}` to train on-policy, or remove `reward:`)")
 
 
 # Rollout options that only the group source (policy-gradient losses) reads; online DPO would ignore them.

@@ -30,7 +30,8 @@ of padded attention, which move a token only when a uniform lands on a CDF bound
 
 **Work.** The rows of one batch share a left-padded prefill: each distinct prompt runs forward ONCE, only its
 last position through the LM head, and the KV cache is then expanded to its n samples
-(``Cache.batch_repeat_interleave`` / ``batch_select_indices``). Decoding runs all rows together with the
+(``Cache.batch_repeat_interleave`` / ``batch_select_indices``) into buffers with room for every new position,
+written in place (no per-step ``torch.cat`` of the whole cache). Decoding runs all rows together with the
 cache, an attention mask and per-row position ids. Rows that finished are dropped from the batch once a
 quarter of it is done, and the loop ends when every row is. Greedy samples of one prompt are identical, so
 one row is decoded and copied n times; greedy steps do an argmax and one log-sum-exp, nothing else over the
@@ -52,6 +53,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+try:  # transformers >= 4.56 builds its caches from layers; without it the model's own cache is used as it is
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # pragma: no cover
+    DynamicLayer = type("DynamicLayer", (), {})
 
 STOP, LENGTH = "stop", "length"
 
@@ -97,6 +103,14 @@ class Completion:
     ids: list[int]
     logps: list[float]
     finish_reason: str
+
+
+def stop_ids(model, tokenizer) -> tuple[int, ...]:
+    """The ids that end a generation: the tokenizer's EOS and the model's ``generation_config`` EOS ids."""
+    ids = {getattr(tokenizer, "eos_token_id", None)}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return tuple(sorted(i for i in ids if i is not None))
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -170,10 +184,11 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: the model needs at least one token to condition on")
     # One row per sequence to decode: (prompt index, generator seed). Greedy: one row per prompt, copied later.
-    counts = [params.n if isinstance(s, int) else len(s) for s in seeds]
+    per_prompt = [[int(x) for x in s] if isinstance(s, Sequence) else [sample_seed(s, j) for j in range(params.n)]
+                  for s in seeds]
+    counts = [len(x) for x in per_prompt]
     rows: list[tuple[int, int]] = []
-    for i, s in enumerate(seeds):
-        row_seeds = [sample_seed(s, j) for j in range(params.n)] if isinstance(s, int) else [int(x) for x in s]
+    for i, row_seeds in enumerate(per_prompt):
         rows.extend((i, x) for x in (row_seeds[:1] if params.greedy and row_seeds else row_seeds))
     was_training = model.training
     model.eval()
@@ -191,6 +206,59 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
         out = [[Completion(list(g[0].ids), list(g[0].logps), g[0].finish_reason) for _ in range(k)] if g else []
                for g, k in zip(out, counts)]
     return out
+
+
+class _InPlaceLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values live in buffers with room for every position still to come.
+
+    ``DynamicLayer.update`` appends with ``torch.cat``, reallocating and copying the layer's whole cache at every
+    decoding step (on the 135M benchmark model that copy was half of a step on the CPU). Here ``update`` writes
+    the new positions in place and returns views of the filled part, so attention sees exactly what the plain
+    layer would return: the same values, the same length.
+    """
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n, m = self.keys.shape[-2], key_states.shape[-2]
+        if n + m > self.key_buffer.shape[-2]:  # more positions than reserved: grow like the plain layer
+            self.key_buffer = torch.cat([self.keys, key_states], dim=-2)
+            self.value_buffer = torch.cat([self.values, value_states], dim=-2)
+        else:
+            self.key_buffer[:, :, n : n + m].copy_(key_states)
+            self.value_buffer[:, :, n : n + m].copy_(value_states)
+        self.keys, self.values = self.key_buffer[:, :, : n + m], self.value_buffer[:, :, : n + m]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        n = self.keys.shape[-2]
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self.keys, self.values = self.key_buffer[:, :, :n], self.value_buffer[:, :, :n]
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.batch_select_indices(beam_idx.to(self.key_buffer.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        n = self.keys.shape[-2]
+        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self.keys, self.values = self.key_buffer[:, :, :n], self.value_buffer[:, :, :n]
+
+
+def _reserve(cache, positions: int) -> None:
+    """Give every plain ``DynamicLayer`` of ``cache`` room for ``positions`` more (see :class:`_InPlaceLayer`).
+
+    Other layer kinds (sliding windows, quantized, linear attention) and caches without ``layers`` are left as
+    they are: they still work, with the model's own update.
+    """
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is not DynamicLayer or not getattr(layer, "is_initialized", False) or layer.keys.dim() != 4:
+            continue
+        b, h, n, d = layer.keys.shape  # (B, heads, T, head dim)
+        layer.key_buffer = layer.keys.new_empty((b, h, n + positions, d))
+        layer.value_buffer = layer.values.new_empty((b, h, n + positions, layer.values.shape[-1]))
+        layer.key_buffer[:, :, :n].copy_(layer.keys)
+        layer.value_buffer[:, :, :n].copy_(layer.values)
+        layer.keys, layer.values = layer.key_buffer[:, :, :n], layer.value_buffer[:, :, :n]
+        layer.__class__ = _InPlaceLayer
 
 
 def _forward_names(model) -> tuple[str, bool]:
@@ -234,6 +302,7 @@ def _decode(model, prompts, rows: list[tuple[int, int]], params: SamplingParams,
         else:
             cache.batch_select_indices(expand)
         logits, mask, positions = logits[expand], mask[expand], positions[expand]
+    _reserve(cache, steps)
     n_rows = len(rows)
     u = None
     if not params.greedy:  # (R, steps): every row's uniforms, from its own CPU generator

@@ -161,3 +161,70 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy_sft(tmp_path_factory):
+    """The quickstart's SFT model (seed 0), trained ONCE per test session for every method's learning tests.
+
+    A :class:`preftune.toy.quickstart.SFTPhase` without its live model (load ``model_dir`` with
+    ``AutoModelForCausalLM.from_pretrained`` for a private copy): ``run_dir`` (pass it as a quickstart's
+    ``sft_dir=``), ``model_dir``, ``tokenizer``, ``items`` (train prompts SFT never saw), ``held_out``.
+    """
+    import dataclasses
+
+    import torch
+
+    from preftune.toy.quickstart import sft_phase
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the quickstart runs it: one thread is faster for a 0.1M-parameter model
+    try:
+        phase = sft_phase(tmp_path_factory.mktemp("toy-sft"), seed=0, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    return dataclasses.replace(phase, model=None)
+
+
+# ---- online DPO (tests/test_online_*.py) ---------------------------------------------------------------------
+
+DRAWS_PLOTS = {"test_online_quickstart_meets_targets"}  # runs as the command does, plots and report included
+
+
+@pytest.fixture
+def no_plots(monkeypatch, request):
+    """Skip the end-of-run plots (seconds per run) except in the tests named in DRAWS_PLOTS."""
+    if request.node.name not in DRAWS_PLOTS:
+        monkeypatch.setattr("preftune.trainer.loop._plots", lambda run_dir, say: None)
+
+
+@pytest.fixture(scope="session")
+def online_rewards(tmp_path_factory) -> Path:
+    """``online_helpers.REWARDS`` written to a file: reference its functions as ``f"{online_rewards}:by_column"``."""
+    path = tmp_path_factory.mktemp("rewards") / "my_rewards.py"
+    from online_helpers import REWARDS
+
+    path.write_text(REWARDS)
+    return path
+
+
+@pytest.fixture
+def online_config(toy_tok, tmp_path, online_rewards):
+    """Factory: an online DPO config dict; ``fn`` names reward functions of ``online_helpers.REWARDS``;
+    keyword sections merge into the defaults."""
+
+    def make(model, train, *, fn=("by_column",), eval=None, reward=None, rollout=None, training=None, **sections):
+        cfg = {
+            "model": model, "tokenizer": toy_tok, "data": {"train": train, "eval": eval},
+            "loss": {"name": "dpo", "beta": 0.1},
+            "rollout": {"num_generations": 4, "max_new_tokens": 6, **(rollout or {})},
+            "reward": {"functions": [f"{online_rewards}:{f}" for f in fn], **(reward or {})},
+            "training": {"output_dir": str(tmp_path / "run"), "learning_rate": 1e-3, "per_device_batch_size": 4,
+                         "max_steps": 1, "max_length": 64, "progress_bar": False, "save_model": False,
+                         **(training or {})},
+        }
+        for key, value in sections.items():
+            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+        return cfg
+
+    return make

@@ -24,6 +24,7 @@ from preftune.data.packing import (
     length_grouped_order,
     pack_rows,
     padding_fraction,
+    unit_length,
 )
 from preftune.data.tokenize import TokenizedPair, TokenizedSingle
 from preftune.logprobs import LogpModel, naive_sequence_logps, sequence_logps, token_logps
@@ -34,12 +35,22 @@ HIDDEN = 32
 HUGE = 10**6
 TOL = 1e-5
 
+def collate_two_per_row(examples, pad_id):
+    """Packed rows up to the two longest examples' tokens: rows hold two (or more) pairs, not all of them."""
+    lengths = sorted((unit_length(e) for e in examples), reverse=True)
+    return collate_packed(examples, pad_id, max_row_tokens=sum(lengths[:2]))
+
+
+# "packed" with its default limit (the longest pair) happens to give every pair of these cases a row of its
+# own; the two other packed layouts put several pairs in one row, so the block-diagonal mask is exercised.
 LAYOUT_FNS = {
     "padded": collate_padded,
     "shared_prompt": collate_shared_prompt,
     "packed": collate_packed,
+    "packed_two_per_row": collate_two_per_row,
     "packed_one_row": functools.partial(collate_packed, max_row_tokens=HUGE),
 }
+SHARING = ("packed_two_per_row", "packed_one_row")
 
 
 def tiny_llama(attn: str, seed: int = 0):
@@ -79,6 +90,21 @@ def make_pairs(case: str) -> list[TokenizedPair]:
 
 
 CASES = ["odd", "batch1", "one_token"]
+
+
+def _pairs_per_row(batch: SequenceBatch) -> list[int]:
+    """How many pairs each row holds: distinct chosen sequences (0..B-1) among the row's targets."""
+    B, T = batch.num_sequences // 2, batch.input_ids.shape[1]
+    rows = batch.target_index // T  # (N,) the row of each target
+    return [len(set(batch.target_seq[(rows == r) & (batch.target_seq < B)].tolist()))
+            for r in range(batch.input_ids.shape[0])]
+
+
+@pytest.mark.parametrize("layout", SHARING)
+@pytest.mark.parametrize("case", ["odd", "one_token"])
+def test_sharing_layouts_put_several_pairs_in_one_row(layout, case):
+    # Otherwise the parity tests below would not exercise the block-diagonal mask between pairs.
+    assert max(_pairs_per_row(LAYOUT_FNS[layout](make_pairs(case), 0))) >= 2
 
 
 def _run(model, batch: SequenceBatch, chunk: int):
@@ -246,10 +272,29 @@ def test_shared_prompt_mask_and_positions():
 def test_packed_rows_are_block_diagonal_and_padding_rows_attend_to_themselves():
     pairs = [TokenizedPair([1, 2], [3], [4]), TokenizedPair([5], [6, 7], [8]), TokenizedPair([9, 10, 11], [12], [13])]
     batch = collate_packed(pairs, 0, max_row_tokens=9)
-    assert batch.input_ids.shape == (2, 9)
+    # First fit by decreasing length (5, 4, 4 tokens) under 9: row 0 = pair 2 then pair 0, row 1 = pair 1 + pad
+    assert batch.input_ids.tolist() == [[9, 10, 11, 12, 13, 1, 2, 3, 4], [5, 6, 7, 8, 0, 0, 0, 0, 0]]
     mask = batch.attention_mask[:, 0]  # (R, T, T)
+    # Row 0, by hand: pair 2 = prompt 0-2, chosen 3, rejected 4; pair 0 = prompt 5-6, chosen 7, rejected 8.
+    # Causal inside each pair, rejected never sees chosen, nothing across the two pairs.
+    row0 = [
+        [1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0],  # chosen 12: its prompt and itself
+        [1, 1, 1, 0, 1, 0, 0, 0, 0],  # rejected 13: its prompt and itself, not chosen 12
+        [0, 0, 0, 0, 0, 1, 0, 0, 0],  # pair 0 starts over: nothing of pair 2
+        [0, 0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1, 1, 0, 1],
+    ]
+    assert mask[0].int().tolist() == row0
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 3, 0, 1, 2, 2]
+    # Row 1: pair 1 = prompt 0, chosen 1-2, rejected 3; padding 4-8 attends causally among itself only.
+    assert mask[1, :4, :4].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+    assert not mask[1, :4, 4:].any() and not mask[1, 4:, :4].any()
+    assert mask[1, 4:, 4:].int().tolist() == torch.ones(5, 5, dtype=torch.int).tril().tolist()
     assert mask.any(-1).all()  # every query row sees something: no NaN from SDPA
-    assert mask.diagonal(dim1=-2, dim2=-1).all()
     assert batch.num_tokens == 13 and padding_fraction(batch) == pytest.approx(1 - 13 / 18)  # 4 + 4 + 5 real
     # sequence order holds whatever the rows: chosen 0..2 then rejected 3..5
     assert sorted(set(batch.target_seq.tolist())) == list(range(6))

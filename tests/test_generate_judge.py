@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 
 from preftune import toy
 from preftune.data.validate import validate
@@ -22,14 +21,13 @@ from preftune.judges.spec import make_judge
 from preftune.rollout.generate import (
     HFBackend,
     OpenAIBackend,
-    SeededSampler,
     assign_temperatures,
     generate_responses,
     prompt_id,
     response_seed,
     run_generation,
 )
-from preftune.synth.pairs import build_pairs, judge_generations, length_bias, verdict_from_scores
+from preftune.synth.pairs import build_pairs, judge_generations, length_bias
 from preftune.toy import verifier_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,35 +66,14 @@ def test_n_temperatures_seeds_and_batch_independence(toy_lm):
     assert assign_temperatures(4, [0.3, 0.7, 1.0]) == [0.3, 0.7, 1.0, 0.3]
 
 
-def test_seeded_sampler_matches_softmax_and_top_p():
-    """Naive twin: row r's token ~ softmax(scores / T) (top-p restricted); 4000 rows of one call, one seed each."""
-    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)  # (B, V)
-    out = SeededSampler([0.5] * 4000, list(range(4000)))(None, scores)
-    picks = out.argmax(-1)
-    assert torch.isinf(out).sum(-1).eq(3).all()  # one finite entry per row
-    freq = torch.bincount(picks, minlength=4).float() / 4000
-    assert torch.allclose(freq, torch.softmax(scores[0] / 0.5, -1), atol=0.03)
-    # softmax(s / 0.5) = [0.865, 0.117, 0.016, 0.002]: nucleus 0.9 keeps tokens 0 and 1 only.
-    nucleus = SeededSampler([0.5] * 4000, list(range(4000)), top_p=0.9)(None, scores).argmax(-1)
-    assert set(nucleus.tolist()) == {0, 1}
-    greedy = SeededSampler([0.0, 1.0], [1, 2])(None, torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 1.0]]))
-    assert greedy[0].argmax() == 1
-
-
 def test_chat_prompts_use_the_template(toy_lm):
     model, tok = toy_lm
-    seen = []
-    orig = model.generate
-
-    def spy(**kw):
-        seen.append(kw["input_ids"])
-        return orig(**kw)
-
-    model.generate = spy
+    seen = []  # the input ids of every forward (the first is the prefill of the prompt)
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
     try:
         rows = list(generate_responses(model, tok, PROMPTS[:1], n=1, max_new_tokens=2, chat=True))
     finally:
-        del model.generate
+        hook.remove()
     assert rows[0]["prompt"] == [{"role": "user", "content": PROMPTS[0]}]  # stored as messages for training
     assert tok.convert_tokens_to_ids("<|assistant|>") in seen[0][0].tolist()
     plain = toy.build_tokenizer()
@@ -244,8 +221,26 @@ def test_score_fast_path_agrees_with_judge_many():
     judge = VerifierJudge(lambda p, r: len(r) / 10, tie_margin=0.15)
     items = [("p", "aaaa", "aa"), ("p", "aa", "aaa"), ("p", "a", "aaaaaa"), ("p", "aaa", "aaa")]
     naive = judge.judge_many(items)
-    fast = [verdict_from_scores(judge, len(a) / 10, len(b) / 10) for _, a, b in items]
+    fast = [judge.compare_scores(len(a) / 10, len(b) / 10) for _, a, b in items]
     assert [(v.winner, round(v.confidence, 9)) for v in fast] == [(v.winner, round(v.confidence, 9)) for v in naive]
+
+
+def test_a_response_the_judge_cannot_score_is_counted_and_the_run_goes_on(tmp_path):
+    # The verifier gives NaN for "fox dog cat owl" (a judge fault: no score, not a low one).
+    judge = VerifierJudge(lambda p, r: float("nan") if r == "fox dog cat owl" else float(verifier_score(p, r)),
+                          name="flaky")
+    res = build_pairs(ROWS, judge, mode="all")
+    # ROWS[0] has 3 distinct responses: (0, 1) is decided, (0, 4) and (1, 4) involve the unscored one.
+    assert [(p["chosen"], p["rejected"]) for p in res.pairs] == [("cat dog fox", "cat dog")]
+    assert res.reasons == {"judge_error": 2, "tie": 1, "too_few_responses": 1} and res.candidates == 5
+    assert [(u["index"], u["error"]) for u in res.unscored] == [(4, "non-finite score nan")]
+    gen, out = tmp_path / "gen.jsonl", tmp_path / "pairs.jsonl"
+    gen.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    res, _ = judge_generations(gen, judge, out, mode="best-vs-worst")
+    assert len(res.pairs) == 1 and "judge failed to score 1 responses" in res.summary()
+    assert json.loads(out.read_text())["lineage"]["scores"] == {"0": 1.0, "1": 0.0, "4": None}
+    with pytest.raises(PreftuneError, match="is the input"):
+        judge_generations(gen, judge, gen)
 
 
 def test_best_vs_worst_and_min_margin():

@@ -211,3 +211,31 @@ def test_peft_model_training_flag_and_bad_input(make_model, prompts, toy_tok):
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(4, top_p=0.0)
     assert SamplingParams(4, stop_ids=[3, 3, 1]).stop_ids == (1, 3)
+
+
+def test_in_place_cache_layer_equals_the_plain_one(lively, prompts):
+    """The decoding cache writes new positions into reserved buffers (``_reserve``) instead of ``torch.cat``:
+    the same keys and values as the plain layer after prefill, a batch expansion, appends and a row selection,
+    and views of the buffers (no copy per step)."""
+    from preftune import generation
+
+    ids = torch.tensor([prompts[0][:4], prompts[2][:4]])  # (2, 4)
+    with torch.no_grad():
+        plain, fast = (lively(input_ids=ids, use_cache=True).past_key_values for _ in range(2))
+    generation._reserve(fast, 3)
+    assert all(type(layer) is generation._InPlaceLayer for layer in fast.layers)
+    g = torch.Generator().manual_seed(0)
+    for cache_op in ("repeat", "append", "append", "select", "append", "append"):  # the last append overflows
+        if cache_op == "repeat":
+            plain.batch_repeat_interleave(2), fast.batch_repeat_interleave(2)
+        elif cache_op == "select":
+            rows = torch.tensor([3, 0])
+            plain.batch_select_indices(rows), fast.batch_select_indices(rows)
+        else:
+            for a, b in zip(plain.layers, fast.layers):
+                k, v = (torch.randn(a.keys.shape[:2] + (1, a.keys.shape[-1]), generator=g) for _ in range(2))
+                a.update(k, v), b.update(k.clone(), v.clone())
+        for a, b in zip(plain.layers, fast.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert fast.get_seq_length() == plain.get_seq_length() == 8
+    assert all(b.keys.data_ptr() == b.key_buffer.data_ptr() for b in fast.layers)  # views, not copies

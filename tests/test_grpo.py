@@ -383,9 +383,8 @@ def test_beta_zero_loads_no_reference(grpo, make_model, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}])
 def test_beta_positive_scores_a_frozen_reference(grpo, make_model, monkeypatch, tmp_path, lora):
-    from preftune.trainer.loop import run_steps
-
     from preftune.trainer import build
+    from preftune.trainer.loop import run_steps
 
     if lora is not None:  # LoRA: the reference is the base with the adapter disabled, never a copy
         no_model_copies(monkeypatch, "LoRA made a reference copy")

@@ -137,7 +137,9 @@ def test_averaging_instead_of_summing_changes_dpo_loss():
 
 
 def test_trainer_dpo_step_feeds_sums_not_means(model, toy_tok):
-    """The loop's paired step gives the loss of summed log-probs, never the per-token average."""
+    """The loop's paired step gives the loss of summed log-probs, never the per-token average. The sums are the
+    naive twin's (one sequence at a time, full logits), not the engine's own output: an engine that averaged
+    would otherwise agree with itself."""
     pairs = [TokenizedPair([2, 11, 9], [12, 13], [12, 14, 15, 16, 17]),  # chosen 2 tokens, rejected 5
              TokenizedPair([2, 20], [21, 22, 23, 24], [25])]  # chosen 4, rejected 1
     batch = PreferenceBatch(collate_padded(pairs, toy_tok.pad_token_id), paired=True)
@@ -149,7 +151,8 @@ def test_trainer_dpo_step_feeds_sums_not_means(model, toy_tok):
 
     with torch.no_grad():
         losses, metrics = paired_step(objective, logp_fn, batch, lambda b: (ref, None))
-        logps, lengths = logp_fn(batch)
+        logps, lengths = naive_sequence_logps(model, sequences_of(pairs))  # chosen 0..1, rejected 2..3
+    assert lengths.tolist() == [2, 4, 5, 1]
     n = 2
     by_sum = dpo(policy_chosen_logps=logps[:n], policy_rejected_logps=logps[n:], reference_chosen_logps=ref[:n],
                  reference_rejected_logps=ref[n:], beta=0.5).losses

@@ -16,6 +16,7 @@ import preftune
 from preftune.config import MonitorConfig
 from preftune.eval.drift import distinct_n, kl_estimates, self_repetition
 from preftune.monitor.health import check_alarms, diagnose
+from preftune.monitor.monitor import reward_scale
 from preftune.runlog import read_metrics
 
 # ---- estimators ---------------------------------------------------------------------------------------------
@@ -74,6 +75,18 @@ def history(evals: list[tuple], train: list[tuple] = (), every: int = 10) -> lis
         records.append({"step": step, "split": "eval", "rewards/margins": m, "rewards/accuracies": acc,
                         "rewards/chosen": c, "rewards/rejected": r})
     return records
+
+
+@pytest.mark.parametrize("loss, expected", [
+    ({"name": "dpo", "params": {"beta": 0.25}}, 0.25),
+    ({"name": "orpo", "params": {"lam": 0.2}}, 0.2),  # ORPO's rewards are λ·m: the spec names lam, not beta
+    ({"name": ["sft", "simpo"], "params": {"beta": 2.5, "gamma": 1.0}}, 2.5),  # the SFT term logs no rewards
+    ({"name": "orpo", "params": {"lam": 0.0}}, None),  # no scale to divide by
+    ({"name": "sft", "params": {}}, None),
+    ({"name": "bradley_terry", "params": {}}, None),  # raw scores
+])
+def test_reward_scale_comes_from_the_loss_spec(loss, expected):
+    assert reward_scale(SimpleNamespace(**loss)) == expected
 
 
 def states(records: list[dict], beta: float | None = 0.1) -> list[str]:

@@ -10,8 +10,9 @@ from preftune.toy.quickstart import DPO, HELD_OUT, MAX_LENGTH, MAX_NEW_TOKENS, S
 
 
 @pytest.mark.slow
-def test_quickstart_meets_targets_and_writes_its_files(tmp_path):
-    report = run_quickstart(tmp_path, seed=0, log=lambda *_: None)
+def test_quickstart_meets_targets_and_writes_its_files(tmp_path, toy_sft):
+    # the session's SFT model (the quickstart's own SFT phase, trained once for every method's tests)
+    report = run_quickstart(tmp_path, seed=0, log=lambda *_: None, sft_dir=toy_sft.run_dir)
     before, after = report["before"], report["after"]
     # the SFT reference shows the preferred behaviour on roughly half of held-out prompts
     assert 0.25 <= before["generation_accuracy"] <= 0.75
@@ -39,7 +40,7 @@ def test_quickstart_meets_targets_and_writes_its_files(tmp_path):
     pairs = tmp_path / "held_out_pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in toy.pair_rows(held_out, seed=report["seeds"]["held_out_pairs"])))
     out = tmp_path / "eval.json"
-    rc = main(["eval", str(tmp_path / "final"), "--reference", str(tmp_path / "sft" / "final"), "--data", str(pairs),
+    rc = main(["eval", str(tmp_path / "final"), "--reference", report["runs"]["sft"]["model"], "--data", str(pairs),
                "--judge", "toy-verifier", "--beta", str(DPO["beta"]), "--num-prompts", str(HELD_OUT),
                "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-length", str(MAX_LENGTH), "--out", str(out)])
     assert rc == 0

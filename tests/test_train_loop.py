@@ -16,7 +16,7 @@ import torch
 import preftune
 from preftune.data.tokenize import Tokenization
 from preftune.errors import PreftuneError
-from preftune.logprobs import naive_sequence_logps, sequence_logps
+from preftune.logprobs import naive_sequence_logps
 from preftune.losses import LossOutput, LossSpec
 from preftune.runlog import read_metrics
 from preftune.trainer import steps as steps_mod
@@ -225,7 +225,16 @@ def _pair_records(rows):
 # ---- the frozen reference (full fine-tuning, no precompute) ------------------------------------------------
 
 
-def test_reference_copy_is_frozen_and_never_changes(dpo_config, make_model, train_pairs, monkeypatch):
+def _initial_logps(model, toy_tok, rows) -> dict:
+    """The model's summed log-prob of every (prompt, completion) of ``rows``, before training (naive twin)."""
+    tokenized = [Tokenization(toy_tok, max_length=64).pair(r) for r in _pair_records(rows)]
+    seqs = [(p.prompt_ids, c) for p in tokenized for c in (p.chosen_ids, p.rejected_ids)]
+    with torch.no_grad():
+        logps, _ = naive_sequence_logps(model, seqs)
+    return {(tuple(p), tuple(c)): v for (p, c), v in zip(seqs, logps.tolist())}
+
+
+def test_reference_copy_is_frozen_and_never_changes(dpo_config, make_model, toy_tok, train_pairs, monkeypatch):
     from preftune.trainer import build as loop
 
     captured = []
@@ -236,11 +245,29 @@ def test_reference_copy_is_frozen_and_never_changes(dpo_config, make_model, trai
         captured.append((frozen, {n: t.clone() for n, t in frozen.state_dict().items()}))
         return frozen
 
-    monkeypatch.setattr(loop, "freeze", spy_freeze)
+    # What the loss sees: the reference log-probs of every step must be the initial policy's, computed
+    # independently here (a reference taken from the live policy matches at step 1 only).
+    rows = train_pairs[:16]
     policy = make_model(seed=5)
+    expected = _initial_logps(policy, toy_tok, rows)
+    ref_err, policy_gap = [], []
+    real_step = steps_mod.STEPS["paired"]
+
+    def spy_step(objective, logp_fn, batch, reference_fn):
+        ref, _ = reference_fn(batch)
+        want = torch.tensor([expected[s] for s in _sequences_of_batch(batch)])
+        ref_err.append((ref - want).abs().max().item())
+        with torch.no_grad():
+            policy_gap.append((logp_fn(batch)[0] - want).abs().max().item())
+        return real_step(objective, logp_fn, batch, reference_fn)
+
+    monkeypatch.setattr(loop, "freeze", spy_freeze)
+    monkeypatch.setitem(steps_mod.STEPS, "paired", spy_step)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    preftune.train(dpo_config(policy, train_pairs[:16], reference={"precompute": False},
+    preftune.train(dpo_config(policy, rows, reference={"precompute": False}, engine={"layout": "padded"},
                               training={"learning_rate": 1e-2, "max_steps": 3}), log=lambda *_: None)
+    assert len(ref_err) == 3 and max(ref_err) < 1e-5, ref_err
+    assert policy_gap[-1] > 1e-3  # ... while the policy itself moved: the check above could tell them apart
     assert len(captured) == 1
     ref, snapshot = captured[0]
     assert ref is not policy
@@ -293,7 +320,9 @@ def test_logged_learning_rate_follows_schedule(dpo_config, make_model, train_pai
     preftune.train(cfg, log=lambda *_: None)
     logged = [r["learning_rate"] for r in train_records(tmp_path / "run")]
     # The record of step d holds the rate after d scheduler steps (the next step's), as HF Trainer logs it.
-    expected = [1e-3 * f for f in _factors("cosine", 0.25, 8)[1:]]
+    # Warmup ceil(0.25 · 8) = 2 steps: 2/3 after step 1, the peak after step 2, then a cosine over the other 6,
+    # by hand (not through build_scheduler, which the loop itself calls): 0.5·(1 + cos(π·k/6)), k = 1..6.
+    expected = [1e-3 * f for f in [2 / 3, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(1, 7)]]
     assert logged == pytest.approx(expected, rel=1e-6, abs=1e-12)
     assert max(logged) == pytest.approx(1e-3) and logged[-1] == pytest.approx(0.0, abs=1e-12)
 
@@ -454,16 +483,28 @@ def test_train_writes_dropped_rows(dpo_config, make_model, train_pairs, tmp_path
     assert any("kept 30, dropped 1 (identical_responses: 1)" in line for line in quiet_log)
 
 
-def test_sequence_logps_used_by_trainer_is_the_engine(make_model, toy_tok, train_pairs):
-    """Sanity link between the loop and logprobs: the loop's LogpModel is the same computation."""
-    from preftune.data.collate import collate_padded
-    from preftune.logprobs import LogpModel
-
-    t = Tokenization(toy_tok, max_length=64)
-    batch = collate_padded([t.pair(r) for r in _pair_records(train_pairs[:2])], toy_tok.pad_token_id)
+def test_log_probs_the_trainer_feeds_the_loss_are_the_naive_sums(dpo_config, make_model, toy_tok, train_pairs,
+                                                                  monkeypatch):
+    """The link between the loop and logprobs: what a step gets from the loop's ``logp_fn`` is, per sequence,
+    the naive twin's summed completion log-prob and the completion's token count (learning rate 0, so the
+    weights at every step are the initial ones)."""
+    rows = train_pairs[:8]
     model = make_model(seed=0)
-    with torch.no_grad():
-        a, _ = LogpModel(model, 1024)(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index,
-                                      batch.target_ids, batch.target_seq, batch.num_sequences)
-        b, _ = sequence_logps(model, batch)
-    assert torch.equal(a, b)
+    expected = _initial_logps(model, toy_tok, rows)
+    seen = []
+    real_step = steps_mod.STEPS["paired"]
+
+    def spy_step(objective, logp_fn, batch, reference_fn):
+        with torch.no_grad():
+            logps, lengths = logp_fn(batch)
+        seqs = _sequences_of_batch(batch)
+        seen.append((logps, lengths, torch.tensor([expected[s] for s in seqs]), [len(c) for _, c in seqs]))
+        return real_step(objective, logp_fn, batch, reference_fn)
+
+    monkeypatch.setitem(steps_mod.STEPS, "paired", spy_step)
+    preftune.train(dpo_config(model, rows, engine={"layout": "padded"},
+                              training={"learning_rate": 0.0, "max_steps": 2}), log=lambda *_: None)
+    assert len(seen) == 2
+    for logps, lengths, want, want_lengths in seen:
+        torch.testing.assert_close(logps.float(), want, rtol=1e-5, atol=1e-5)
+        assert lengths.tolist() == want_lengths

@@ -4,14 +4,15 @@ and the items whose labels are agreed on well enough to train on.
 Input: one row per item x annotator (JSONL/CSV/...; field names in ``FIELDS``):
     {"item_id": 7, "annotator": "ann1", "choice": "a", "shown_first": "b", "gold": "a", "time": 1712000000,
      "prompt": "...", "response_a": "...", "response_b": "..."}
-``choice`` / ``shown_first`` / ``gold`` are compared as lower-cased strings ("a", "b", "tie", ...). ``gold`` marks
-gold items (on any of the item's rows). Without ``shown_first`` the response labelled ``first_label`` ("a") is
-assumed to have been shown first. Without ``time`` the file order is the time order.
+``choice`` / ``shown_first`` / ``gold`` are compared as lower-cased, stripped strings: ``choice`` and ``gold`` must
+be one of ``CHOICES`` ("a", "b", or a tie label), ``shown_first`` one of "a", "b"; a file with any other value is
+refused (naming file:line), since a typo would otherwise become a category of its own and skew every number.
+``gold`` marks gold items (on any of the item's rows). Without ``shown_first`` the response labelled
+``first_label`` ("a") is assumed to have been shown first. Without ``time`` the file order is the time order.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable, Sequence
@@ -20,7 +21,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from preftune.data.load import read_rows
+from preftune.data.load import MAX_ROW_BYTES, DataError, read_rows
+from preftune.data.outputs import AtomicJsonl, dropped_path_for
 
 FIELDS = {
     "item": ("item_id", "item", "id"),
@@ -31,6 +33,9 @@ FIELDS = {
     "time": ("time", "timestamp", "created_at"),
 }
 TIE_LABELS = ("tie", "equal", "none", "both", "neither")
+SIDES = ("a", "b")
+CHOICES = SIDES + TIE_LABELS
+"""The values ``choice`` and ``gold`` may take (after lower-casing); ``shown_first`` takes one of ``SIDES``."""
 PAYLOAD = ("prompt", "response_a", "response_b")
 
 
@@ -104,15 +109,27 @@ def _label(value: Any) -> str | None:
     return None if value is None else str(value).strip().lower()
 
 
-def read_annotations(source: Any, split: str = "train") -> tuple[list[Annotation], dict[str, dict], list[dict]]:
-    """(annotations, item payloads {item: {prompt, response_a, response_b}}, unreadable rows with a reason)."""
+def _unknown_labels(values: dict[str, str | None]) -> list[str]:
+    """``field 'value'`` for each label outside its allowed set."""
+    allowed = {"choice": CHOICES, "gold": CHOICES, "shown_first": SIDES}
+    return [f"{k} {values[k]!r}" for k in allowed if values[k] is not None and values[k] not in allowed[k]]
+
+
+def read_annotations(source: Any, split: str = "train", max_row_bytes: int = MAX_ROW_BYTES
+                     ) -> tuple[list[Annotation], dict[str, dict], list[dict]]:
+    """(annotations, item payloads {item: {prompt, response_a, response_b}}, unreadable rows with a reason).
+
+    Raises ``DataError`` naming the first rows (file:line) whose ``choice``, ``gold`` or ``shown_first`` is not
+    an allowed label (see the module docstring): no number is computed over labels that mean nothing.
+    """
     anns: list[Annotation] = []
     payload: dict[str, dict] = {}
     bad: list[dict] = []
-    for raw in read_rows(source, split=split, collect_errors=True):
+    unknown: list[str] = []
+    for raw in read_rows(source, split=split, collect_errors=True, max_row_bytes=max_row_bytes):
         row = raw.data
         if row is None:
-            bad.append({"source": raw.source, "line": raw.line, "reason": f"malformed_line: {raw.error}"})
+            bad.append({"source": raw.source, "line": raw.line, "reason": raw.drop_reason})
             continue
         values = {k: _get(row, names) for k, names in FIELDS.items()}
         missing = [k for k in ("item", "annotator", "choice") if values[k] is None]
@@ -120,11 +137,21 @@ def read_annotations(source: Any, split: str = "train") -> tuple[list[Annotation
             bad.append({"source": raw.source, "line": raw.line, "reason": f"missing_field:{missing[0]}",
                         "row": row})
             continue
+        labels = {k: _label(values[k]) for k in ("choice", "shown_first", "gold")}
+        wrong = _unknown_labels(labels)
+        if wrong:
+            unknown.append(f"{raw.source}:{raw.line}: {', '.join(wrong)}")
+            continue
         item = str(values["item"])
-        anns.append(Annotation(item, str(values["annotator"]), _label(values["choice"]),
-                               _label(values["shown_first"]), _label(values["gold"]), values["time"], len(anns)))
+        anns.append(Annotation(item, str(values["annotator"]), labels["choice"], labels["shown_first"],
+                               labels["gold"], values["time"], len(anns)))
         if all(isinstance(row.get(k), str) for k in PAYLOAD) and item not in payload:
             payload[item] = {k: row[k] for k in PAYLOAD}
+    if unknown:
+        raise DataError(f"{len(unknown)} annotation rows have labels outside the allowed set ("
+                        + "; ".join(unknown[:5]) + ("; ..." if len(unknown) > 5 else "")
+                        + f"): choice and gold must be one of {', '.join(CHOICES)}; shown_first one of "
+                        f"{', '.join(SIDES)} (compared lower-cased)")
     return anns, payload, bad
 
 
@@ -136,7 +163,7 @@ def _time_key(a: Annotation) -> tuple:
 
 
 def _finite(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, 6)
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(x, 6)
 
 
 @dataclass
@@ -201,6 +228,8 @@ def analyze(annotations: Iterable[Annotation], *, min_agreement: float = 0.66, w
     p < 0.01 against picking first and second equally often), low_gold_accuracy (< 0.7 on >= 5 gold items),
     drifting (drift <= -0.2).
     """
+    if first_label not in SIDES:
+        raise ValueError(f"first_label must be one of {', '.join(SIDES)}, got {first_label!r}")
     first: dict[tuple[str, str], Annotation] = {}
     duplicates = 0
     for a in annotations:
@@ -218,7 +247,17 @@ def analyze(annotations: Iterable[Annotation], *, min_agreement: float = 0.66, w
             gold.setdefault(a.item, a.gold)
     categories = sorted({a.choice for a in anns})
 
-    # Kappa.
+    kappa = _kappa(by_item, annotators, categories)
+    per = {name: _annotator(name, anns, gold, first_label, windows) for name in annotators}
+    item_agreement, kept, dropped = _items(by_item, gold, min_agreement)
+    return AgreementReport(
+        annotations=len(anns), items=len(by_item), annotators=annotators, kappa=kappa, per_annotator=per,
+        item_agreement=item_agreement, min_agreement=min_agreement, kept_items=kept, dropped_items=dropped,
+        duplicates=duplicates, unreadable=unreadable or [])
+
+
+def _kappa(by_item: dict[str, dict[str, str]], annotators: list[str], categories: list[str]) -> dict[str, Any]:
+    """Cohen's κ for two annotators (items both labelled), else Fleiss' κ and, up to 20 annotators, pairwise Cohen."""
     if len(annotators) == 2:
         x, y = annotators
         shared = [i for i, labels in by_item.items() if x in labels and y in labels]
@@ -236,37 +275,42 @@ def analyze(annotations: Iterable[Annotation], *, min_agreement: float = 0.66, w
                     pairwise[f"{x}|{y}"] = _finite(cohen_kappa([by_item[i][x] for i in shared],
                                                                [by_item[i][y] for i in shared]))
             kappa["pairwise_cohen"] = pairwise
+    return kappa
 
-    # Per annotator: position bias and gold accuracy over time.
-    per: dict[str, dict[str, Any]] = {}
-    for name in annotators:
-        mine = sorted((a for a in anns if a.annotator == name), key=_time_key)
-        decided = [a for a in mine if a.choice not in TIE_LABELS]
-        picks_first = sum(a.choice == (a.shown_first or first_label) for a in decided)
-        p = binomial_two_sided(picks_first, len(decided))
-        on_gold = [a.choice == gold[a.item] for a in mine if a.item in gold]
-        chunks = _chunks(on_gold, windows)
-        accs = [round(sum(c) / len(c), 6) for c in chunks]
-        acc = sum(on_gold) / len(on_gold) if on_gold else None
-        drift = round(accs[-1] - accs[0], 6) if len(accs) >= 2 else None
-        flags = []
-        if decided and p < 0.01:
-            flags.append("position_biased")
-        if acc is not None and len(on_gold) >= 5 and acc < 0.7:
-            flags.append("low_gold_accuracy")
-        if drift is not None and drift <= -0.2:
-            flags.append("drifting")
-        per[name] = {
-            "annotations": len(mine),
-            "position_bias": {"first_share": round(picks_first / len(decided), 6) if decided else None,
-                              "n": len(decided), "p_value": float(f"{p:.6g}"),
-                              "order_known": all(a.shown_first is not None for a in decided)},
-            "gold": {"n": len(on_gold), "accuracy": None if acc is None else round(acc, 6),
-                     "windows": accs, "drift": drift},
-            "flags": flags,
-        }
 
-    # Items.
+def _annotator(name: str, anns: list[Annotation], gold: dict[str, str], first_label: str,
+               windows: int) -> dict[str, Any]:
+    """One annotator's position bias, gold accuracy over time and flags (see :func:`analyze`)."""
+    mine = sorted((a for a in anns if a.annotator == name), key=_time_key)
+    decided = [a for a in mine if a.choice not in TIE_LABELS]
+    picks_first = sum(a.choice == (a.shown_first or first_label) for a in decided)
+    p = binomial_two_sided(picks_first, len(decided))
+    on_gold = [a.choice == gold[a.item] for a in mine if a.item in gold]
+    chunks = _chunks(on_gold, windows)
+    accs = [round(sum(c) / len(c), 6) for c in chunks]
+    acc = sum(on_gold) / len(on_gold) if on_gold else None
+    drift = round(accs[-1] - accs[0], 6) if len(accs) >= 2 else None
+    flags = []
+    if decided and p < 0.01:
+        flags.append("position_biased")
+    if acc is not None and len(on_gold) >= 5 and acc < 0.7:
+        flags.append("low_gold_accuracy")
+    if drift is not None and drift <= -0.2:
+        flags.append("drifting")
+    return {
+        "annotations": len(mine),
+        "position_bias": {"first_share": round(picks_first / len(decided), 6) if decided else None,
+                          "n": len(decided), "p_value": float(f"{p:.6g}"),
+                          "order_known": all(a.shown_first is not None for a in decided)},
+        "gold": {"n": len(on_gold), "accuracy": None if acc is None else round(acc, 6),
+                 "windows": accs, "drift": drift},
+        "flags": flags,
+    }
+
+
+def _items(by_item: dict[str, dict[str, str]], gold: dict[str, str], min_agreement: float
+           ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, str]]:
+    """Per-item agreement, the kept items and the dropped ones with their reason (see :func:`analyze`)."""
     item_agreement: dict[str, dict[str, Any]] = {}
     kept: list[str] = []
     dropped: dict[str, str] = {}
@@ -286,10 +330,7 @@ def analyze(annotations: Iterable[Annotation], *, min_agreement: float = 0.66, w
             dropped[item] = "below_min_agreement"
         else:
             kept.append(item)
-    return AgreementReport(
-        annotations=len(anns), items=len(by_item), annotators=annotators, kappa=kappa, per_annotator=per,
-        item_agreement=item_agreement, min_agreement=min_agreement, kept_items=kept, dropped_items=dropped,
-        duplicates=duplicates, unreadable=unreadable or [])
+    return item_agreement, kept, dropped
 
 
 def _chunks(values: list, k: int) -> list[list]:
@@ -313,19 +354,15 @@ def write_filtered(report: AgreementReport, payload: dict[str, dict], out: str |
     ``majority_not_a_or_b``); otherwise item rows {"item_id", "label", "agreement", "annotations"}.
     kept + dropped == items.
     """
-    from preftune.data.clean import dropped_path_for
-
     out = Path(out)
     dropped_path = dropped_path_for(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     pairs = bool(payload) and all(i in payload for i in report.item_agreement)
     dropped = dict(report.dropped_items)
-    n_kept = 0
-    with open(out, "w", encoding="utf-8") as fk:
+    with AtomicJsonl(out) as fk:
         for item in report.kept_items:
             info = report.item_agreement[item]
             if pairs:
-                if info["majority"] not in ("a", "b"):
+                if info["majority"] not in SIDES:
                     dropped[item] = "majority_not_a_or_b"
                     continue
                 p = payload[item]
@@ -335,13 +372,10 @@ def write_filtered(report: AgreementReport, payload: dict[str, dict], out: str |
             else:
                 rec = {"item_id": item, "label": info["majority"], "agreement": info["agreement"],
                        "annotations": info["n"], **payload.get(item, {})}
-            fk.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n_kept += 1
-    with open(dropped_path, "w", encoding="utf-8") as fd:
+            fk.write(rec)
+    with AtomicJsonl(dropped_path) as fd:
         for item, reason in dropped.items():
-            info = report.item_agreement[item]
-            fd.write(json.dumps({"item_id": item, "reason": reason, **info, **payload.get(item, {})},
-                                ensure_ascii=False) + "\n")
-    if n_kept + len(dropped) != report.items:
-        raise RuntimeError(f"internal error: {report.items} items, kept {n_kept}, dropped {len(dropped)}")
-    return out, dropped_path, n_kept
+            fd.write({"item_id": item, "reason": reason, **report.item_agreement[item], **payload.get(item, {})})
+    if fk.count + len(dropped) != report.items:
+        raise RuntimeError(f"internal error: {report.items} items, kept {fk.count}, dropped {len(dropped)}")
+    return out, dropped_path, fk.count

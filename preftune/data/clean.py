@@ -5,37 +5,38 @@
       -> out.dropped.jsonl      {"source", "line", "reason", "reasons", "row"} for every dropped row
       kept + dropped == read, always (checked before returning)
 
-Rows the loader cannot use (malformed, non-UTF-8, missing or mistyped fields, empty or exactly identical
-responses) are always dropped, with the loader's reason. Everything else is dropped only when its finding is
-named in ``drop``. Findings come from one ``validate`` pass; a second pass over the same source writes the
-files, matching rows by their position in read order.
+Rows the loader cannot use (malformed, non-UTF-8, too large, missing or mistyped fields, empty or exactly
+identical responses) are always dropped, with the loader's reason; a malformed line or CSV record is kept as its
+text. Everything else is dropped only when its finding is named in ``drop``. Findings come from one ``validate``
+pass; a second pass over the same source writes the files, matching rows by their position in read order.
+Both files are standard JSON (``data.outputs``: a NaN or Infinity read from the input is written as null and
+named under the row's ``"non_finite"`` key), and neither may be the input.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.data.formats import Skip, to_pair, to_unpaired
-from preftune.data.load import read_rows
+from preftune.data.formats import Skip, is_unpaired_row, to_pair, to_unpaired
+from preftune.data.load import MAX_ROW_BYTES, read_rows
+from preftune.data.outputs import AtomicJsonl, dropped_path_for, refuse_overwrite
+from preftune.data.text import CONTROL, RATING_KEYS, read_ratings
 from preftune.data.validate import (
     DEFAULT_THRESHOLDS,
-    RATING_KEYS,
     SWAPPED,
     Thresholds,
     ValidationReport,
     finding_for_reason,
-    is_unpaired_shape,
-    read_ratings,
     validate,
 )
 from preftune.errors import PreftuneError
+
+__all__ = ["ALIASES", "DEFAULT_DROP", "DROPPABLE", "FIXABLE", "CleanResult", "clean", "dropped_path_for",
+           "parse_names"]
 
 DEFAULT_DROP = ("identical", "duplicates", "contradictions")
 DROPPABLE = ("identical", "near_identical", *SWAPPED, "contradictions", "duplicates", "control_characters",
@@ -43,7 +44,6 @@ DROPPABLE = ("identical", "near_identical", *SWAPPED, "contradictions", "duplica
 ALIASES = {"swapped": SWAPPED, "duplicate": ("duplicates",), "contradiction": ("contradictions",),
            "control": ("control_characters",), "truncated": ("truncation",), "all": DROPPABLE, "none": ()}
 FIXABLE = ("swapped_rating", "control_characters")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -93,18 +93,10 @@ def parse_names(spec: str | Iterable[str] | None, allowed: Iterable[str], what: 
     return tuple(out)
 
 
-def dropped_path_for(out: str | Path) -> Path:
-    """CLEAN.jsonl -> CLEAN.dropped.jsonl (any other name gets .dropped.jsonl appended)."""
-    out = Path(out)
-    if out.suffix == ".jsonl":
-        return out.with_suffix(".dropped.jsonl")
-    return out.with_name(out.name + ".dropped.jsonl")
-
-
 def _structural_reason(row: dict) -> str | None:
     """The loader's drop reason for a parsed row, or None when the loader would use it."""
     try:
-        if is_unpaired_shape(row):
+        if is_unpaired_row(row):
             to_unpaired(row)
         else:
             to_pair(row)
@@ -115,7 +107,7 @@ def _structural_reason(row: dict) -> str | None:
 
 def _strip_control(value: Any) -> tuple[Any, bool]:
     if isinstance(value, str):
-        new = _CONTROL.sub("", value)
+        new = CONTROL.sub("", value)
         return new, new != value
     if isinstance(value, list):
         changed = False
@@ -139,10 +131,51 @@ def _swap(row: dict) -> dict:
     return row
 
 
+def _drop_names(drop: str | Iterable[str] | None, eval_source: Any, max_length: int | None) -> tuple[str, ...]:
+    """The findings to drop; ``all`` leaves out what cannot be checked, naming one without its input is an error."""
+    drop_names = parse_names(drop, DROPPABLE, "finding")
+    tokens = drop.split(",") if isinstance(drop, str) else list(drop or ())
+    named = set(parse_names([t for t in tokens if t.strip() != "all"], DROPPABLE, "finding"))
+    for name, missing, hint in (("leakage", eval_source is None, "the evaluation data: pass --eval PATH"),
+                                ("truncation", max_length is None, "--max-length")):
+        if name in drop_names and missing:
+            if name in named:
+                raise PreftuneError(f"--drop {name} needs {hint}")
+            drop_names = tuple(n for n in drop_names if n != name)
+    return drop_names
+
+
+def _repair(row: dict, o: int, res: CleanResult, fixes: tuple[str, ...], swapped: set[int],
+            min_margin: float | None) -> tuple[dict, list[str]]:
+    """A usable row after the fixes, and the reasons to drop it anyway (its rating margin)."""
+    if "swapped_rating" in fixes and o in swapped:
+        row = _swap(row)
+        res.fixed["swapped_rating"] += 1
+    if min_margin is not None and not is_unpaired_row(row):
+        try:
+            ratings = read_ratings(row)
+        except (TypeError, ValueError):
+            ratings = None
+        if ratings is None:
+            res.unrated += 1
+        elif ratings[0] - ratings[1] < min_margin:
+            return row, [f"margin_below:{min_margin:g}"]
+    if "control_characters" in fixes:
+        changed = False
+        for key in ("prompt", "chosen", "rejected", "completion"):
+            if key in row:
+                value, ch = _strip_control(row[key])
+                if ch:
+                    row = {**row, key: value}
+                    changed = True
+        res.fixed["control_characters"] += changed
+    return row, []
+
+
 def clean(source: Any, out: str | Path, *, drop: str | Iterable[str] | None = DEFAULT_DROP,
           min_margin: float | None = None, fix: str | Iterable[str] | None = None, eval_source: Any = None,
           tokenizer: Any = None, max_length: int | None = None, split: str = "train",
-          thresholds: Thresholds = DEFAULT_THRESHOLDS) -> CleanResult:
+          thresholds: Thresholds = DEFAULT_THRESHOLDS, max_row_bytes: int = MAX_ROW_BYTES) -> CleanResult:
     """Validate ``source``, then write kept rows to ``out`` and dropped rows to ``out.dropped.jsonl``.
 
     Args:
@@ -151,77 +184,48 @@ def clean(source: Any, out: str | Path, *, drop: str | Iterable[str] | None = DE
         min_margin: drop pairs whose chosen rating - rejected rating is below this (rows without ratings kept).
         fix: repairs applied to kept rows instead of dropping them: ``swapped_rating`` (swap chosen and
             rejected, and their ratings) and ``control_characters`` (delete them from the texts).
-        eval_source, tokenizer, max_length: as for ``validate``; needed by ``leakage`` and ``truncation``.
-    """
-    drop_names = parse_names(drop, DROPPABLE, "finding")
-    fixes = parse_names(fix, FIXABLE, "fix")
-    tokens = drop.split(",") if isinstance(drop, str) else list(drop or ())
-    named = set(parse_names([t for t in tokens if t.strip() != "all"], DROPPABLE, "finding"))
-    for name, missing, hint in (("leakage", eval_source is None, "the evaluation data: pass --eval PATH"),
-                                ("truncation", max_length is None, "--max-length")):
-        if name in drop_names and missing:
-            if name in named:
-                raise PreftuneError(f"--drop {name} needs {hint}")
-            drop_names = tuple(n for n in drop_names if n != name)  # "all" means all that can be checked
-    report = validate(source, eval_source=eval_source, tokenizer=tokenizer, max_length=max_length, split=split,
-                      thresholds=thresholds)
-    marks: dict[int, list[str]] = {}
-    for name in drop_names:
-        if name in fixes:
-            continue
-        for o in report.flagged_rows(name):
-            marks.setdefault(o, []).append(name)
+        eval_source, tokenizer, max_length, max_row_bytes: as for ``validate``; ``leakage`` needs the first,
+            ``truncation`` the third.
 
-    swapped = set(report.flagged_rows("swapped_rating")) if "swapped_rating" in fixes else set()
+    ``out`` (or its dropped file) may not be ``source`` or ``eval_source``, also not under another name
+    (a symlink or hard link): the input is read twice, and the outputs replace their files at the end.
+    """
     out = Path(out)
     dropped_path = dropped_path_for(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    refuse_overwrite([source, eval_source], [out, dropped_path])
+    drop_names = _drop_names(drop, eval_source, max_length)
+    fixes = parse_names(fix, FIXABLE, "fix")
+    report = validate(source, eval_source=eval_source, tokenizer=tokenizer, max_length=max_length, split=split,
+                      thresholds=thresholds, max_row_bytes=max_row_bytes)
+    marks: dict[int, list[str]] = {}
+    for name in drop_names:
+        if name not in fixes:
+            for o in report.flagged_rows(name):
+                marks.setdefault(o, []).append(name)
+    swapped = set(report.flagged_rows("swapped_rating")) if "swapped_rating" in fixes else set()
     res = CleanResult(0, 0, 0, out=out, dropped_path=dropped_path, report=report)
-    tmp_out, tmp_drop = out.with_name(out.name + ".tmp"), dropped_path.with_name(dropped_path.name + ".tmp")
-    with open(tmp_out, "w", encoding="utf-8") as fk, open(tmp_drop, "w", encoding="utf-8") as fd:
-        for o, raw in enumerate(read_rows(source, split=split, collect_errors=True)):
+    with AtomicJsonl(out) as kept, AtomicJsonl(dropped_path) as dropped:
+        rows = read_rows(source, split=split, collect_errors=True, max_row_bytes=max_row_bytes)
+        for o, raw in enumerate(rows):
             res.read += 1
             row = raw.data
             if row is None:
-                reasons = [f"malformed_line: {raw.error}"]
+                reasons = [raw.drop_reason]
             else:
                 structural = _structural_reason(row)
                 reasons = [structural] if structural else list(marks.get(o, ()))
                 if not reasons:
-                    if "swapped_rating" in fixes and o in swapped:
-                        row = _swap(row)
-                        res.fixed["swapped_rating"] += 1
-                    if min_margin is not None and not is_unpaired_shape(row):
-                        try:
-                            ratings = read_ratings(row)
-                        except (TypeError, ValueError):
-                            ratings = None
-                        if ratings is None:
-                            res.unrated += 1
-                        elif ratings[0] - ratings[1] < min_margin:
-                            reasons = [f"margin_below:{min_margin:g}"]
-                    if not reasons and "control_characters" in fixes:
-                        changed = False
-                        for key in ("prompt", "chosen", "rejected", "completion"):
-                            if key in row:
-                                value, ch = _strip_control(row[key])
-                                if ch:
-                                    row = {**row, key: value}
-                                    changed = True
-                        res.fixed["control_characters"] += changed
+                    row, reasons = _repair(row, o, res, fixes, swapped, min_margin)
             if reasons:
                 res.dropped += 1
                 res.reasons[finding_for_reason(reasons[0])[0]] += 1
-                rec = {"source": raw.source, "line": raw.line, "reason": reasons[0], "reasons": reasons,
-                       "row": row if row is not None else raw.raw}
-                fd.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+                dropped.write({"source": raw.source, "line": raw.line, "reason": reasons[0], "reasons": reasons,
+                               "row": row if row is not None else raw.raw})
             else:
                 res.kept += 1
-                fk.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                kept.write(row)
+        if res.kept + res.dropped != res.read or res.read != report.rows_read:  # inside: no file is renamed
+            raise PreftuneError(f"internal error: read {res.read} (validated {report.rows_read}), kept {res.kept}, "
+                                f"dropped {res.dropped}; the source changed while it was being cleaned?")
     res.fixed = +res.fixed
-    if res.kept + res.dropped != res.read or res.read != report.rows_read:
-        raise PreftuneError(f"internal error: read {res.read} (validated {report.rows_read}), kept {res.kept}, "
-                            f"dropped {res.dropped}; the source changed while it was being cleaned?")
-    os.replace(tmp_out, out)
-    os.replace(tmp_drop, dropped_path)
     return res

@@ -8,32 +8,30 @@ line). ``python -m preftune.data.cli ...`` runs the same commands standalone (us
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from preftune.cli_args import fraction_or_zero, nonnegative_int, positive_int
+from preftune.data.load import MAX_ROW_BYTES
 from preftune.errors import PreftuneError
 
 VALIDATE_EXIT = "exit 0 when the data is usable, 1 when it is not (or when --fail-on is met)"
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def _add_read_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train", help="split to read from a hub id or saved DatasetDict")
+    p.add_argument("--max-row-bytes", type=positive_int, default=MAX_ROW_BYTES,
+                   help=f"JSONL/CSV lines longer than this are dropped unread as row_too_large "
+                        f"(default {MAX_ROW_BYTES})")
+
+
+def _write_report(path: Path, text: str, inputs: list) -> None:
+    from preftune.data.outputs import refuse_overwrite
+
+    refuse_overwrite(inputs, [path])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def _thresholds(args: argparse.Namespace):
@@ -62,13 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     v.add_argument("path", help="training data: .jsonl/.json/.csv/.parquet, saved dataset dir, or hub id")
     v.add_argument("eval_path", nargs="?", help="evaluation data: prompts found in both are reported as leakage")
     v.add_argument("--tokenizer", help="HF tokenizer name or path: lengths in tokens (default: whitespace words)")
-    v.add_argument("--max-length", type=_positive_int, help="report rows whose prompt + response exceed this")
+    v.add_argument("--max-length", type=positive_int, help="report rows whose prompt + response exceed this")
     v.add_argument("--report", type=Path, help="write the JSON report here (schema: docs/data.md)")
     v.add_argument("--html", type=Path, help="write a self-contained HTML report here")
-    v.add_argument("--max-examples", type=int, default=5, help="example rows per finding (default 5)")
-    v.add_argument("--near-threshold", type=_fraction, help="near-identical similarity ratio (default 0.9)")
-    v.add_argument("--length-bias", type=_fraction, help="warn above this chosen-longer share (default 0.65)")
-    v.add_argument("--max-unusable", type=_fraction,
+    v.add_argument("--max-examples", type=nonnegative_int, default=5, help="example rows per finding (default 5)")
+    v.add_argument("--near-threshold", type=fraction_or_zero, help="near-identical similarity ratio (default 0.9)")
+    v.add_argument("--length-bias", type=fraction_or_zero, help="warn above this chosen-longer share (default 0.65)")
+    v.add_argument("--max-unusable", type=fraction_or_zero,
                    help="largest share of unusable rows that still counts as usable data (default 0.1)")
     v.add_argument("--fail-on", choices=("unusable", "error", "warning"), default="unusable",
                    help="exit 1 when the data is unusable (default), or on any error / warning finding")
@@ -88,8 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     c.add_argument("--fix", help="repair instead of drop: swapped_rating (swap chosen/rejected), control_characters")
     c.add_argument("--eval", dest="eval_path", help="evaluation data, for --drop leakage")
     c.add_argument("--tokenizer", help="HF tokenizer for --max-length")
-    c.add_argument("--max-length", type=_positive_int, help="with --drop truncation")
-    c.add_argument("--near-threshold", type=_fraction)
+    c.add_argument("--max-length", type=positive_int, help="with --drop truncation")
+    c.add_argument("--near-threshold", type=fraction_or_zero)
     _add_read_args(c)
     c.set_defaults(func=cmd_clean)
 
@@ -115,10 +113,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     a = sub.add_parser("agreement", help="kappa, gold accuracy and drift, position bias; filter by agreement",
                        description="Multi-annotator pairwise labels, one row per item x annotator.")
     a.add_argument("path")
-    a.add_argument("--min-agreement", type=_fraction, default=0.66,
+    a.add_argument("--min-agreement", type=fraction_or_zero, default=0.66,
                    help="keep items where at least this share of annotators agree with the majority (0.66)")
-    a.add_argument("--windows", type=_positive_int, default=4, help="time windows for gold-accuracy drift")
-    a.add_argument("--first-label", default="a", help="label shown first when rows have no shown_first")
+    a.add_argument("--windows", type=positive_int, default=4, help="time windows for gold-accuracy drift")
+    a.add_argument("--first-label", default="a", type=str.lower, choices=("a", "b"),
+                   help="label shown first when rows have no shown_first (default a)")
     a.add_argument("--out", type=Path, help="write kept items here (and dropped ones to OUT.dropped.jsonl)")
     a.add_argument("--report", type=Path, help="write the JSON report here")
     _add_read_args(a)
@@ -130,12 +129,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from preftune.data.report_html import write_html
     from preftune.data.validate import validate
 
+    inputs = [args.path, args.eval_path]
+    if args.html:
+        from preftune.data.outputs import refuse_overwrite
+
+        refuse_overwrite(inputs, [args.html])
     report = validate(args.path, eval_source=args.eval_path, tokenizer=args.tokenizer, max_length=args.max_length,
-                      max_examples=args.max_examples, split=args.split, thresholds=_thresholds(args))
+                      max_examples=args.max_examples, split=args.split, thresholds=_thresholds(args),
+                      max_row_bytes=args.max_row_bytes)
     print(report.summary())
     if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(report.to_json() + "\n", encoding="utf-8")
+        _write_report(args.report, report.to_json(), inputs)
         print(f"JSON report: {args.report}")
     if args.html:
         print(f"HTML report: {write_html(report, args.html)}")
@@ -152,7 +156,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     res = clean(args.path, args.out, drop=args.drop, min_margin=args.min_margin, fix=args.fix,
                 eval_source=args.eval_path, tokenizer=args.tokenizer, max_length=args.max_length,
-                split=args.split, thresholds=_thresholds(args))
+                split=args.split, thresholds=_thresholds(args), max_row_bytes=args.max_row_bytes)
     print(res.summary())
     return 0
 
@@ -162,29 +166,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     res = convert(args.path, args.out, to=args.to, from_=args.from_, pairing=args.pairing,
                   min_margin=args.min_margin, seed=args.seed, rating_key=args.rating_key,
-                  prompt_style=args.prompt_style, split=args.split)
+                  prompt_style=args.prompt_style, split=args.split, max_row_bytes=args.max_row_bytes)
     print(res.summary())
     return 0
 
 
 def cmd_agreement(args: argparse.Namespace) -> int:
     from preftune.data.agreement import analyze, read_annotations, write_filtered
+    from preftune.data.outputs import dropped_path_for, json_text, refuse_overwrite
 
-    anns, payload, bad = read_annotations(args.path, split=args.split)
+    outputs = [p for p in (args.out, args.out and dropped_path_for(args.out), args.report) if p]
+    refuse_overwrite([args.path], outputs)
+    anns, payload, bad = read_annotations(args.path, split=args.split, max_row_bytes=args.max_row_bytes)
     if not anns:
         raise PreftuneError(f"{args.path}: no annotation rows with item_id, annotator and choice"
                             + (f" ({len(bad)} unreadable, e.g. line {bad[0]['line']}: {bad[0]['reason']})"
                                if bad else ""))
-    report = analyze(anns, min_agreement=args.min_agreement, windows=args.windows,
-                     first_label=args.first_label.strip().lower(), unreadable=bad)
+    report = analyze(anns, min_agreement=args.min_agreement, windows=args.windows, first_label=args.first_label,
+                     unreadable=bad)
     print(report.summary())
     if args.out:
         out, dropped, n = write_filtered(report, payload, args.out)
         print(f"kept {n} items -> {out}; dropped {report.items - n} -> {dropped}")
     if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report.to_dict(include_items=True), indent=2, ensure_ascii=False) + "\n",
-                               encoding="utf-8")
+        _write_report(args.report, json_text(report.to_dict(include_items=True), indent=2), [args.path])
         print(f"JSON report: {args.report}")
     return 0
 

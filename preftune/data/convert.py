@@ -7,7 +7,9 @@ Input formats (``--from``, detected per row when not given):
     ultrafeedback   {"prompt" | "instruction": str, "completions": [{"response": str, "overall_score": x}, ...]}
                     or {"prompt": str, "responses": [str], "ratings" | "scores": [x]}
     kto             {"prompt", "completion", "label"} (output only: unpaired data cannot be paired)
-Output formats (``--to``): standard, conversational, hh, kto.
+Output formats (``--to``): standard, conversational, hh, kto. ``--to standard`` writes text prompts: a single
+user turn, after any system messages, becomes "{system}\n\n{user}" (``--prompt-style plain``); prompts with
+earlier turns need ``--prompt-style hh`` or ``--to conversational`` (dropped as ``multi_turn_prompt``).
 
 Every paired row goes through ``formats.to_pair``, so what is written is exactly what the trainer accepts; rows
 it rejects (empty or identical responses, missing fields) are written to ``OUT.dropped.jsonl`` with the
@@ -17,8 +19,6 @@ whose rating margin is > 0 and >= ``min_margin``; the ratings are kept as ``scor
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 from collections import Counter
@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.data.clean import dropped_path_for
-from preftune.data.formats import Skip, Text, to_pair
-from preftune.data.load import read_rows
-from preftune.data.validate import is_unpaired_shape
+from preftune.data.formats import Skip, Text, is_unpaired_row, to_pair
+from preftune.data.load import MAX_ROW_BYTES, read_rows
+from preftune.data.outputs import AtomicJsonl, dropped_path_for, refuse_overwrite
 from preftune.errors import PreftuneError
 
 FORMATS_IN = ("standard", "conversational", "hh", "ultrafeedback")
@@ -74,7 +73,7 @@ def detect_format(row: dict) -> str:
     """The input format of one row (see the module docstring); raises Skip("unknown_format") otherwise."""
     if "completions" in row or ("responses" in row and ("ratings" in row or "scores" in row)):
         return "ultrafeedback"
-    if is_unpaired_shape(row):
+    if is_unpaired_row(row):
         return "kto"
     if "chosen" in row or "rejected" in row:
         chosen = row.get("chosen")
@@ -110,12 +109,16 @@ def _as_messages(value: Text, role: str) -> list[dict[str, str]]:
 
 
 def _prompt_text(prompt: Text, style: str) -> str:
+    """The prompt as text. Plain: one user turn, after any leading system messages, which open the text
+    ("{system}\n\n{user}"): a text prompt is tokenized as it stands (no chat template), so the system text is
+    kept as the prompt's first paragraph. A prompt with earlier user or assistant turns cannot be plain text."""
     if isinstance(prompt, str):
         return prompt if style == "plain" else render_hh(_as_messages(prompt, "user")) + "\n\nAssistant:"
     if style == "hh":
         return render_hh(prompt) + "\n\nAssistant:"
-    if len(prompt) == 1 and prompt[0].get("role") == "user":
-        return prompt[0]["content"]
+    *system, last = prompt
+    if last.get("role") == "user" and all(m.get("role") == "system" for m in system):
+        return "\n\n".join([m["content"] for m in system if m["content"].strip()] + [last["content"]])
     raise Skip("multi_turn_prompt")  # plain text cannot hold turns: use --prompt-style hh or conversational
 
 
@@ -259,45 +262,41 @@ def convert_row(row: dict, *, to: str, from_: str | None = None, pairing: str = 
 
 def convert(source: Any, out: str | Path, *, to: str, from_: str | None = None, pairing: str = "best-vs-worst",
             min_margin: float | None = None, seed: int = 0, rating_key: str | None = None,
-            prompt_style: str = "plain", split: str = "train") -> ConvertResult:
-    """Convert a whole dataset to JSONL at ``out``; dropped input rows go to ``out.dropped.jsonl``."""
-    if to not in FORMATS_OUT:
-        raise PreftuneError(f"unknown output format {to!r}; choose from {', '.join(FORMATS_OUT)}")
+            prompt_style: str = "plain", split: str = "train", max_row_bytes: int = MAX_ROW_BYTES) -> ConvertResult:
+    """Convert a whole dataset to JSONL at ``out``; dropped input rows go to ``out.dropped.jsonl``.
+
+    Neither output may be ``source`` (also under another name); both are standard JSON (``data.outputs``).
+    """
+    for name, value, allowed in (("output format", to, FORMATS_OUT), ("pairing", pairing, PAIRINGS),
+                                 ("prompt style", prompt_style, PROMPT_STYLES)):
+        if value not in allowed:
+            raise PreftuneError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
     if from_ is not None and from_ not in FORMATS_IN:
         raise PreftuneError(f"unknown input format {from_!r}; choose from {', '.join(FORMATS_IN)} "
                             "(unpaired KTO data cannot be converted to pairs)")
-    if pairing not in PAIRINGS:
-        raise PreftuneError(f"unknown pairing {pairing!r}; choose from {', '.join(PAIRINGS)}")
-    if prompt_style not in PROMPT_STYLES:
-        raise PreftuneError(f"unknown prompt style {prompt_style!r}; choose from {', '.join(PROMPT_STYLES)}")
     rng = random.Random(seed)
     out = Path(out)
     res = ConvertResult(out=out, dropped_path=dropped_path_for(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_drop = res.dropped_path.with_name(res.dropped_path.name + ".tmp")
-    with open(tmp_out, "w", encoding="utf-8") as fo, open(tmp_drop, "w", encoding="utf-8") as fd:
-        for raw in read_rows(source, split=split, collect_errors=True):
+    refuse_overwrite([source], [out, res.dropped_path])
+    with AtomicJsonl(out) as fo, AtomicJsonl(res.dropped_path) as fd:
+        for raw in read_rows(source, split=split, collect_errors=True, max_row_bytes=max_row_bytes):
             res.read += 1
             try:
                 if raw.data is None:
-                    raise Skip(f"malformed_line: {raw.error}")
+                    raise Skip(raw.drop_reason)
                 records = convert_row(raw.data, to=to, from_=from_, pairing=pairing, min_margin=min_margin,
                                       rng=rng, rating_key=rating_key, prompt_style=prompt_style)
             except Skip as skip:
                 res.dropped += 1
                 reason = str(skip)
                 res.reasons[reason.split(":")[0] if reason.startswith("malformed_line") else reason] += 1
-                rec = {"source": raw.source, "line": raw.line, "reason": reason,
-                       "row": raw.data if raw.data is not None else raw.raw}
-                fd.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+                fd.write({"source": raw.source, "line": raw.line, "reason": reason,
+                          "row": raw.data if raw.data is not None else raw.raw})
                 continue
             res.converted += 1
             for rec in records:
-                fo.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+                fo.write(rec)
                 res.written += 1
-    if res.converted + res.dropped != res.read:  # by construction; checked because nothing may be lost
-        raise PreftuneError(f"internal error: read {res.read}, converted {res.converted}, dropped {res.dropped}")
-    os.replace(tmp_out, out)
-    os.replace(tmp_drop, res.dropped_path)
+        if res.converted + res.dropped != res.read:  # by construction; checked because nothing may be lost
+            raise PreftuneError(f"internal error: read {res.read}, converted {res.converted}, dropped {res.dropped}")
     return res

@@ -6,44 +6,67 @@ are documented in docs/data.md.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from preftune.data.load import DataError
+from preftune.data.outputs import json_text
 
 Severity = Literal["error", "warning", "info"]
 SCHEMA_VERSION = 1
 
-# Finding name -> (severity when found, what it means). Structural names are the loader's drop reasons.
-CHECKS: dict[str, tuple[Severity, str]] = {
-    "malformed_line": ("error", "lines that are not a JSON object; the loader drops them"),
-    "non_utf8": ("error", "lines with bytes that are not valid UTF-8; the loader drops them"),
-    "missing_field": ("error", "rows without a required field; the loader drops them"),
-    "wrong_type": ("error", "fields of the wrong type (e.g. a number where text is expected); dropped"),
-    "mixed_formats": ("error", "chosen and rejected mix plain text and messages; dropped"),
-    "no_shared_prompt": ("error", "conversational rows without a prompt whose dialogues share no turn; dropped"),
-    "empty_response": ("error", "empty or whitespace-only responses; dropped"),
-    "identical": ("warning", "chosen and rejected are identical after normalization (no preference signal)"),
-    "near_identical": ("warning", "chosen and rejected are nearly identical (word similarity ratio >= threshold)"),
-    "swapped_rating": ("warning", "likely swapped: chosen_rating < rejected_rating"),
-    "swapped_refusal": ("warning", "likely swapped: chosen is a refusal, rejected is not (intended in safety data)"),
-    "swapped_length": ("warning", "likely swapped: rejected is far longer than chosen"),
-    "contradictions": ("warning", "the same prompt and responses appear with opposite preference (or label)"),
-    "duplicates": ("warning", "exact repeats of an earlier row (the first occurrence is not counted)"),
-    "control_characters": ("warning", "text with control characters other than tab and newline"),
-    "empty_prompt": ("warning", "rows whose prompt is empty (the model learns responses without context)"),
-    "invalid_rating": ("warning", "ratings present but not numbers; they are ignored"),
-    "mixed_kinds": ("warning", "the file mixes paired and unpaired (KTO) rows"),
-    "length_bias": ("info", "share of pairs where chosen is longer than rejected"),
-    "truncation": ("info", "rows whose prompt + longest response exceed --max-length"),
-    "kto_balance": ("info", "desirable / undesirable counts and the KTO weights they imply"),
-    "leakage": ("warning", "training prompts that also appear in the evaluation data"),
+
+class Check(NamedTuple):
+    """A finding's catalog entry."""
+
+    severity: Severity
+    """Severity when found (``data validate`` downgrades the dataset statistics to info when healthy)."""
+    meaning: str
+    """What the finding means: its message unless the check writes a more specific one."""
+    total: str | None = "pairs"
+    """Denominator of a row finding's percent (a key of ``checks.TOTALS``): "read" (rows read), "usable"
+    (usable rows), "pairs" (usable pairs), "pairs_and_exact" (usable pairs and the exactly identical ones the
+    loader dropped); None for the dataset statistics, which compute their own."""
+
+
+# Finding name -> catalog entry, in report order. Structural names are the loader's drop reasons.
+CHECKS: dict[str, Check] = {
+    "malformed_line": Check("error", "lines that are not a JSON object; the loader drops them", "read"),
+    "non_utf8": Check("error", "lines with bytes that are not valid UTF-8; the loader drops them", "read"),
+    "row_too_large": Check("error", "rows longer than the reader's byte limit (--max-row-bytes); dropped unread",
+                           "read"),
+    "missing_field": Check("error", "rows without a required field; the loader drops them", "read"),
+    "wrong_type": Check("error", "fields of the wrong type (e.g. a number where text is expected); dropped", "read"),
+    "mixed_formats": Check("error", "chosen and rejected mix plain text and messages; dropped", "read"),
+    "no_shared_prompt": Check("error", "conversational rows without a prompt whose dialogues share no turn; dropped",
+                              "read"),
+    "empty_response": Check("error", "empty or whitespace-only responses; dropped", "read"),
+    "identical": Check("warning", "chosen and rejected are identical after normalization (no preference signal)",
+                       "pairs_and_exact"),
+    "near_identical": Check("warning",
+                            "chosen and rejected are nearly identical (word similarity ratio >= threshold)"),
+    "swapped_rating": Check("warning", "likely swapped: chosen_rating < rejected_rating"),
+    "swapped_refusal": Check("warning",
+                             "likely swapped: chosen is a refusal, rejected is not (intended in safety data)"),
+    "swapped_length": Check("warning", "likely swapped: rejected is far longer than chosen"),
+    "contradictions": Check("warning", "the same prompt and responses appear with opposite preference (or label)",
+                            "usable"),
+    "duplicates": Check("warning", "exact repeats of an earlier row (the first occurrence is not counted)", "usable"),
+    "control_characters": Check("warning", "text with control characters other than tab and newline", "usable"),
+    "empty_prompt": Check("warning", "rows whose prompt is empty (the model learns responses without context)",
+                          "usable"),
+    "invalid_rating": Check("warning", "ratings present but not finite numbers; they are ignored"),
+    "mixed_kinds": Check("warning", "the file mixes paired and unpaired (KTO) rows", None),
+    "length_bias": Check("info", "share of pairs where chosen is longer than rejected", None),
+    "truncation": Check("info", "rows whose prompt + longest response exceed --max-length", None),
+    "kto_balance": Check("info", "desirable / undesirable counts and the KTO weights they imply", None),
+    "leakage": Check("warning", "training prompts that also appear in the evaluation data", "usable"),
 }
-STRUCTURAL = ("malformed_line", "non_utf8", "missing_field", "wrong_type", "mixed_formats", "no_shared_prompt",
-              "empty_response")
+UNKNOWN_DROP = Check("error", "rows the loader dropped for this reason", "read")
+"""The entry of a loader drop reason the catalog does not name (reported under the reason itself)."""
+STRUCTURAL = tuple(name for name, check in CHECKS.items() if check.severity == "error")
 SWAPPED = ("swapped_rating", "swapped_refusal", "swapped_length")
 
 @dataclass(frozen=True)
@@ -178,7 +201,8 @@ class ValidationReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+        """Standard JSON (a non-finite number is written as null and listed under ``"non_finite"``)."""
+        return json_text(self.to_dict(), indent=indent)
 
     def summary(self, *, examples: int = 3) -> str:
         """A terminal table: one line per finding, examples indented under it, then the verdict."""

@@ -13,7 +13,6 @@ A message is {"role": str, "content": str}.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from preftune.data.load import RawRow
+from preftune.data.outputs import AtomicJsonl
 
 Text = str | list[dict[str, str]]
 DataKind = Literal["paired", "unpaired", "sft"]
@@ -70,12 +70,15 @@ class DropLog:
         parts = ", ".join(f"{reason}: {n}" for reason, n in self.counts.most_common())
         return f"read {self.read} rows, kept {self.read - self.dropped}, dropped {self.dropped} ({parts})"
 
+    def copy(self) -> DropLog:
+        """A snapshot: later reads and drops (of another file, say) do not change it."""
+        return DropLog(self.read, Counter(self.counts), list(self.rows))
+
     def write(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        """One JSON line per dropped row (standard JSON: see ``data.outputs``)."""
+        with AtomicJsonl(path) as f:
             for rec in self.rows:
-                f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+                f.write(rec)
 
 
 class Skip(Exception):
@@ -197,7 +200,12 @@ def to_sft(row: dict) -> UnpairedRecord:
 
 
 def is_unpaired_row(row: dict) -> bool:
-    return "completion" in row and "label" in row and "chosen" not in row
+    """Whether a row is read as unpaired (KTO): it has a completion and neither chosen nor rejected.
+
+    The one definition the loader, ``data validate``, ``clean`` and ``convert`` share. A missing label does not
+    make the row paired: it is an unpaired row dropped as ``missing_field:label``.
+    """
+    return "completion" in row and "chosen" not in row and "rejected" not in row
 
 
 def normalize(rows: Iterable[RawRow], kind: DataKind, drops: DropLog) -> Iterator[PairRecord | UnpairedRecord]:
@@ -211,7 +219,7 @@ def normalize(rows: Iterable[RawRow], kind: DataKind, drops: DropLog) -> Iterato
         row = raw.data
         try:
             if row is None:
-                raise Skip(f"malformed_line: {raw.error}")
+                raise Skip(raw.drop_reason)
             if kind == "paired":
                 if is_unpaired_row(row):
                     raise Skip("unpaired_row_for_paired_loss")

@@ -6,6 +6,12 @@ to collect such lines (the validator does).
 
 Formats: ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files, a directory written by
 ``Dataset.save_to_disk``, a ``datasets.Dataset``, or a hub id (``org/name`` with optional ``:split``).
+
+JSONL and CSV are read as bytes, one line at a time, and a line longer than ``max_row_bytes`` is skipped
+without being held in memory: it comes back as ``RawRow(data=None, reason="row_too_large")`` whether or not
+errors are collected, so the loader counts it as a drop rather than stopping (one 50 MB row used to cost
+gigabytes of peak memory on its way to being dropped). ``.json`` arrays, Parquet and datasets are read by
+their libraries and have no such limit.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ class RawRow:
         source: file path or hub id the row came from.
         line: 1-based line in the file (JSONL, CSV) or 1-based row number (JSON array, Parquet, datasets).
         error: why the line could not be parsed (only when collecting errors).
-        raw: the undecodable text of a malformed line, for reports (only when collecting errors).
+        raw: the text of a row that could not be used (the line or CSV record as read; undecodable bytes become
+            U+FFFD), for reports; for a row too large to read, its first ``PREVIEW_CHARS`` characters.
+        reason: why ``data`` is None: ``"malformed_line"`` or ``"row_too_large"``.
     """
 
     data: dict[str, Any] | None
@@ -42,22 +50,34 @@ class RawRow:
     line: int
     error: str | None = None
     raw: str | None = None
+    reason: str = "malformed_line"
+
+    @property
+    def drop_reason(self) -> str:
+        """The reason a loader records for a row without data: ``"malformed_line: <why>"`` or ``"row_too_large"``."""
+        return self.reason if self.reason == "row_too_large" else f"{self.reason}: {self.error}"
 
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+MAX_ROW_BYTES = 8 * 2**20
+"""Default limit on one JSONL line or CSV line, in bytes (8 MiB, about two million tokens of text)."""
+PREVIEW_CHARS = 1000
 
 
 def is_local_path(source: str) -> bool:
     return os.path.exists(source) or source.endswith(FILE_SUFFIXES) or source.startswith((".", "/", "~"))
 
 
-def read_rows(source: Any, *, split: str = "train", collect_errors: bool = False) -> Iterator[RawRow]:
+def read_rows(source: Any, *, split: str = "train", collect_errors: bool = False,
+              max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[RawRow]:
     """Yield every row of ``source`` with its provenance, streaming where the format allows.
 
     Args:
         source: a path, a hub id (``name`` or ``name:split``), or a ``datasets.Dataset`` / list of dicts.
         split: split to read from a hub id or a ``DatasetDict`` directory when the id names none.
         collect_errors: yield malformed lines as ``RawRow(data=None, error=...)`` instead of raising.
+        max_row_bytes: JSONL / CSV lines longer than this are skipped unread and yielded as
+            ``RawRow(data=None, reason="row_too_large")`` (always, also without ``collect_errors``).
     """
     if isinstance(source, list):
         for i, row in enumerate(source, start=1):
@@ -76,7 +96,7 @@ def read_rows(source: Any, *, split: str = "train", collect_errors: bool = False
         suffix = path.suffix.lower()
         if suffix not in reader:
             raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
-        yield from reader[suffix](path, collect_errors)
+        yield from reader[suffix](path, collect_errors, max_row_bytes)
     elif is_local_path(text):
         raise DataError(f"{text}: no such file or directory")
     else:
@@ -89,15 +109,47 @@ def _malformed(path: Path, line: int, why: str, raw: str | None, collect: bool) 
     return RawRow(None, str(path), line, error=why, raw=raw)
 
 
-def _read_jsonl(path: Path, collect: bool) -> Iterator[RawRow]:
+def _too_large(path: Path, line: int, size: int, limit: int, head: bytes) -> RawRow:
+    preview = head[:PREVIEW_CHARS * 4].decode("utf-8", "replace")[:PREVIEW_CHARS]
+    return RawRow(None, str(path), line, error=f"{size} bytes, more than the {limit}-byte limit", raw=preview,
+                  reason="row_too_large")
+
+
+def _byte_lines(f, limit: int) -> Iterator[tuple[int, bytes, int]]:
+    """(1-based line number, line, size without the newline) for each line of binary file ``f``.
+
+    A line of more than ``limit`` bytes comes back as its first ``limit + 1`` bytes with its true size: the rest
+    is read in 64 KiB pieces and thrown away, so memory stays bounded by ``limit``.
+    """
+    lineno = 0
+    while line := f.readline(limit + 1):
+        lineno += 1
+        if line.endswith(b"\n"):
+            yield lineno, line, len(line) - 1
+        elif len(line) <= limit:  # the last line, without a newline
+            yield lineno, line, len(line)
+        else:
+            size = len(line)
+            while piece := f.readline(2**16):
+                size += len(piece)
+                if piece.endswith(b"\n"):
+                    size -= 1
+                    break
+            yield lineno, line, size
+
+
+def _read_jsonl(path: Path, collect: bool, limit: int) -> Iterator[RawRow]:
     # Read bytes so that a bad UTF-8 sequence is reported with its line rather than failing the whole file.
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw, size in _byte_lines(f, limit):
+            if size > limit:
+                yield _too_large(path, lineno, size, limit, raw)
+                continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield _malformed(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})",
-                                 raw.decode("utf-8", "replace"), collect)
+                                 raw.decode("utf-8", "replace").rstrip("\n"), collect)
                 continue
             if not text.strip():
                 continue
@@ -113,7 +165,7 @@ def _read_jsonl(path: Path, collect: bool) -> Iterator[RawRow]:
             yield RawRow(obj, str(path), lineno)
 
 
-def _read_json(path: Path, collect: bool) -> Iterator[RawRow]:
+def _read_json(path: Path, collect: bool, limit: int) -> Iterator[RawRow]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -121,7 +173,7 @@ def _read_json(path: Path, collect: bool) -> Iterator[RawRow]:
     except json.JSONDecodeError as e:
         # A file of one object per line is JSONL whatever its suffix says.
         if e.msg == "Extra data":
-            yield from _read_jsonl(path, collect)
+            yield from _read_jsonl(path, collect, limit)
             return
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
     if isinstance(obj, dict):  # {"data": [...]} or {"train": [...]} wrappers
@@ -138,7 +190,7 @@ def _read_json(path: Path, collect: bool) -> Iterator[RawRow]:
         yield RawRow(row, str(path), i)
 
 
-def _read_parquet(path: Path, collect: bool) -> Iterator[RawRow]:
+def _read_parquet(path: Path, collect: bool, limit: int) -> Iterator[RawRow]:
     import pyarrow.parquet as pq
 
     row = 0
@@ -148,17 +200,66 @@ def _read_parquet(path: Path, collect: bool) -> Iterator[RawRow]:
             yield RawRow(rec, str(path), row)
 
 
-def _read_csv(path: Path, collect: bool) -> Iterator[RawRow]:
-    with open(path, newline="", encoding="utf-8", errors="strict") as f:
-        reader = csv.DictReader(f)
+class _CsvLines:
+    """The text lines the csv module parses, decoded one line at a time from bytes, remembering for the current
+    record its text, its first line that is not valid UTF-8 and its first line over the size limit."""
+
+    TOO_LARGE = "row_too_large\n"  # stands in for a skipped line: one plain cell, so the record stays a record
+
+    def __init__(self, f, limit: int) -> None:
+        self._lines = _byte_lines(f, limit)
+        self.limit = limit
+        self.text: list[str] = []
+        self.bad_utf8: tuple[int, str] | None = None
+        self.too_large: tuple[int, int, bytes] | None = None
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        lineno, raw, size = next(self._lines)
+        if size > self.limit:
+            self.too_large = self.too_large or (lineno, size, raw)
+            return self.TOO_LARGE
         try:
-            for rec in reader:
-                if None in rec:  # more cells than header fields
-                    yield _malformed(path, reader.line_num, "more cells than header columns", None, collect)
-                    continue
-                yield RawRow(dict(rec), str(path), reader.line_num)
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 ({e.reason})") from None
+            self.bad_utf8 = self.bad_utf8 or (lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+            text = raw.decode("utf-8", "replace")
+        if lineno == 1:
+            text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the first column name
+        self.text.append(text)
+        return text
+
+    def take(self) -> tuple[str, tuple[int, str] | None, tuple[int, int, bytes] | None]:
+        """The current record's text and problems; starts the next record."""
+        out = ("".join(self.text).strip("\r\n"), self.bad_utf8, self.too_large)
+        self.text, self.bad_utf8, self.too_large = [], None, None
+        return out
+
+
+def _read_csv(path: Path, collect: bool, limit: int) -> Iterator[RawRow]:
+    csv.field_size_limit(max(csv.field_size_limit(), limit))  # a long cell below the row limit is not an error
+    with open(path, "rb") as f:
+        lines = _CsvLines(f, limit)
+        reader = csv.DictReader(lines)
+        try:
+            if reader.fieldnames is None:
+                return
+            text, bad, big = lines.take()
+            if bad or big:
+                raise DataError(f"{path}:1: the header line is "
+                                + (bad[1] if bad else f"longer than the {limit}-byte limit"))
+            for rec in reader:
+                text, bad, big = lines.take()
+                if big:
+                    yield _too_large(path, big[0], big[1], limit, big[2])
+                elif bad:
+                    yield _malformed(path, bad[0], bad[1], text, collect)
+                elif None in rec:  # more cells than header fields
+                    yield _malformed(path, reader.line_num, "more cells than header columns", text, collect)
+                else:
+                    yield RawRow(dict(rec), str(path), reader.line_num)
         except csv.Error as e:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
 

@@ -219,6 +219,7 @@ def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out
         raise DataError("data.train is not set")
     drops = DropLog()
     train_records = _records(data_cfg.train, kind, drops, data_cfg)
+    train_drops = drops.copy()  # the pre-flight check judges the train file alone, not train + eval rows
     eval_records = _records(data_cfg.eval, kind, drops, data_cfg)
     if not eval_records and data_cfg.eval_fraction > 0:
         rng = random.Random(seed if data_cfg.split_seed is None else data_cfg.split_seed)
@@ -230,7 +231,7 @@ def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out
         train_records = [r for i, r in enumerate(train_records) if i not in held]
     from preftune.data.validate import validate_records
 
-    report = validate_records(train_records, drops, eval_records=eval_records or None, source=_label(data_cfg.train))
+    report = validate_records(train_records, train_drops, eval_records=eval_records or None, source=_label(data_cfg.train))
     for line in report.summary().splitlines():
         log(f"data check: {line}")
     report.require_usable(data_cfg.allow_unusable)

@@ -23,50 +23,28 @@ from collections.abc import Sequence
 
 import torch
 
+from preftune.generation import SamplingParams, generate
+
 
 def end_ids(model, tokenizer) -> set[int]:
-    """Token ids that end a generation: the tokenizer's EOS and the model's generation_config EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return {i for i in ids if i is not None}
+    """Token ids that end a generation (:func:`preftune.generation.stop_ids`), as a set."""
+    from preftune.generation import stop_ids
+
+    return set(stop_ids(model, tokenizer))
 
 
-@torch.no_grad()
 def generate_ids(model, prompts: Sequence[list[int]], *, max_new_tokens: int, pad_id: int, eos_ids: set[int],
                  temperature: float = 0.0, seed: int = 0, batch_size: int = 16) -> list[list[int]]:
     """Completion ids for every prompt: greedy (``temperature`` 0) or sampled with a per-prompt seed.
 
-    Prompt i is sampled from its own generator seeded ``seed + i`` (``rollout.generate.SeededSampler``), so a
-    completion never depends on its batch-mates and the same call gives the same completions. A completion
-    keeps its end-of-sequence token when it stopped (the stop is a sampled token too). The model is put in
-    eval mode for the call and its training flag restored after.
+    One sample per prompt from :func:`preftune.generation.generate`; prompt i (0-based, in the order given) has
+    seed ``seed + i``, so a completion never depends on its batch-mates and the same call gives the same
+    completions. A completion keeps its end-of-sequence token when it stopped (the engine's rule: the stop is
+    a sampled token too). The model is put in eval mode for the call and its training flag restored after.
     """
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    from preftune.rollout.generate import SeededSampler
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                              pad_token_id=pad_id, eos_token_id=sorted(eos_ids) or None)
-    out: list[list[int]] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = [list(p) for p in prompts[start : start + batch_size]]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)  # (B, T) left-padded
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)  # (B, T)
-            sampler = SeededSampler([temperature] * len(chunk), [seed + start + i for i in range(len(chunk))])
-            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                  logits_processor=LogitsProcessorList([sampler]))  # (B, T + new)
-            for row in seqs[:, width:].tolist():
-                stop = next((k for k, tok in enumerate(row) if tok in eos_ids), None)
-                out.append(row if stop is None else row[: stop + 1])
-    finally:
-        model.train(was_training)
-    return out
+    params = SamplingParams(max_new_tokens, temperature=temperature, stop_ids=tuple(eos_ids))
+    seeds = [seed + i for i in range(len(prompts))]
+    return [group[0].ids for group in generate(model, prompts, params, seeds, pad_id=pad_id, batch_size=batch_size)]
 
 
 @torch.no_grad()

@@ -193,6 +193,40 @@ class Judge:
         """Scalar rewards for many ``(prompt, response)`` items, in order."""
         return [float(s) for s in self._score_many([tuple(it) for it in items])]
 
+    def try_score_many(self, items: Sequence[ScoreItem]) -> tuple[list[float | None], list[str | None]]:
+        """``score_many`` that survives a bad item: (scores, errors), one of the two None per item.
+
+        An item fails when its reply cannot be read as a score (``ValueError``, e.g. the LLM judge's
+        ``JudgeParseError``) or its score is not finite; any other error (configuration, a server still failing
+        after its retries) is raised as by ``score_many``. A failing batch is halved until the failing items are
+        alone, so the rest keep their batching. Judges that cache replies (LLM) do not ask again for work already
+        answered; others re-score the items of every failing half (one bad item in n costs about 2n re-scores).
+        """
+        items = [tuple(it) for it in items]
+        scores: list[float | None] = [None] * len(items)
+        errors: list[str | None] = [None] * len(items)
+
+        def run(lo: int, hi: int) -> None:
+            try:
+                got = self.score_many(items[lo:hi])
+            except ValueError as e:
+                if hi - lo == 1:
+                    errors[lo] = f"{type(e).__name__}: {e}"
+                    return
+                mid = (lo + hi) // 2
+                run(lo, mid)
+                run(mid, hi)
+                return
+            for i, s in enumerate(got, start=lo):
+                if math.isfinite(s):
+                    scores[i] = s
+                else:
+                    errors[i] = f"non-finite score {s}"
+
+        if items:
+            run(0, len(items))
+        return scores, errors
+
     @property
     def supports_pairwise(self) -> bool:
         """Whether ``judge`` works (a subclass overrides a pairwise hook)."""
@@ -248,19 +282,22 @@ class ScoreBasedJudge(Judge):
         """Confidence in the winner given |s_a − s_b| > tie_margin; subclasses define the calibration."""
         raise NotImplementedError
 
+    def compare_scores(self, sa: float, sb: float) -> Verdict:
+        """The verdict on a pair whose responses scored ``sa`` (a) and ``sb`` (b): the one rule every pairwise
+        verdict of a score-based judge follows (``judge``, and ``synth.pairs``, which scores each response once).
+
+        |sa − sb| <= tie_margin is a tie whose confidence falls linearly from 1 (equal scores) to 0 at the
+        margin's edge; otherwise the higher score wins with ``confidence_from_margin(|sa − sb|)``.
+        """
+        details = {"score_a": sa, "score_b": sb}
+        margin = abs(sa - sb)
+        if margin <= self.tie_margin:
+            conf = 1.0 - margin / self.tie_margin if self.tie_margin > 0 else 1.0
+            return Verdict("tie", conf, f"scores within {self.tie_margin:g}", details)
+        winner: Winner = "A" if sa > sb else "B"
+        return Verdict(winner, self.confidence_from_margin(margin), f"score {sa:.4g} vs {sb:.4g}", details)
+
     def _judge_ordered_many(self, items: list[PairItem]) -> list[Verdict]:
         flat = [(p, r) for p, a, b in items for r in (a, b)]
         scores = self.score_many(flat)  # one batched pass over 2N responses
-        out = []
-        for i in range(len(items)):
-            sa, sb = scores[2 * i], scores[2 * i + 1]
-            details = {"score_a": sa, "score_b": sb}
-            margin = abs(sa - sb)
-            if margin <= self.tie_margin:  # confidence in the tie falls linearly to 0 at the margin's edge
-                conf = 1.0 - margin / self.tie_margin if self.tie_margin > 0 else 1.0
-                out.append(Verdict("tie", conf, f"scores within {self.tie_margin:g}", details))
-                continue
-            winner: Winner = "A" if sa > sb else "B"
-            conf = self.confidence_from_margin(margin)
-            out.append(Verdict(winner, conf, f"score {sa:.4g} vs {sb:.4g}", details))
-        return out
+        return [self.compare_scores(scores[2 * i], scores[2 * i + 1]) for i in range(len(items))]

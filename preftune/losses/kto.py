@@ -72,3 +72,26 @@ register_loss(
         description="KTO: prospect-theoretic loss on unpaired desirable/undesirable completions.",
     )
 )
+
+
+def balanced_weights(n_d: int, n_u: int, desirable: float | str = "auto",
+                     undesirable: float | str = "auto") -> tuple[float, float]:
+    """Class weights λ_D, λ_U with λ_D·n_D / (λ_U·n_U) in [1, 4/3], the range Ethayarajh et al. advise
+    (arXiv:2402.01306v4, Sec. 4.2, "the ratio ... should be in [1, 4/3]").
+
+    A number is kept as given; an ``"auto"`` weight is 1.0 when the ratio is already in range, else it moves
+    the ratio to the middle of the range, 7/6 (not to an end, so the rounding to 4 decimals cannot leave the
+    range). Both ``"auto"``: the majority class keeps 1.0 and the minority's weight rises. Example: 30
+    desirable, 90 undesirable -> λ_D = 7/6 · 90/30 = 3.5, λ_U = 1.0 (ratio 3.5·30 / 90 = 7/6).
+    """
+    d = 1.0 if desirable == "auto" else float(desirable)
+    u = 1.0 if undesirable == "auto" else float(undesirable)
+    ratio = d * n_d / (u * n_u)
+    if 1.0 <= ratio <= 4.0 / 3.0:
+        return d, u
+    raise_d = desirable == "auto" and (undesirable != "auto" or ratio < 1.0)
+    if raise_d:
+        d = round(7.0 / 6.0 * u * n_u / n_d, 4)
+    elif undesirable == "auto":
+        u = round(d * n_d / (7.0 / 6.0 * n_u), 4)
+    return d, u

@@ -59,16 +59,19 @@ def orpo(
     arXiv:2403.07691 (odds Eq. 4, L_ORPO = L_SFT + λ·L_OR Eq. 6, L_OR Eq. 7, as also cited by TRL; version
     not pinned).
 
-    Departures: (1) the NLL term is the per-sequence mean-token NLL −m_w over the chosen *completion* tokens,
-    the paper's L_SFT; the caller's batch mean then weights every example equally. TRL 1.16's ORPOTrainer
+    Where it differs from TRL (the paper's definitions are kept; only the m = 0 cap below departs from the
+    paper): (1) the NLL term is the per-sequence mean-token NLL −m_w over the chosen *completion* tokens, the
+    paper's L_SFT; the caller's batch mean then weights every example equally. TRL 1.16's ORPOTrainer
     (``trl.experimental.orpo``) differs twice: its NLL labels are the whole chosen input ids ("orpo chosen nll
     loss is computed over the full prompt and response"), so prompt tokens are trained too, and it takes one
     token-level cross-entropy over the batch, which weights long sequences more. Its odds term, like ours,
     uses completion tokens only. (2) Numerics: computed in float32 whatever the input dtype; log(1 − e^m)
     uses the two-branch log1mexp with no NaN in either branch's backward, so values and gradients are exact
-    up to float32 rounding for every m ≤ −1.2e-38 (TRL's log1mexp gives NaN gradients in bf16/fp16 for m
-    between about −2e-3 and −1e-6). Only m = 0 exactly (p = 1 to float precision, infinite odds) and float32
-    subnormals are clamped to −1.2e-38: log odds is capped at 87.3 and the odds term has no gradient there.
+    up to float32 rounding for every m ≤ −1.2e-38. (TRL also casts to float32, but its ``torch.where`` still
+    differentiates the unused log1p(−exp(m)) branch: NaN gradient once exp(m) rounds to 1, |m| ≲ 6e-8, and
+    +inf log-odds at m = 0; evaluated in bf16 / fp16 the same happens for |m| ≲ 2e-3.) Only m = 0 exactly
+    (p = 1 to float precision, infinite odds) and float32 subnormals are clamped to −1.2e-38: log odds is
+    capped at 87.3 and the odds term has no gradient there.
     Takes *summed* log-probs plus lengths and averages itself (its spec has needs_lengths=True).
 
     Returns float32 losses, rewards λ·m_w, λ·m_l (as TRL) and per-example metrics, all detached:

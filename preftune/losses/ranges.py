@@ -64,7 +64,13 @@ def typical(low: float, high: float, why: str) -> Range:
 
 def kind_of(annotation) -> str | tuple:
     """What a hyperparameter's annotation asks for: ``"number"``, ``"integer"``, ``"boolean"``, ``"string"``, a
-    tuple of allowed literals, or ``"any"`` (unannotated or a union the checks do not interpret)."""
+    tuple of allowed literals, any of these with ``"?"`` appended when None is allowed too (``float | None``), or
+    ``"any"`` (unannotated or a union the checks do not interpret)."""
+    args = typing.get_args(annotation)
+    if type(None) in args and len(args) == 2 and typing.get_origin(annotation) is not typing.Literal:
+        inner = kind_of(next(a for a in args if a is not type(None)))
+        return inner if inner == "any" or isinstance(inner, tuple) and None in inner else (
+            inner + (None,) if isinstance(inner, tuple) else inner + "?")
     if annotation is float:
         return "number"
     if annotation is int:
@@ -83,6 +89,13 @@ def coerce(value, kind):
 
     A number may arrive as a string (PyYAML reads ``5e-6``, without a dot, as one); a bool is never a number.
     """
+    if isinstance(kind, str) and kind.endswith("?"):
+        if value is None:
+            return None
+        try:
+            return coerce(value, kind[:-1])
+        except TypeError as e:
+            raise TypeError(f"{e.args[0]} or null") from None
     if kind == "number":
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)

@@ -180,10 +180,10 @@ class Monitor:
     # ---- parts ---------------------------------------------------------------------------------------------
 
     def _history(self, step: int) -> list[dict]:
-        """Records so far; on the first call, those of a resumed run (metrics.jsonl up to the checkpoint)."""
+        """Records so far; on the first call, those of a resumed run (metrics.jsonl up to the checkpoint; the
+        trainer cut it and samples.jsonl there before the first step)."""
         if self.records is None:
             self.records = [r for r in read_metrics(self.run_dir) if r["step"] < step]
-            samples_mod.truncate_samples(self.run_dir, step - 1)
             self._restore()
         return self.records
 
@@ -292,6 +292,8 @@ class Monitor:
             if self.save_best:
                 _save_atomically(self.policy, self.tokenizer, self.run_dir / "best", self.best)
             self._event(step, "best", f"best {self.mc.early_stopping_metric} = {value:.4g}", writer, value=value)
+            return
+        if self.best is None:  # no finite value yet (e.g. NaN: nothing was scored), so nothing to wait for
             return
         waited = len([r for r in self.records if r["split"] == "eval" and r["step"] > self.best["step"]])
         if self.mc.patience is not None and waited >= self.mc.patience and not self.stop_reason:

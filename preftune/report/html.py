@@ -1,6 +1,9 @@
 """``report.html``: one self-contained page per run, built from ``metrics.jsonl`` (and ``samples.jsonl``).
 
-Sections: the final numbers; for an on-policy run its rollouts (``preftune.report.onpolicy``); a timeline of the monitor's alarms, health diagnoses and events (best model,
+Sections: the final numbers; for an on-policy run its rollouts (``preftune.report.onpolicy``: the last rewards,
+per function too, spread, skipped fraction, EOS and truncation rates, lengths, entropy, KL, clip fractions,
+generation vs training time, and the last rollout's pairs or completions from ``samples.jsonl`` rows of kind
+"rollout"); a timeline of the monitor's alarms, health diagnoses and events (best model,
 early stopping) as an inline SVG and a table; the plots of ``preftune.report.plots`` (loss, margins,
 accuracies, chosen/rejected log-probs, KL, lengths, diversity; alarms drawn as red lines), embedded as base64
 PNGs; the greedy samples, policy beside reference, latest step first. No external resources: the file can be

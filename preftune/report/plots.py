@@ -1,6 +1,8 @@
 """PNG plots of a run, drawn from ``metrics.jsonl`` alone.
 
-One panel per quantity: train curves as lines, eval (and monitor) points as markers. The monitor's alarms
+One panel per quantity: train curves as lines, eval (and monitor) points as markers; on-policy runs add
+their rollout panels (rewards, skipped and EOS fractions, completion lengths, step time, generation speed) and,
+for policy-gradient losses, entropy / KL and the clipped, zero-spread and truncated fractions. The monitor's alarms
 (records with split ``alarm``) are drawn on every panel as red dashed vertical lines at their steps, so a
 curve's turn can be read against the alarm it raised.
 """
@@ -32,15 +34,30 @@ MONITOR_PANELS = {
                   "diversity/reference_distinct_1", "diversity/reference_distinct_2"],
 }
 
+# On-policy runs (rollout metrics, train and eval): rewards (all, chosen / rejected, and each function's mean,
+# found in the records), the share of prompts skipped and of samples that ended with EOS, completion lengths,
+# where a step's time goes, and generation throughput.
+ROLLOUT_PANELS = {
+    "rewards": ["reward/mean", "reward/chosen", "reward/rejected"],
+    "rollout": ["rollout/skipped_fraction", "rollout/eos_rate"],
+    "completion_lengths": ["completions/mean_length", "completions/max_length"],
+    "step_time": ["time/generate_s", "time/score_s", "time/train_s"],
+    "generation_speed": ["rollout/tokens_per_second"],
+}
+
 
 def series(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in records if r.get("split") == split and isinstance(r.get(key), (int, float))]
     return [s for s, _ in pts], [v for _, v in pts]
 
 
-def _curves(panel: str) -> list[tuple[str, str, str]]:
-    if panel in PANELS:
-        return [(split, key, style) for key in PANELS[panel] for split, style in (("train", "-"), ("eval", "o--"))]
+def _curves(panel: str, records: list[dict]) -> list[tuple[str, str, str]]:
+    if panel in PANELS or panel in ROLLOUT_PANELS:
+        keys = list(PANELS.get(panel) or ROLLOUT_PANELS[panel])
+        if panel == "rewards":  # each reward function's mean: reward/<name>/mean
+            keys += sorted({k for r in records for k in r if k.startswith("reward/") and k.endswith("/mean")
+                            and k != "reward/mean"})
+        return [(split, key, style) for key in keys for split, style in (("train", "-"), ("eval", "o--"))]
     if panel in POLICY_PANELS:
         return [("train", key, "-") for key in POLICY_PANELS[panel]]
     return [("monitor", key, "s:" if "reference" in key else "o-") for key in MONITOR_PANELS[panel]]
@@ -59,10 +76,10 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for panel in [*PANELS, *POLICY_PANELS, *MONITOR_PANELS]:
+    for panel in [*PANELS, *MONITOR_PANELS, *ROLLOUT_PANELS, *POLICY_PANELS]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         drawn = False
-        for split, key, style in _curves(panel):
+        for split, key, style in _curves(panel, records):
             x, y = series(records, split, key)
             if x:
                 ax.plot(x, y, style, label=f"{split} {key}", markersize=3)

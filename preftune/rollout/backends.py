@@ -1,11 +1,10 @@
-"""Where responses come from: Hugging Face ``generate`` (seeded per response), vLLM, or an OpenAI-compatible
-endpoint, behind one ``Backend.sample(jobs) -> samples`` interface. ``preftune.rollout.generate`` turns prompt
+"""Where responses come from: a Hugging Face model through preftune's generation engine (seeded per response),
+vLLM, or an OpenAI-compatible endpoint, behind one ``Backend.sample(jobs) -> samples`` interface. ``preftune.rollout.generate`` turns prompt
 files into rows with them; the seeding contract is described there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,58 +66,21 @@ def encode_prompt(tokenizer: Any, prompt: PromptText) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-class SeededSampler:
-    """A logits processor that samples every row from its own ``torch.Generator``; HF then decodes greedily.
-
-    Row r gets temperature T_r and seed s_r. With T_r > 0 the next token is drawn from
-    softmax(scores_r / T_r), restricted to the top-p nucleus, using generator(s_r); with T_r = 0 it is
-    argmax(scores_r). The returned scores are 0 at the chosen token and -inf elsewhere, so ``generate`` with
-    ``do_sample=False`` takes exactly that token. The naive equivalent, for one row alone::
-
-        torch.manual_seed(s_r); model.generate(ids_r, do_sample=True, temperature=T_r, top_p=p)
-
-    draws from the same distribution, but its random stream is shared by the whole batch, so a response
-    would depend on its batch-mates. Per-row generators make each response a function of its own seed.
-    """
-
-    def __init__(self, temperatures: Sequence[float], seeds: Sequence[int], top_p: float = 1.0) -> None:
-        self.temperatures = [float(t) for t in temperatures]
-        self.seeds = list(seeds)
-        self.top_p = top_p
-        self._generators: list[Any] | None = None
-
-    def __call__(self, input_ids, scores):  # scores: (B, V)
-        import torch
-
-        if self._generators is None:
-            self._generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
-        temps = torch.tensor(self.temperatures, device=scores.device).unsqueeze(1)  # (B, 1)
-        probs = torch.softmax(scores.float() / temps.clamp_min(1e-6), dim=-1)  # (B, V)
-        if self.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_p.cumsum(dim=-1) - sorted_p > self.top_p  # tokens after the nucleus is full
-            probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
-        chosen = scores.argmax(dim=-1)  # (B,) greedy rows keep this
-        for r, t in enumerate(self.temperatures):
-            if t > 0:
-                chosen[r] = torch.multinomial(probs[r], 1, generator=self._generators[r])[0]
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, chosen.unsqueeze(1), 0.0)
-        return out
-
-
 class HFBackend:
-    """Batched Hugging Face ``generate`` with the KV cache, left padding and :class:`SeededSampler`.
+    """A loaded Hugging Face model, sampled with :func:`preftune.generation.generate`.
 
-    The n responses of a prompt are n rows of the batch (the prompt repeated, as ``num_return_sequences``
-    does internally). Sampling parameters come only from the arguments: the model's own
-    ``generation_config`` (which may set temperature, top_p or a repetition penalty) is not used.
+    The jobs of one call are grouped by temperature and, within a temperature, by prompt: each prompt is
+    prefilled once and its responses decoded from the shared KV cache, response k drawing from its own
+    generator seeded with ``jobs[k].seed`` (so a response does not depend on which other jobs share the call).
+    Sampling parameters come only from the arguments: the model's own ``generation_config`` (which may set
+    temperature, top_p or a repetition penalty) is not used. The text is the decoded completion without its
+    stop token; ``num_tokens`` counts the generated tokens, the stop token included.
 
     Args:
         model / tokenizer: a loaded causal LM and its tokenizer.
         max_new_tokens: generated tokens per response at most.
         top_p: nucleus sampling mass (1.0 = off).
-        batch_size: sequences per ``generate`` call.
+        batch_size: sequences decoded together.
         name: model name recorded as ``hf:<name>`` (default: the model's ``name_or_path``).
     """
 
@@ -140,33 +102,26 @@ class HFBackend:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
     def sample(self, jobs: list[Job]) -> list[Sample]:
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        from preftune.generation import SamplingParams, generate
 
-        out: list[Sample] = []
-        device = next(self.model.parameters()).device
-        config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-            pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids) or None,
-        )  # fmt: skip
-        for start in range(0, len(jobs), self.jobs_per_call):
-            batch = jobs[start : start + self.jobs_per_call]
-            ids = [encode_prompt(self.tokenizer, j.prompt) for j in batch]
-            width = max(len(x) for x in ids)
-            input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=device)  # (B, T)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)  # (B, T)
-            sampler = SeededSampler([j.temperature for j in batch], [j.seed for j in batch], self.top_p)
-            with torch.inference_mode():
-                seqs = self.model.generate(
-                    input_ids=input_ids, attention_mask=mask, generation_config=config,
-                    logits_processor=LogitsProcessorList([sampler]),
-                )  # (B, T + new)  # fmt: skip
-            for row in seqs[:, width:].tolist():
-                stop = next((k for k, tok in enumerate(row) if tok in self.eos_ids), None)
-                kept = row if stop is None else row[:stop]
-                text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-                out.append(Sample(text, "length" if stop is None else "stop", len(kept)))
-        return out
+        ids = [encode_prompt(self.tokenizer, j.prompt) for j in jobs]
+        out: list[Sample | None] = [None] * len(jobs)
+        for temperature in dict.fromkeys(j.temperature for j in jobs):
+            groups: dict[tuple[int, ...], list[int]] = {}  # prompt ids -> its jobs at this temperature
+            for k, job in enumerate(jobs):
+                if job.temperature == temperature:
+                    groups.setdefault(tuple(ids[k]), []).append(k)
+            params = SamplingParams(self.max_new_tokens, temperature=temperature,
+                                    top_p=self.top_p if temperature > 0 else 1.0, stop_ids=tuple(self.eos_ids))
+            results = generate(self.model, [list(p) for p in groups], params,
+                               [[jobs[k].seed for k in ks] for ks in groups.values()], pad_id=self.pad_id,
+                               batch_size=self.jobs_per_call)
+            for ks, completions in zip(groups.values(), results):
+                for k, c in zip(ks, completions):
+                    text_ids = c.ids[:-1] if c.finish_reason == "stop" else c.ids
+                    text = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+                    out[k] = Sample(text, c.finish_reason, len(c.ids))
+        return out  # type: ignore[return-value]  (every job belongs to one group)
 
 
 class VLLMBackend:

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--backend", choices=("auto", "hf", "vllm", "openai"), default="auto",
                    help="auto: openai with --base-url, else vllm when installed and a GPU is present, else hf")
     g.add_argument("--tokenizer", help="tokenizer path or hub id (hf/vllm; default: the model's)")
-    g.add_argument("--batch-size", type=positive_int, default=16, help="hf: sequences per generate call (16)")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="hf: sequences decoded together (16)")
     g.add_argument("--device", help="hf: cuda, cpu, ... (default: cuda when available)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="hf/vllm weights (auto: bfloat16 on a GPU that has it, else float32)")

@@ -1,5 +1,5 @@
-"""Sampling responses to prompts into resumable rows, with Hugging Face ``generate``, vLLM when installed, or
-an OpenAI-compatible endpoint (the samplers: ``preftune.rollout.backends``).
+"""Sampling responses to prompts into resumable rows, with a Hugging Face model (``preftune.generation``), vLLM
+when installed, or an OpenAI-compatible endpoint (the samplers: ``preftune.rollout.backends``).
 
     prompts (JSONL "prompt" field, text or messages; or TXT, one prompt per line)
       -> n responses per prompt, response i sampled at temperatures[i mod len(temperatures)]
@@ -11,10 +11,10 @@ number of temperatures. Every response records its temperature. Temperature 0 is
 greedy responses to one prompt are identical copies (``synth.pairs`` merges identical texts before judging).
 
 Seeds: response i of a prompt is sampled with its own seed, ``response_seed(seed, prompt_id, i)``, recorded in
-the row. With Hugging Face the per-response seed drives a per-row ``torch.Generator`` (:class:`SeededSampler`),
-so a response does not depend on which other prompts share its batch: a resumed run writes the same responses
-as an uninterrupted one, and ``--batch-size`` does not change the output (up to floating-point differences of
-padded attention). vLLM takes the seed per request; OpenAI-compatible servers take ``seed`` as a best effort.
+the row. With Hugging Face the per-response seed drives that response's own ``torch.Generator`` in
+:func:`preftune.generation.generate`, so a response does not depend on which other prompts share its batch: a
+resumed run writes the same responses as an uninterrupted one, and ``--batch-size`` does not change the output
+(up to floating-point differences of padded attention). vLLM takes the seed per request; OpenAI-compatible servers take ``seed`` as a best effort.
 
 Output row (``GEN.jsonl``)::
 
@@ -49,7 +49,6 @@ from preftune.rollout.backends import (  # noqa: F401 (re-exported: one import f
     OpenAIBackend,
     PromptText,
     Sample,
-    SeededSampler,
     VLLMBackend,
     encode_prompt,
 )
@@ -180,7 +179,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Iterable[PromptText 
         prompts: text, message lists, or :class:`PromptItem`.
         n: responses per prompt, round-robin over ``temperatures`` (0 = greedy).
         max_new_tokens: tokens per response at most.
-        batch_size: sequences per ``generate`` call.
+        batch_size: sequences decoded together.
         seed: base seed; response i of prompt p uses ``response_seed(seed, prompt_id(p), i)``.
         top_p: nucleus mass for sampled responses.
         chat: send text prompts through the chat template as one user message (stored as messages).

@@ -30,17 +30,9 @@ from preftune.data.layouts import LAYOUTS
 from preftune.data.packing import epoch_order
 from preftune.data.prompts import PromptSet
 from preftune.data.tokenize import TokenizedPair
-from preftune.generation import SamplingParams, generate, sample_seed
+from preftune.generation import SamplingParams, generate, sample_seed, stop_ids
 from preftune.rewards import soft_overlong_penalty
 from preftune.rollout.scoring import RewardFunction, check_functions, score_completions
-
-
-def stop_ids(model, tokenizer) -> tuple[int, ...]:
-    """The tokenizer's EOS and the model's ``generation_config`` EOS ids: the tokens that end a sample."""
-    ids = {tokenizer.eos_token_id}
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return tuple(sorted(i for i in ids if i is not None))
 
 
 def rollout_seed(seed: int, step: int, position: int) -> int:
@@ -184,19 +176,18 @@ class OnlinePairSource:
             if pair is not None:
                 pairs.append(pair[0])
                 rows.append({"prompt": self.data.prompts[i], "chosen": out["texts"][p][pair[1]],
-                             "rejected": out["texts"][p][pair[2]], "rewards": out["rewards"][p].tolist()})
+                             "rejected": out["texts"][p][pair[2]],
+                             "rewards": [x if math.isfinite(x) else None for x in out["rewards"][p].tolist()]})
         metrics = self.rollouts.stats(out)
-        if rows:
-            metrics["reward/chosen"] = float(np.mean([max(r for r in row["rewards"] if r == r) for row in rows]))
-            metrics["reward/rejected"] = float(np.mean([min(r for r in row["rewards"] if r == r) for row in rows]))
+        if rows:  # None: a sample without a score (JSON has no NaN)
+            metrics["reward/chosen"] = float(np.mean([max(r for r in row["rewards"] if r is not None) for row in rows]))
+            metrics["reward/rejected"] = float(np.mean([min(r for r in row["rewards"] if r is not None)
+                                                        for row in rows]))
         total = self._global(len(pairs))
         metrics["rollout/skipped_fraction"] = 1.0 - len(pairs) / len(indices)
         metrics["rollout/pairs"] = float(total)
         if total == 0:
-            spread = np.nanmax(out["rewards"], axis=1) - np.nanmin(out["rewards"], axis=1) \
-                if np.isfinite(out["rewards"]).any() else np.zeros(1)
-            metrics["rollout/why"] = ("all rewards equal within each prompt's samples" if np.nanmax(spread) <= 0
-                                      else f"no prompt's reward spread exceeds reward.min_margin={self.min_margin}")
+            metrics["rollout/why"] = self._why(out["rewards"])
         self._metrics, self._last = metrics, rows
         if total == 0:
             return
@@ -219,6 +210,16 @@ class OnlinePairSource:
             return None
         p = self.data.prompt_ids[i]
         return TokenizedPair(p, list(completions[best].ids), list(completions[worst].ids)), best, worst
+
+    def _why(self, rewards: np.ndarray) -> str:
+        """Why rewards (P, N) gave no pair at all (for the one-time warning)."""
+        scored = np.isfinite(rewards).sum(1) >= 2  # (P,)
+        if not scored.any():
+            return "no prompt has two scored samples (the reward functions returned None)"
+        r = rewards[scored]
+        if (np.nanmax(r, 1) - np.nanmin(r, 1)).max() <= 0:
+            return "all rewards equal within each prompt's samples"
+        return f"no prompt's reward spread exceeds reward.min_margin={self.min_margin}"
 
     def _any_pair(self, i: int, completions: list) -> TokenizedPair:
         """A weight-0 pair for a process that has none (its micro-batches must still run)."""

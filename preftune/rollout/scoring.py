@@ -116,35 +116,55 @@ def _failing_row(fn, prompts, completions, columns) -> int | None:
     return None
 
 
-def judge_function(judge, group_size: int) -> Callable[..., list[float]]:
-    """A judge as a reward function: ``judge.score`` per completion when it scores, else per-prompt wins.
+def judge_function(judge, group_size: int, mode: str = "auto") -> Callable[..., list[float | None]]:
+    """A judge as a reward function: ``judge.score`` per completion (``mode`` "score", or "auto" when the judge
+    scores), else per-prompt wins ("pairwise").
 
-    Wins: within each run of ``group_size`` consecutive completions (the samples of one prompt), every pair is
-    judged (both orders, through the judge's own position-bias control); a win counts 1, a tie 0.5 to each
-    side. The reward is the number of wins, in [0, group_size - 1].
+    Wins: within each group of samples of one prompt (a run of consecutive completions of the same prompt, at
+    most ``group_size`` long), every pair is judged (both orders, through the judge's own position-bias
+    control); a win counts 1, a tie 0.5 to each side. The reward is the number of wins, in [0, group_size - 1].
+    A completion alone with its prompt (a held-out greedy sample) has nothing to be compared with: None.
     """
 
     def by_score(prompts, completions, **_):
         return judge.score_many([(prompt_text(p), _text(c)) for p, c in zip(prompts, completions)])
 
     def by_wins(prompts, completions, **_):
-        wins = [0.0] * len(completions)
-        for start in range(0, len(completions), group_size):
-            idx = range(start, min(start + group_size, len(completions)))
+        wins: list[float | None] = [None] * len(completions)
+        for idx in _prompt_groups(prompts, group_size):
+            if len(idx) < 2:
+                continue
+            for a in idx:
+                wins[a] = 0.0
             pairs = [(a, b) for a in idx for b in idx if a < b]
             verdicts = judge.judge_many([(prompt_text(prompts[a]), _text(completions[a]), _text(completions[b]))
                                          for a, b in pairs])
             for (a, b), v in zip(pairs, verdicts):
-                if v.winner == "a":
+                if v.winner == "A":
                     wins[a] += 1.0
-                elif v.winner == "b":
+                elif v.winner == "B":
                     wins[b] += 1.0
                 else:
                     wins[a] += 0.5
                     wins[b] += 0.5
         return wins
 
-    return by_score if judge.supports_score else by_wins
+    if mode == "auto":
+        mode = "score" if judge.supports_score else "pairwise"
+    if mode == "score" and not judge.supports_score or mode == "pairwise" and not judge.supports_pairwise:
+        raise ConfigError(f"reward.judge_mode: {mode}, but judge {judge.name} does not "
+                          f"{'score single responses' if mode == 'score' else 'compare pairs'}")
+    return by_score if mode == "score" else by_wins
+
+
+def _prompt_groups(prompts: list, group_size: int) -> list[range]:
+    """Runs of consecutive equal prompts, each cut into pieces of at most ``group_size`` (index ranges)."""
+    groups, start = [], 0
+    for i in range(1, len(prompts) + 1):
+        if i == len(prompts) or prompts[i] != prompts[start] or i - start == group_size:
+            groups.append(range(start, i))
+            start = i
+    return groups
 
 
 def _text(completion: Any) -> str:
@@ -179,7 +199,7 @@ def build_reward_functions(reward_cfg, group_size: int) -> list[RewardFunction]:
         from preftune.judges.spec import make_judge
 
         judge = make_judge(reward_cfg.judge) if isinstance(reward_cfg.judge, str) else build_judge(reward_cfg.judge)
-        out.append(RewardFunction(f"judge:{judge.name}", judge_function(judge, group_size)))
+        out.append(RewardFunction(f"judge:{judge.name}", judge_function(judge, group_size, reward_cfg.judge_mode)))
     weights = reward_cfg.weights
     if weights is not None:
         if len(weights) != len(out):

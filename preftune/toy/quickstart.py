@@ -13,17 +13,25 @@ an exact tie counting 0.5 (:func:`preftune.eval.preference_accuracy.preference_a
 the reference, every margin is exactly 0 and the accuracy is 0.5 by construction; after DPO it is the final
 evaluation of the DPO run (``rewards/accuracies``). ``generation_accuracy``: greedy generations on the
 held-out prompts that :func:`preftune.toy.verify` accepts.
+
+``--method online_dpo`` (:func:`run_online_dpo_quickstart`) keeps the task and the SFT phase
+(:func:`sft_phase`, which every method shares) and replaces the pairs and DPO with online DPO: every step the
+policy answers 16 train prompts 4 times, ``preftune.rewards:toy_verifier`` scores the answers and DPO trains on
+each prompt's best vs worst (:data:`ONLINE`); its ``report.json`` has ``before`` / ``after``
+``generation_accuracy`` and ``"method": "online_dpo"``.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from preftune import toy
+from preftune import generation, toy
 
 # The recipe. Learning rates this high are for a model of 0.1M parameters (see the toy module docstring).
 SFT = {"steps": 800, "batch_size": 32, "learning_rate": 3e-3, "warmup_ratio": 0.05}
@@ -32,26 +40,20 @@ HELD_OUT = 300
 MAX_LENGTH = 64
 MAX_NEW_TOKENS = 16  # the longest accepted answer is 5 tokens + EOS; a signed-off one 10 + EOS
 TARGETS = {"preference_accuracy": 0.95, "generation_accuracy": 0.90, "gain": 0.30}
+# Online DPO from the same SFT model: per step 16 prompts x 4 samples at temperature 1, scored by the toy
+# verifier, best vs worst of each prompt (ties skipped). β lower than offline DPO's: the pairs are the
+# policy's own samples, close to it, and a large β barely moves it on them.
+ONLINE = {"steps": 60, "prompts_per_step": 16, "num_generations": 4, "temperature": 1.0, "beta": 0.5,
+          "learning_rate": 2e-4, "eval_prompts": 64}
+ONLINE_TARGETS = {"generation_accuracy": 0.90, "gain": 0.25}
 
 
 def generate(model, tokenizer, prompts: list[str], batch_size: int = 128) -> list[str]:
-    """Greedy completions of text prompts, batched with left padding; returns the decoded new text."""
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    out: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-            with torch.no_grad():
-                ids = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            new = ids[:, enc["input_ids"].shape[1] :]  # (b, new tokens)
-            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-    return out
+    """Greedy completions of text prompts (:func:`preftune.generation.generate`), decoded without the EOS."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    params = generation.SamplingParams(MAX_NEW_TOKENS, temperature=0, stop_ids=(tokenizer.eos_token_id,))
+    groups = generation.generate(model, ids, params, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    return [tokenizer.decode(g[0].ids, skip_special_tokens=True) for g in groups]
 
 
 def generation_accuracy(model, tokenizer, items: list[toy.Item]) -> tuple[float, list[dict]]:
@@ -90,12 +92,24 @@ def implicit_reward_accuracy(policy_logps: torch.Tensor, reference_logps: torch.
     return float(preference_accuracy(margins).mean())
 
 
-def run_quickstart(out_dir: str | Path, seed: int = 0, log=print) -> dict:
+def run_quickstart(out_dir: str | Path, seed: int = 0, log=print, *, sft_dir: str | Path | None = None) -> dict:
     """Build the toy task, SFT a tiny Llama, DPO it on preference pairs, evaluate before and after.
 
     Writes ``out_dir/report.json`` (and the runs' files, see the module docstring); returns the report.
-    Same seed, same machine: same numbers.
+    ``sft_dir``: the ``sft`` directory of an earlier quickstart with the same seed, reused instead of training
+    SFT again (the tests share one). Same seed, same machine: same numbers.
     """
+    return _one_thread(_dpo, out_dir, seed, log, sft_dir)
+
+
+def run_online_dpo_quickstart(out_dir: str | Path, seed: int = 0, log=print, *,
+                              sft_dir: str | Path | None = None) -> dict:
+    """``preftune quickstart --method online_dpo``: the same task and SFT model, then online DPO (every step the
+    policy samples, the toy verifier scores, DPO trains best vs worst); before / after generation accuracy."""
+    return _one_thread(_online_dpo, out_dir, seed, log, sft_dir)
+
+
+def _one_thread(run, out_dir, seed: int, log, sft_dir) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -104,41 +118,102 @@ def run_quickstart(out_dir: str | Path, seed: int = 0, log=print) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(out, seed, log, t_start)
+        return run(out, seed, log, t_start, sft_dir)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out: Path, seed: int, log, t_start: float) -> dict:
+@dataclass
+class SFTPhase:
+    """The toy task and the SFT reference model every quickstart method starts from.
+
+    Attributes:
+        model: the SFT model (trained in place, saved in ``run_dir/final``); tokenizer: the toy tokenizer.
+        sft_items: the prompts SFT trained on; items: the other train prompts (the DPO pairs' prompts, the
+            on-policy methods' prompts); held_out: the held-out prompts every method is evaluated on.
+        run_dir: the SFT run directory; config / summary: its training config and ``train_summary.json``.
+    """
+
+    tokenizer: Any
+    model: Any
+    sft_items: list[toy.Item]
+    items: list[toy.Item]
+    held_out: list[toy.Item]
+    run_dir: Path
+    config: dict
+    summary: dict
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "final"
+
+
+def sft_phase(out: Path, seed: int = 0, log=print, sft_dir: str | Path | None = None) -> SFTPhase:
+    """Build the toy task and SFT-train the reference model into ``out/sft`` (same seed: same model).
+
+    ``sft_dir``: an earlier phase's run directory (``.../sft``, holding ``final/`` and ``quickstart_sft.json``)
+    whose model is loaded instead of trained; it must have been built with the same seed and recipe.
+    """
     import preftune
 
-    quiet = lambda *_: None  # noqa: E731  (the runs' own chatter; the phases are logged here)
-
-    # ---- the task ----------------------------------------------------------------------------------------
+    quiet = lambda *_: None  # noqa: E731  (the run's own chatter; the phase is logged here)
     n_sft = SFT["steps"] * SFT["batch_size"]  # every SFT example seen once
     items, held_out = toy.split_items(seed, n_train=n_sft + DPO["pairs"], n_test=HELD_OUT)
-    sft_items, dpo_items = items[:n_sft], items[n_sft:]
+    sft_items, rest = items[:n_sft], items[n_sft:]
     tokenizer = toy.build_tokenizer()
-    model = toy.build_model(tokenizer, seed=seed)
-    train_pairs = toy.pair_rows(dpo_items, seed=seed + 1)
-    test_pairs = toy.pair_rows(held_out, seed=seed + 2)
-    log(f"quickstart: toy task, {len(sft_items)} SFT prompts, {len(train_pairs)} train pairs, "
-        f"{len(test_pairs)} held-out prompts and pairs; model {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters")
-
-    # ---- SFT: the reference model ------------------------------------------------------------------------
-    sft_config = {
+    run_dir = Path(sft_dir) if sft_dir is not None else out / "sft"
+    config = {
         "loss": {"name": "sft"},
-        "training": {"output_dir": str(out / "sft"), "learning_rate": SFT["learning_rate"],
+        "training": {"output_dir": str(run_dir), "learning_rate": SFT["learning_rate"],
                      "per_device_batch_size": SFT["batch_size"], "max_steps": SFT["steps"],
                      "warmup_ratio": SFT["warmup_ratio"], "max_length": MAX_LENGTH, "seed": seed,
                      "logging_every": 50, "progress_bar": False},
     }
+    stamp = {"seed": seed, "recipe": SFT, "max_length": MAX_LENGTH}
+    if sft_dir is not None:
+        model = _load_sft(run_dir, stamp)
+        summary = json.loads((run_dir / "train_summary.json").read_text())
+        log(f"quickstart: SFT model reused from {run_dir}")
+        return SFTPhase(tokenizer, model, sft_items, rest, held_out, run_dir, config, summary)
+    model = toy.build_model(tokenizer, seed=seed)
+    log(f"quickstart: toy task, {len(sft_items)} SFT prompts, {len(rest)} further train prompts, "
+        f"{len(held_out)} held-out prompts; model {sum(p.numel() for p in model.parameters()):,} parameters")
     t0 = time.perf_counter()
-    sft_summary = preftune.train({"model": model, "tokenizer": tokenizer,
-                                  "data": {"train": toy.sft_rows(sft_items, seed=seed)}, **sft_config}, log=quiet)
+    summary = preftune.train({"model": model, "tokenizer": tokenizer,
+                              "data": {"train": toy.sft_rows(sft_items, seed=seed)}, **config}, log=quiet)
+    (run_dir / "quickstart_sft.json").write_text(json.dumps(stamp, indent=1))
     log(f"quickstart: SFT {SFT['steps']} steps in {time.perf_counter() - t0:.1f}s, final loss "
-        f"{sft_summary['final_loss']:.3f}")
+        f"{summary['final_loss']:.3f}")
+    return SFTPhase(tokenizer, model, sft_items, rest, held_out, run_dir, config, summary)
+
+
+def _load_sft(run_dir: Path, stamp: dict):
+    """The SFT model saved in ``run_dir/final``, after checking it was built by the same recipe and seed."""
+    from transformers import AutoModelForCausalLM
+
+    from preftune.errors import PreftuneError
+
+    info = run_dir / "quickstart_sft.json"
+    if not (run_dir / "final").is_dir() or not info.exists():
+        raise PreftuneError(f"{run_dir} is not a quickstart SFT directory (no final/ or quickstart_sft.json)")
+    if json.loads(info.read_text()) != json.loads(json.dumps(stamp)):
+        raise PreftuneError(f"{info} was built with {info.read_text().strip()}, not {json.dumps(stamp)}; "
+                            "train the SFT model again (leave out sft_dir)")
+    return AutoModelForCausalLM.from_pretrained(run_dir / "final")
+
+
+def _dpo(out: Path, seed: int, log, t_start: float, sft_dir=None) -> dict:
+    import preftune
+
+    quiet = lambda *_: None  # noqa: E731  (the runs' own chatter; the phases are logged here)
+
+    # ---- the task and SFT: the reference model -----------------------------------------------------------
+    sft = sft_phase(out, seed, log, sft_dir)
+    tokenizer, model, held_out = sft.tokenizer, sft.model, sft.held_out
+    sft_config, sft_summary = sft.config, sft.summary
+    train_pairs = toy.pair_rows(sft.items, seed=seed + 1)
+    test_pairs = toy.pair_rows(held_out, seed=seed + 2)
+    log(f"quickstart: DPO on {len(train_pairs)} train pairs, {len(test_pairs)} held-out pairs")
 
     # ---- before: the SFT model ---------------------------------------------------------------------------
     reference = pair_logps(model, tokenizer, test_pairs)  # (n, 2); the DPO run's reference is this model
@@ -190,7 +265,7 @@ def _run(out: Path, seed: int, log, t_start: float) -> dict:
         "config": {"sft": sft_config, "dpo": dpo_config, "recipe": {"sft": SFT, "dpo": DPO, "held_out": HELD_OUT,
                                                                      "max_new_tokens": MAX_NEW_TOKENS}},
         "runs": {
-            "sft": {"summary": str(out / "sft" / "train_summary.json"), "model": sft_summary["model_dir"],
+            "sft": {"summary": str(sft.run_dir / "train_summary.json"), "model": sft_summary["model_dir"],
                     "train_runtime_s": sft_summary["train_runtime_s"], "steps": sft_summary["steps"]},
             "dpo": {"summary": str(out / "train_summary.json"), "model": dpo_summary["model_dir"],
                     "train_runtime_s": dpo_summary["train_runtime_s"], "steps": dpo_summary["steps"]},
@@ -200,20 +275,79 @@ def _run(out: Path, seed: int, log, t_start: float) -> dict:
         "wall_time_s": time.perf_counter() - t_start,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    log(_table(report))
+    log(_table(report, ("preference_accuracy", "generation_accuracy", "likelihood_preference_accuracy"), TARGETS))
     log(f"quickstart: {'PASSED' if report['passed'] else 'FAILED'} in {report['wall_time_s']:.0f}s; "
         f"wrote {out / 'report.json'}, metrics.jsonl, tensorboard/, plots/")
     return report
 
 
-def _table(report: dict) -> str:
-    rows = [("preference_accuracy", "held-out pairs ranked right by the implicit reward"),
-            ("generation_accuracy", "greedy answers the verifier accepts"),
-            ("likelihood_preference_accuracy", "held-out pairs with log π(chosen) > log π(rejected)")]
+def online_dpo_config(out: Path, seed: int, train_prompts: list[toy.Item], eval_prompts: list[toy.Item]) -> dict:
+    """The online DPO run of ``--method online_dpo`` (everything but the model and tokenizer)."""
+    o = ONLINE
+    return {
+        "data": {"train": [{"prompt": it.prompt} for it in train_prompts],
+                 "eval": [{"prompt": it.prompt} for it in eval_prompts[: o["eval_prompts"]]]},
+        "loss": {"name": "dpo", "beta": o["beta"]},
+        "rollout": {"num_generations": o["num_generations"], "temperature": o["temperature"],
+                    "max_new_tokens": MAX_NEW_TOKENS},
+        "reward": {"functions": ["preftune.rewards:toy_verifier"]},
+        "training": {"output_dir": str(out), "learning_rate": o["learning_rate"],
+                     "per_device_batch_size": o["prompts_per_step"], "max_steps": o["steps"],
+                     "max_length": MAX_LENGTH, "seed": seed, "logging_every": 5, "eval_every": 20,
+                     "progress_bar": False},
+        "monitor": {"num_prompts": 8},
+    }
+
+
+def _online_dpo(out: Path, seed: int, log, t_start: float, sft_dir=None) -> dict:
+    """``--method online_dpo``: the SFT model samples, the toy verifier scores, DPO learns best vs worst."""
+    import preftune
+
+    sft = sft_phase(out, seed, log, sft_dir)
+    tokenizer, model, held_out = sft.tokenizer, sft.model, sft.held_out
+    before_gen, before_rows = generation_accuracy(model, tokenizer, held_out)
+    model.train()
+    config = online_dpo_config(out, seed, sft.items, held_out)
+    log(f"quickstart: online DPO, {ONLINE['steps']} steps of {ONLINE['prompts_per_step']} prompts x "
+        f"{ONLINE['num_generations']} samples, reward preftune.rewards:toy_verifier")
+    t0 = time.perf_counter()
+    summary = preftune.train({"model": model, "tokenizer": tokenizer, **config}, log=lambda *_: None)
+    log(f"quickstart: online DPO {summary['steps']} steps in {time.perf_counter() - t0:.1f}s "
+        f"({summary['source_s']:.1f}s of them sampling and scoring), final loss {summary['final_loss']:.3f}")
+    after_gen, after_rows = generation_accuracy(model, tokenizer, held_out)
+    before, after = {"generation_accuracy": before_gen}, {"generation_accuracy": after_gen}
+    checks = {"generation_accuracy": after_gen >= ONLINE_TARGETS["generation_accuracy"],
+              "generation_gain": after_gen - before_gen >= ONLINE_TARGETS["gain"]}
+    train, final = summary["final_train_metrics"], summary["final_eval_metrics"]
+    report = {
+        "method": "online_dpo", "before": before, "after": after, "passed": all(checks.values()), "checks": checks,
+        "targets": ONLINE_TARGETS, "seed": seed,
+        "final": {"eval/reward/mean": final.get("reward/mean"),
+                  "train/rollout/skipped_fraction": train.get("rollout/skipped_fraction")},
+        "config": {"sft": sft.config, "online_dpo": config["training"] | {k: config[k] for k in
+                                                                          ("loss", "rollout", "reward")},
+                   "recipe": {"sft": SFT, "online_dpo": ONLINE, "held_out": HELD_OUT}},
+        "runs": {"sft": {"summary": str(sft.run_dir / "train_summary.json"), "model": sft.summary["model_dir"],
+                         "train_runtime_s": sft.summary["train_runtime_s"], "steps": sft.summary["steps"]},
+                 "online_dpo": {"summary": str(out / "train_summary.json"), "model": summary["model_dir"],
+                                "train_runtime_s": summary["train_runtime_s"], "source_s": summary["source_s"],
+                                "steps": summary["steps"]}},
+        "samples": [{"prompt": b["prompt"], "before": b["response"], "after": a["response"]}
+                    for b, a in zip(before_rows[:8], after_rows[:8])],
+        "wall_time_s": time.perf_counter() - t_start,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    log(_table(report, ("generation_accuracy",), ONLINE_TARGETS))
+    log(f"quickstart: {'PASSED' if report['passed'] else 'FAILED'} in {report['wall_time_s']:.0f}s; "
+        f"wrote {out / 'report.json'}, metrics.jsonl, samples.jsonl, tensorboard/, plots/, report.html")
+    return report
+
+
+def _table(report: dict, keys: tuple[str, ...], targets: dict) -> str:
     lines = [f"{'metric':<32}{'before':>8}{'after':>8}   target", "-" * 62]
-    for key, _ in rows:
+    for key in keys:
         b, a = report["before"][key], report["after"][key]
-        target = f">= {TARGETS[key]:.2f}" if key in TARGETS else ""
+        target = f">= {targets[key]:.2f}" if key in targets else ""
         lines.append(f"{key:<32}{b:>8.3f}{a:>8.3f}   {target}")
     lines.append("")
     lines.extend(f"  {s['prompt']!r}: {s['before']!r} -> {s['after']!r}" for s in report["samples"][:3])

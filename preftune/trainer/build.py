@@ -32,6 +32,7 @@ from preftune.hardware import bf16_refusal
 from preftune.logprobs import LogpModel
 from preftune.models import MODEL_KINDS, apply_lora, freeze, load_causal_lm, load_tokenizer, reference_mode
 from preftune.monitor.monitor import Monitor
+from preftune.monitor.samples import truncate_samples
 from preftune.rollout.sources import on_policy_source
 from preftune.runlog import MetricWriter, truncate_after
 from preftune.trainer import checkpoint as ckpt
@@ -81,6 +82,7 @@ class Run:
     total_steps: int
     start_step: int = 0
     nonfinite_total: int = 0
+    no_signal_total: int = 0
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -98,7 +100,8 @@ class Run:
         """Write ``checkpoints/step-N`` (main process only): weights, optimizer, schedule, RNG, position."""
         if self.main:
             ckpt.save_checkpoint(self.run_dir, step, self.policy, self.optimizer, self.scheduler,
-                                 {"nonfinite_steps": self.nonfinite_total, "objective": self.objective.state_dict(),
+                                 {"nonfinite_steps": self.nonfinite_total, "no_signal_steps": self.no_signal_total,
+                                  "objective": self.objective.state_dict(),
                                   "source": self.source.state_dict()},
                                  self.cfg.training.save_total_limit)
 
@@ -198,12 +201,14 @@ def build_run(cfg, resume, log) -> Run:
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler)
         run.start_step, run.nonfinite_total = state["step"], state.get("nonfinite_steps", 0)
+        run.no_signal_total = state.get("no_signal_steps", 0)
         objective.load_state_dict(state.get("objective", {}))
         source.load_state_dict(state.get("source", {}))
         say(f"resumed from {resume_from} at step {run.start_step}")
     if main:
-        if resume_from is not None:  # records past the checkpoint are redone, so none is written twice
+        if resume_from is not None:  # records and samples past the checkpoint are redone, so none is written twice
             truncate_after(run_dir, run.start_step)
+            truncate_samples(run_dir, run.start_step)
         run.writer = MetricWriter(run_dir, append=resume_from is not None)
         if hasattr(source, "writer"):  # a source that logs text (an on-policy completions table) gets the writer
             source.writer = run.writer

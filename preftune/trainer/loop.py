@@ -15,6 +15,7 @@ import contextlib
 import json
 import resource
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ def run_steps(run: Run) -> dict:
             f"({tc.per_device_batch_size} x {world} processes x {accum} accumulation), loss {run.cfg.loss.name}, "
             f"{tc.precision}")
     bar = _progress(tc.progress_bar and run.main, run.total_steps, run.start_step)
-    totals = {"last_train": {}, "eval": {}, "tokens": 0, "samples": 0, "train_time": 0.0}
+    totals = {"last_train": {}, "eval": {}, "tokens": 0, "samples": 0, "train_time": 0.0, "source_time": 0.0}
     consecutive_bad = 0
     for step in range(run.start_step, run.total_steps):
         t0 = time.perf_counter()
@@ -69,8 +70,12 @@ def run_steps(run: Run) -> dict:
             tokens += batch.num_tokens
             t_next = time.perf_counter()
         source_time += time.perf_counter() - t_next
+        totals["source_time"] += source_time
         if not sums.sums:  # the source had nothing to learn from at this step (e.g. every reward tied)
             _no_signal(run, step)
+            _evaluate_and_checkpoint(run, step + 1, totals)
+            if run.monitor.stop_reason:
+                break
             continue
         # -- clip and update, unless some process saw a non-finite loss or gradient
         params = [p for p in run.policy.parameters() if p.requires_grad]
@@ -105,12 +110,7 @@ def run_steps(run: Run) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}", margin=f"{values.get('rewards/margins', 0):.3f}",
                             acc=f"{values.get('rewards/accuracies', 0):.2f}", tok_s=f"{total_tokens / dt:.0f}")
-        if tc.eval_every and done % tc.eval_every == 0 and done != run.total_steps:
-            totals["eval"] = evaluate(run, done)
-        if tc.save_every and done % tc.save_every == 0 and done != run.total_steps:
-            run.checkpoint(done)
-            if world > 1:
-                acc.wait_for_everyone()
+        _evaluate_and_checkpoint(run, done, totals)
         if run.monitor.stop_reason:  # monitor.max_kl or early stopping; the eval of this step was the last
             break
     if bar is not None:
@@ -126,15 +126,34 @@ def _any_process(accelerator, flag: bool) -> bool:
     return value.item() > 0
 
 
+def _evaluate_and_checkpoint(run: Run, done: int, totals: dict) -> None:
+    """The evaluation and checkpoint due after ``done`` steps (the final ones are :func:`finish`'s)."""
+    tc = run.cfg.training
+    if tc.eval_every and done % tc.eval_every == 0 and done != run.total_steps:
+        totals["eval"] = evaluate(run, done)
+    if tc.save_every and done % tc.save_every == 0 and done != run.total_steps:
+        run.checkpoint(done)
+        if run.accelerator.num_processes > 1:
+            run.accelerator.wait_for_everyone()
+
+
 def _no_signal(run: Run, step: int) -> None:
     """A step without a single usable example on any process: no update (the schedule still advances, so a
-    resumed run stays aligned); the source's metrics are logged and the user is told why."""
+    resumed run stays aligned); the source's metrics are logged (``rollout/pairs`` 0) and counted in
+    ``train_summary.json`` (``no_signal_steps``). The user is told why once, not at every such step."""
     run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
+    with warnings.catch_warnings():  # torch's "scheduler before optimizer" notice: intended here
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        run.scheduler.step()
     values = {**run.source.metrics(step), "learning_rate": run.scheduler.get_last_lr()[0]}
-    run.say(f"step {step + 1}: {values.get('rollout/why', 'no usable examples')}: no learning signal, update skipped")
-    if run.writer:
-        run.writer.write(step + 1, "train", {k: v for k, v in values.items() if not isinstance(v, str)})
+    run.no_signal_total += 1
+    if run.no_signal_total == 1:
+        run.say(f"warning: step {step + 1}: {values.get('rollout/why', 'no usable examples')}: no learning "
+                "signal, update skipped (further such steps are skipped silently and counted as no_signal_steps "
+                "in train_summary.json; a reward that never varies within a prompt's samples never trains)")
+    done, tc = step + 1, run.cfg.training
+    if run.writer and (done % tc.logging_every == 0 or done == run.total_steps):
+        run.writer.write(done, "train", {k: v for k, v in values.items() if not isinstance(v, str)})
 
 
 def _nonfinite(run: Run, step: int, consecutive: int) -> None:
@@ -191,6 +210,8 @@ def finish(run: Run, totals: dict) -> dict:
         "steps": run.monitor.stopped_at or run.total_steps,
         "stopped": run.monitor.stop_reason,
         "nonfinite_steps": run.nonfinite_total,
+        "no_signal_steps": run.no_signal_total,
+        "source_s": totals["source_time"],
         "train_examples": len(run.source.data),
         "eval_examples": len(run.eval_set),
         "dropped_rows": dict(run.drops.counts),

@@ -124,3 +124,35 @@ def test_cli_agreement_writes_filtered_pairs(tmp_path, jsonl, read, cli, capsys)
     assert read(tmp_path / "kept.dropped.jsonl") == []
     anns, payload, bad = read_annotations(src)
     assert len(anns) == 18 and bad[0]["reason"] == "missing_field:item" and bad[0]["line"] == 19
+
+
+def test_unknown_labels_are_refused_with_file_line_and_the_allowed_set(tmp_path, jsonl, cli):
+    from preftune.data.load import DataError
+
+    rows = [{"item_id": 1, "annotator": "x", "choice": "A"},  # upper case is fine: labels are lower-cased
+            {"item_id": 1, "annotator": "y", "choice": "Tie"},
+            {"item_id": 2, "annotator": "x", "choice": "response_a"},  # line 3: not a label
+            {"item_id": 2, "annotator": "y", "choice": "b", "shown_first": "c"},  # line 4
+            {"item_id": 3, "annotator": "x", "choice": "b", "gold": "bb"}]  # line 5
+    src = jsonl(tmp_path / "ann.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        read_annotations(src)
+    msg = str(e.value)
+    assert msg.startswith("3 annotation rows have labels outside the allowed set")
+    assert f"{src}:3: choice 'response_a'" in msg and f"{src}:4: shown_first 'c'" in msg
+    assert f"{src}:5: gold 'bb'" in msg and "a, b, tie, equal, none, both, neither" in msg
+    anns, _, _ = read_annotations(jsonl(tmp_path / "ok.jsonl", rows[:2]))
+    assert [a.choice for a in anns] == ["a", "tie"]
+    with pytest.raises(SystemExit):  # argparse: --first-label must be a or b
+        cli(["agreement", str(src), "--first-label", "c"])
+    with pytest.raises(ValueError, match="first_label"):
+        analyze(anns, first_label="left")
+
+
+def test_agreement_outputs_may_not_overwrite_the_input(tmp_path, jsonl, cli):
+    from preftune.errors import PreftuneError
+
+    src = jsonl(tmp_path / "ann.jsonl", [{"item_id": 1, "annotator": "x", "choice": "a"}])
+    with pytest.raises(PreftuneError, match="is the input"):
+        cli(["agreement", str(src), "--report", str(src)])
+    assert "annotator" in src.read_text()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from preftune.data.clean import clean, dropped_path_for, parse_names
-from preftune.data.validate import CHECKS, STRUCTURAL
+from preftune.data.validate import CHECKS, STRUCTURAL, validate
 from preftune.errors import PreftuneError
 
 
@@ -98,3 +101,57 @@ def test_cli_prints_the_three_numbers(tmp_path, dirty, cli, capsys):
     text = capsys.readouterr().out
     assert "read 12, kept 8, dropped 4" in text
     assert dropped_path_for(out).exists() and dropped_path_for(out).name == "clean.dropped.jsonl"
+
+
+def test_csv_record_with_more_cells_than_the_header_keeps_its_text(tmp_path, read):
+    src = tmp_path / "d.csv"
+    src.write_text("prompt,chosen,rejected\np1,good answer,bad answer\np2,x,y,SURPLUS\n", encoding="utf-8")
+    res = clean(src, tmp_path / "c.jsonl")
+    (dropped,) = read(tmp_path / "c.dropped.jsonl")
+    assert (res.read, res.kept, res.dropped) == (2, 1, 1)
+    assert dropped["line"] == 3 and dropped["reason"] == "malformed_line: more cells than header columns"
+    assert dropped["row"] == "p2,x,y,SURPLUS"  # was null: the row could not be found again
+
+
+def _strict(text):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+
+
+def test_nan_and_infinity_are_written_as_null_with_a_flag(tmp_path, jsonl):
+    src = jsonl(tmp_path / "nan.jsonl", [
+        '{"prompt": "p", "chosen": "good answer", "rejected": "bad answer", "chosen_rating": NaN, "w": [1, Infinity]}',
+        '{"prompt": "q", "chosen": "nice reply", "rejected": "rude reply", "extra": -Infinity}',
+        '{"prompt": "r", "chosen": "same", "rejected": "same", "score": NaN}',  # identical: dropped
+    ])
+    out = tmp_path / "c.jsonl"
+    clean(src, out)
+    kept = _strict(out.read_text())  # Python's json writes NaN / Infinity by default: these loads would fail
+    assert kept[0]["chosen_rating"] is None and kept[0]["w"] == [1, None]
+    assert kept[0]["non_finite"] == ["chosen_rating", "w[1]"] and kept[1]["non_finite"] == ["extra"]
+    (dropped,) = _strict(dropped_path_for(out).read_text())
+    assert dropped["row"]["score"] is None and dropped["non_finite"] == ["row.score"]
+    report = validate(src)
+    report.stats["planted"] = float("nan")
+    (d,) = _strict(report.to_json(indent=None))
+    assert d["stats"]["planted"] is None and d["non_finite"] == ["stats.planted"]
+
+
+def test_out_may_not_be_the_input_under_any_name(tmp_path, dirty):
+    before = dirty.read_bytes()
+    with pytest.raises(PreftuneError, match="is the input"):
+        clean(dirty, dirty)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(dirty)
+    with pytest.raises(PreftuneError, match="another name"):
+        clean(dirty, link)
+    hard = tmp_path / "hard.jsonl"
+    os.link(dirty, hard)
+    with pytest.raises(PreftuneError, match="another name"):
+        clean(hard, dirty)
+    assert dirty.read_bytes() == before
+    src = tmp_path / "rows.dropped.jsonl"
+    src.write_bytes(before)
+    with pytest.raises(PreftuneError, match="is the input"):
+        clean(src, tmp_path / "rows.jsonl")  # rows.jsonl's dropped rows would go to rows.dropped.jsonl

@@ -124,3 +124,37 @@ def test_cli_convert(tmp_path, jsonl, cli, capsys, read):
     assert len(read(out)) == 3
     with pytest.raises(PreftuneError, match="unknown pairing"):
         convert(src, out, to="standard", pairing="best")
+
+
+def S(text):
+    return {"role": "system", "content": text}
+
+
+def test_system_and_user_prompt_to_standard_keeps_the_system_text(toy_tok):
+    row = {"prompt": [S("this helps !"), U("say : cat dog")], "chosen": [A("cat dog")], "rejected": [A("dog")]}
+    (out,) = convert_row(row, to="standard")  # was dropped as multi_turn_prompt
+    assert out == {"prompt": "this helps !\n\nsay : cat dog", "chosen": "cat dog", "rejected": "dog"}
+    implicit = {"chosen": [S("this helps !"), U("say : cat dog"), A("cat dog")],
+                "rejected": [S("this helps !"), U("say : cat dog"), A("dog")]}
+    assert convert_row(implicit, to="standard") == [out]  # the prompt is the shared system + user turns
+    assert convert_row({**row, "prompt": [S("   "), U("say : cat dog")]}, to="standard")[0]["prompt"] == \
+        "say : cat dog"
+    # What the trainer makes of it (toy word-level tokenizer): a text prompt is tokenized as it stands, with BOS
+    # and the system text first; the completions follow as plain text with EOS.
+    from preftune.data.formats import to_pair
+    from preftune.data.tokenize import Tokenization
+
+    tokenized = Tokenization(toy_tok, max_length=64).pair(to_pair(out))
+    assert toy_tok.convert_ids_to_tokens(tokenized.prompt_ids) == ["<bos>", "this", "helps", "!", "say", ":",
+                                                                   "cat", "dog"]
+    assert toy_tok.convert_ids_to_tokens(tokenized.chosen_ids) == ["cat", "dog", "<eos>"]
+    # A prompt with an earlier assistant turn still cannot be one plain text.
+    with pytest.raises(Skip, match="multi_turn_prompt"):
+        convert_row({**row, "prompt": [S("s"), U("a"), A("b"), U("c")]}, to="standard")
+
+
+def test_convert_refuses_to_write_over_its_input(tmp_path, jsonl):
+    src = jsonl(tmp_path / "in.jsonl", [STANDARD])
+    with pytest.raises(PreftuneError, match="is the input"):
+        convert(src, src, to="conversational")
+    assert "Hi there" in src.read_text()

@@ -78,6 +78,22 @@ def test_every_planted_problem_is_found_at_its_row(dirty):
     assert validate(dirty, thresholds=Thresholds(max_unusable_fraction=0.25)).usable
 
 
+def test_near_identical_compares_word_order_not_a_bag_of_words(tmp_path, jsonl, pair):
+    # LONG has 29 words. Reversed, every word is still there (bag-of-words overlap 1.0), but the longest common
+    # run is short: difflib's ratio is 2·3/58 = 0.103, far under the 0.9 threshold: "the man bit the dog" is not
+    # "the dog bit the man". One word swapped ("lazy" -> "sleepy") keeps 28 of 29 in order: 2·28/58 = 0.966.
+    reversed_long = " ".join(reversed(LONG.split()))
+    assert similarity(LONG, reversed_long) == pytest.approx(6 / 58)
+    assert similarity(LONG, LONG.replace("lazy", "sleepy")) == pytest.approx(56 / 58)
+    rows = [pair(i) for i in range(6)] + [
+        {"prompt": "Order?", "chosen": LONG, "rejected": reversed_long},  # 7: same words, another order
+        {"prompt": "Near?", "chosen": LONG, "rejected": LONG.replace("lazy", "sleepy")},  # 8: near-identical
+    ]
+    r = validate(jsonl(tmp_path / "order.jsonl", rows))
+    assert _rows(r, "near_identical") == ["8"]
+    assert r.finding("identical") is None
+
+
 def test_example_rows_are_capped_and_in_file_order(tmp_path, jsonl, pair):
     path = jsonl(tmp_path / "d.jsonl", [pair(0)] * 8)
     f = validate(path, max_examples=3).finding("duplicates")
@@ -129,13 +145,30 @@ def test_length_bias_numbers_and_warning(tmp_path, jsonl):
 def test_kto_imbalance_and_weights(tmp_path, jsonl):
     rows = [{"prompt": f"p{i}", "completion": f"c{i}", "label": i < 9} for i in range(12)]
     f = validate(jsonl(tmp_path / "kto.jsonl", rows)).finding("kto_balance")
-    # n_D = 9, n_U = 3: λ_D ∈ [3/9, 4/3 · 3/9] = [0.333, 0.444]; 1 is outside, so suggest the nearest end 0.444
+    # n_D = 9, n_U = 3: ratio 9/3 = 3 > 4/3 with the default weights. What `auto` trains with (the majority keeps
+    # 1, the minority rises to put the ratio at 7/6): λ_U = 9 / (7/6 · 3) = 2.5714 -> 1·9 / (2.5714·3) = 1.1667.
+    # The λ_D range with λ_U = 1 is [3/9, 4/3 · 3/9] = [0.333, 0.444].
     assert f.severity == "warning" and f.count == 9 and f.total == 12
+    assert (f.details["desirable_weight"], f.details["undesirable_weight"]) == (1.0, 2.5714)
+    assert f.details["balanced_ratio"] == pytest.approx(7 / 6, abs=1e-4)
     assert f.details["desirable_weight_range"] == [pytest.approx(1 / 3, abs=1e-6), pytest.approx(4 / 9, abs=1e-6)]
-    assert f.details["desirable_weight"] == pytest.approx(4 / 9, abs=1e-6)
-    w = kto_weights(3, 9)  # n_U / n_D = 3 -> λ_D in [3, 4]
-    assert w["desirable_weight_range"] == [3.0, 4.0] and w["desirable_weight"] == 3.0
+    assert "desirable_weight=1, undesirable_weight=2.5714" in f.message
+    w = kto_weights(3, 9)  # the minority is desirable: λ_D = 7/6 · 9/3 = 3.5, λ_U = 1; range [3, 4]
+    assert (w["desirable_weight"], w["undesirable_weight"]) == (3.5, 1.0) and w["desirable_weight_range"] == [3.0, 4.0]
     assert kto_weights(4, 4)["defaults_in_range"] and kto_weights(5, 4)["defaults_in_range"]  # 5/4 ≤ 4/3
+    assert (kto_weights(5, 4)["desirable_weight"], kto_weights(5, 4)["undesirable_weight"]) == (1.0, 1.0)
+
+
+def test_validate_recommends_what_the_trainer_auto_weights_use():
+    # One function answers both (losses.kto.balanced_weights): the trainer's Objective.setup resolves `auto`
+    # with it, and data validate reports it, for every class balance.
+    from preftune.losses.kto import balanced_weights
+    from preftune.trainer.steps import balanced_weights as trainer_weights
+
+    assert trainer_weights is balanced_weights
+    for n_d, n_u in [(30, 90), (90, 30), (100, 90), (1, 999), (7, 3)]:
+        w = kto_weights(n_d, n_u)
+        assert (w["desirable_weight"], w["undesirable_weight"]) == balanced_weights(n_d, n_u)
 
 
 def test_kto_contradictions_and_duplicates(tmp_path, jsonl):
@@ -250,3 +283,21 @@ def test_cli_validate_unknown_file_is_a_user_error(tmp_path, cli):
 
     with pytest.raises(PreftuneError, match="no such file"):
         cli(["validate", str(tmp_path / "missing.jsonl")])
+
+
+def test_trainer_preflight_judges_the_train_file_alone(tmp_path, jsonl, pair, toy_tok):
+    from preftune.config import DataConfig
+    from preftune.data.load import DataError
+    from preftune.data.prepare import prepare_data
+    from preftune.data.tokenize import Tokenization
+
+    # 46 train lines, 6 of them unusable (13% > 10%), and 60 clean eval rows. Counting the eval rows under the
+    # train file's name read "106 rows read, 6 unusable (5.7%)" and let this train file through.
+    empty = {"prompt": "p", "chosen": "an answer", "rejected": " "}
+    train = jsonl(tmp_path / "train.jsonl", [pair(i) for i in range(40)] + [empty] * 6)
+    evaluation = jsonl(tmp_path / "eval.jsonl", [pair(100 + i) for i in range(60)])
+    lines = []
+    with pytest.raises(DataError, match="6 of 46 rows"):
+        prepare_data(DataConfig(train=str(train), eval=str(evaluation)), "paired",
+                     Tokenization(toy_tok, max_length=64), 0, None, lines.append)
+    assert f"data check: {train}: 46 rows read, 40 usable" in lines[0]

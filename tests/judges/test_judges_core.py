@@ -216,3 +216,46 @@ def test_ensemble_scores_and_members_debias_themselves():
     assert biased.position_bias == {"x": 1.0, "y": 1.0}
     with pytest.raises(ValueError):
         EnsembleJudge(_members(), mode="median")
+
+
+class Reader(Judge):
+    """Scores a response by its length; "???" cannot be read (like an unparseable LLM reply), "inf" is infinite.
+    Counts the batches it is asked, to show the bad item is isolated without scoring everything one by one."""
+
+    def __init__(self):
+        super().__init__("reader")
+        self.batches = []
+
+    def _score_many(self, items):
+        self.batches.append(len(items))
+        if any(r == "???" for _, r in items):
+            raise ValueError("unparseable judge output")
+        return [math.inf if r == "inf" else float(len(r)) for _, r in items]
+
+
+def test_try_score_many_isolates_failures_and_keeps_the_rest():
+    judge = Reader()
+    items = [("p", r) for r in ["a", "bb", "???", "dddd", "inf", "ffffff", "g", "hh"]]
+    scores, errors = judge.try_score_many(items)
+    assert scores == [1.0, 2.0, None, 4.0, None, 6.0, 1.0, 2.0]
+    assert errors[2] == "ValueError: unparseable judge output" and errors[4] == "non-finite score inf"
+    assert [e is None for e in errors] == [True, True, False, True, False, True, True, True]
+    # 8 fail -> 4 + 4; [a bb ??? dddd] fails -> 2 + 2; [a bb] ok, [??? dddd] fails -> 1 + 1; the second half ok.
+    assert judge.batches == [8, 4, 2, 2, 1, 1, 4]
+    assert judge.try_score_many([]) == ([], [])
+
+    class Broken(Judge):
+        def _score(self, prompt, response):
+            raise RuntimeError("server down")  # not a reply problem: raised, not counted
+
+    with pytest.raises(RuntimeError, match="server down"):
+        Broken().try_score_many([("p", "r")])
+
+
+def test_compare_scores_is_the_score_based_verdict_rule():
+    judge = VerifierJudge(lambda p, r: 0.0, tie_margin=0.2)
+    tie = judge.compare_scores(0.5, 0.4)  # |0.1| <= 0.2: a tie, confidence 1 - 0.1/0.2 = 0.5
+    assert (tie.winner, round(tie.confidence, 9), tie.details) == ("tie", 0.5, {"score_a": 0.5, "score_b": 0.4})
+    win = judge.compare_scores(0.1, 0.9)
+    assert win.winner == "B" and win.confidence == judge.confidence_from_margin(0.8)
+    assert [(v.winner, v.confidence) for v in judge.judge_many([("p", "x", "y")])] == [("tie", 1.0)]

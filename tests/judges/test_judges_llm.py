@@ -214,3 +214,29 @@ def test_missing_key_variable_is_a_clear_error(server, monkeypatch):
         make_judge(server, api_key_env="NO_SUCH_KEY_VAR")
     server.script = lambda body, n: Reply('{"score": 3}')
     assert make_judge(server, api_key_env=None).score("q", "r") == 3.0  # keyless local server
+
+
+def test_one_unparseable_score_reply_does_not_abort_a_judge_run(server, api_key):
+    # Scores by the response's first word; "garbled" answers are unreadable, also after the format retry.
+    def script(body, n):
+        response = fields(body).get("R", "")
+        if response.startswith("garbled"):
+            return Reply("I would rate it highly!")
+        return Reply(json.dumps({"score": {"great": 9, "fine": 5, "poor": 2}[response.split()[0]]}))
+
+    server.script = script
+    from preftune.synth.pairs import build_pairs
+
+    rows = [{"prompt": "q1", "prompt_id": "a", "_gen_line": 1,
+             "responses": [{"text": "fine one"}, {"text": "garbled two"}, {"text": "great three"},
+                           {"text": "poor four"}]},
+            {"prompt": "q2", "prompt_id": "b", "_gen_line": 2,
+             "responses": [{"text": "garbled x"}, {"text": "great y"}]}]
+    res = build_pairs(rows, make_judge(server, max_concurrency=1), mode="best-vs-worst", scoring="score")
+    # q1: the garbled response is left out; great (9) vs poor (2) is kept. q2: one scored response is no pair.
+    (pair,) = res.pairs
+    assert (pair["chosen"], pair["rejected"]) == ("great three", "poor four")
+    assert pair["lineage"]["scores"] == {"0": 5.0, "1": None, "2": 9.0, "3": 2.0}
+    assert res.reasons == {"judge_error": 1} and res.candidates == 2
+    assert [(u["gen_line"], u["index"]) for u in res.unscored] == [(1, 1), (2, 0)]
+    assert "JudgeParseError" in res.unscored[0]["error"] and "judge failed to score 2 responses" in res.summary()

@@ -115,3 +115,13 @@ def test_a_spec_must_declare_a_legal_range_per_hyperparameter():
     with pytest.raises(ValueError, match="reward_scale names 'gamma'"):
         LossSpec(name="toy", fn=_toy, needs_reference=False, ranges={"beta": Range(), "tau": Range()},
                  reward_scale="gamma")
+
+
+def test_optional_and_literal_hyperparameters_are_type_checked():
+    # grpo: epsilon_high: float | None, importance_sampling: Literal["token", "sequence"]
+    grpo = get_loss("grpo")
+    assert grpo.check_params({"epsilon_high": None}) == [] and grpo.check_params({"epsilon_high": "0.28"}) == []
+    assert grpo.check_params({"epsilon_high": "abc"}) == [
+        "loss.epsilon_high must be a number or null for grpo, got 'abc'"]
+    assert grpo.check_params({"importance_sampling": "tok"}) == [
+        "loss.importance_sampling must be one of 'token', 'sequence' for grpo, got 'tok'"]
