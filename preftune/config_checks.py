@@ -174,10 +174,10 @@ def _check_rollout(config, reader: Reader) -> Iterator[tuple[str, str]]:
 GROUP_ONLY = {"num_iterations": 1, "dynamic_sampling": False, "mask_truncated_completions": False}
 
 
-@check("rollout", "reward", "loss.name", "task")
+@check("rollout", "loss.name", "task")
 def _check_groups(config, reader: Reader) -> Iterator[tuple[str, str]]:
-    """On-policy groups: a policy-gradient loss needs a `rollout:` section, a group holds at least 2 samples,
-    the overlong buffer fits in the generation budget, and options only GRPO reads are not set for online DPO."""
+    """On-policy groups: a policy-gradient loss needs a `rollout:` section, a group holds at least 2 samples, and
+    options only GRPO reads are not set for online DPO."""
     from preftune.losses import get_loss
 
     try:
@@ -195,13 +195,19 @@ def _check_groups(config, reader: Reader) -> Iterator[tuple[str, str]]:
             f"rollout.num_generations: {rollout.num_generations} makes groups of one completion: its reward is "
             "its own group mean, so every advantage is 0 (GRPO) and no pair can be formed (online DPO); use at "
             "least 2 (TRL's default is 8; training.per_device_batch_size counts prompts, each with its whole group)")
-    reward = config.reward
-    if reward is not None and reward.overlong_buffer is not None and reward.overlong_buffer > rollout.max_new_tokens:
-        yield "reward.overlong_buffer", (
-            f"reward.overlong_buffer: {reward.overlong_buffer} exceeds rollout.max_new_tokens "
-            f"{rollout.max_new_tokens}: the punishment would start before a completion has any length")
     if "paired" in kinds:
         for key, default in GROUP_ONLY.items():
             if getattr(rollout, key) != default:
                 yield f"rollout.{key}", (f"rollout.{key}: {getattr(rollout, key)} is a GRPO option (policy-gradient "
                                          f"losses); online DPO ({'/'.join(loss_names(config.loss.name))}) ignores it")
+
+
+@check("reward.overlong_buffer", "rollout.max_new_tokens")
+def _check_overlong(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    reward, rollout = config.reward, config.rollout
+    if rollout is None or reward is None or reward.overlong_buffer is None:
+        return
+    if reward.overlong_buffer > rollout.max_new_tokens:
+        yield "reward.overlong_buffer", (
+            f"reward.overlong_buffer: {reward.overlong_buffer} exceeds rollout.max_new_tokens "
+            f"{rollout.max_new_tokens}: the punishment would start before a completion has any length")
