@@ -521,3 +521,30 @@ def test_group_settings_are_refused_when_the_config_is_read(grpo, change, messag
         cfg[key] = value if value is None or key == "loss" else {**cfg[key], **value}
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         to_config(cfg)
+
+
+# ---- the quickstart ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_policy_gradient_quickstart_meets_targets(tmp_path, toy_sft, method):
+    from preftune.cli import QUICKSTARTS
+    from preftune.toy import policy_quickstart as pq
+
+    assert QUICKSTARTS[method] == f"preftune.toy.policy_quickstart:run_{method}_quickstart"
+    run = {"grpo": pq.run_grpo_quickstart, "rloo": pq.run_rloo_quickstart}[method]
+    report = run(tmp_path, seed=0, log=lambda *_: None, sft_dir=toy_sft.run_dir)
+    before, after = report["before"]["generation_accuracy"], report["after"]["generation_accuracy"]
+    print(f"{method}: generation accuracy {before:.3f} -> {after:.3f}, "
+          f"{report['runs'][method]['train_runtime_s']:.0f}s of training")
+    assert after >= pq.TARGETS["generation_accuracy"] == 0.90
+    assert after - before >= pq.TARGETS["gain"] == 0.25
+    assert report["passed"] and report["method"] == method
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["after"]["generation_accuracy"] == after and on_disk["config"][method]["rollout"][
+        "advantage_estimator"] == method
+    train = records(tmp_path)
+    assert train[-1]["reward/mean"] > train[0]["reward/mean"]
+    assert any(r.get("kind") == "rollout" for r in map(json.loads, (tmp_path / "samples.jsonl").read_text()
+                                                       .splitlines()))
