@@ -126,9 +126,14 @@ def worker_trl(a) -> dict:
 
 
 def worker_preftune(a) -> dict:
-    # Libraries imported before the clock starts, as worker_trl does (preftune imports them lazily).
+    # Libraries imported before the clock starts, as worker_trl does (importing trl loads transformers' modeling,
+    # generation and Trainer modules; preftune imports them lazily, on first use, so they are loaded here).
     import accelerate  # noqa: F401
     import datasets  # noqa: F401
+    import matplotlib.pyplot  # noqa: F401  (the end-of-run plots)
+    import transformers.generation.utils  # noqa: F401
+    import transformers.models.auto.tokenization_auto  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import preftune
@@ -144,14 +149,26 @@ def worker_preftune(a) -> dict:
                      "max_steps": a.steps, "max_length": 512, "precision": a.precision, "allow_slow_bf16": True,
                      "save_model": False, "progress_bar": False, "logging_every": 1},
     }
+    import preftune.trainer.loop as loop
+
+    plots = [0.0]
+    real_plots = loop._plots
+
+    def timed_plots(run_dir, say):
+        t = time.perf_counter()
+        real_plots(run_dir, say)
+        plots[0] = time.perf_counter() - t
+
+    loop._plots = timed_plots
     preftune.train(config, log=lambda *m: print(*m, file=sys.stderr))
     t_end = time.perf_counter()
     records = [json.loads(line) for line in (a.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if r.get("split") == "train"]
     gen = sum(r.get("time/generate_s", 0.0) for r in train)
-    loop = sum(r.get("time/generate_s", 0.0) + r.get("time/score_s", 0.0) + r.get("time/train_s", 0.0)
+    in_loop = sum(r.get("time/generate_s", 0.0) + r.get("time/score_s", 0.0) + r.get("time/train_s", 0.0)
                for r in train)
-    return {"wall_s": t_end - t0, "setup_s": t_end - t0 - loop, "generate_s": gen, "train_s": loop - gen,
+    return {"wall_s": t_end - t0, "setup_s": t_end - t0 - in_loop - plots[0], "report_s": plots[0],
+            "generate_s": gen, "train_s": in_loop - gen,
             "first_loss": train[0].get("loss"), "first_kl": train[0].get("kl"),
             "second_loss": train[1].get("loss") if len(train) > 1 else None,
             "second_kl": train[1].get("kl") if len(train) > 1 else None}
@@ -355,16 +372,17 @@ def _f(x, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | precision | tool | end-to-end s | setup s | generation s | training s | CPU s | peak RSS MiB | "
-            "first loss | first KL | 2nd loss | 2nd KL | speed vs TRL (wall) | (loop) | RSS vs TRL |")
-    lines = [head, "|" + "---|" * 16]
+    head = ("| model | precision | tool | end-to-end s | setup s | generation s | training s | report s | CPU s | "
+            "peak RSS MiB | first loss | first KL | 2nd loss | 2nd KL | speed vs TRL (wall) | (loop) | RSS vs TRL |")
+    lines = [head, "|" + "---|" * 17]
     for r in rows:
         if "note" in r:
-            lines.append(f"| {r['model']} | {r['precision']} | {r['tool']} | {r['note']} |" + " |" * 12)
+            lines.append(f"| {r['model']} | {r['precision']} | {r['tool']} | {r['note']} |" + " |" * 13)
             continue
         lines.append(
             f"| {r['model']} | {r['precision']} | {r['tool']} | {r['wall_s']:.1f} | {r['setup_s']:.1f} | "
-            f"{r['generate_s']:.1f} | {r['train_s']:.1f} | {r['cpu_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['generate_s']:.1f} | {r['train_s']:.1f} | {_f(r.get('report_s'), '.1f')} | {r['cpu_s']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | "
             f"{_f(r['first_loss'], '.4g')} | {_f(r['first_kl'], '.3g')} | {_f(r['second_loss'], '.4g')} | "
             f"{_f(r['second_kl'], '.3g')} | {_f(r.get('speedup_vs_trl'), '.2f')}x | "
             f"{_f(r.get('loop_speedup_vs_trl'), '.2f')}x | {_f(r.get('rss_ratio_vs_trl'), '.2f')}x |")
