@@ -160,6 +160,8 @@ def worker_preftune(a) -> dict:
         plots[0] = time.perf_counter() - t
 
     loop._plots = timed_plots
+    if a.checkpointing:
+        config["engine"] = {"gradient_checkpointing": True}
     preftune.train(config, log=lambda *m: print(*m, file=sys.stderr))
     t_end = time.perf_counter()
     records = [json.loads(line) for line in (a.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -272,12 +274,12 @@ def check_math(a) -> dict:
 
 
 def launch(tool: str, model_dir: Path, data: Path, reward: Path, precision: str, steps: int, work: Path,
-           threads: int | None) -> dict:
+           threads: int | None, checkpointing: bool = False) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"grpo-{tool}-", dir=work))
     result = run_dir / "result.json"
     cmd = [sys.executable, __file__, "--worker", tool, "--model-dir", str(model_dir), "--data", str(data),
            "--reward", str(reward), "--precision", precision, "--steps", str(steps), "--run-dir", str(run_dir),
-           "--result", str(result)]
+           "--result", str(result)] + (["--checkpointing"] if checkpointing else [])
     env = dict(os.environ)
     if threads:
         cmd += ["--threads", str(threads)]
@@ -301,6 +303,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads for both tools")
     p.add_argument("--tools", default="trl,preftune", help="which tools to run, comma-separated")
     p.add_argument("--check-math", action="store_true", help="instead: the same-rollout check on the tiny model")
+    p.add_argument("--preftune-checkpointing", action="store_true",
+                   help="also run preftune with engine.gradient_checkpointing (outside the benchmark's rules: a "
+                        "separate row, to show what it buys)")
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "preftune_vs_trl"))
     p.add_argument("--out", default=None, help="JSON results (default WORKDIR/grpo_results.json)")
     # worker mode (internal)
@@ -351,13 +357,19 @@ def main(argv=None) -> int:
             for tool in tools:
                 runs[tool] = launch(tool, model_dir, data, reward, precision, a.steps, work, a.threads)
                 print(f"  {kind} {precision} {tool}: {runs[tool]}", file=sys.stderr)
+            if a.preftune_checkpointing:
+                name = "preftune (grad ckpt, off-rules)"
+                runs[name] = launch("preftune", model_dir, data, reward, precision, a.steps, work, a.threads, True)
+                print(f"  {kind} {precision} {name}: {runs[name]}", file=sys.stderr)
             for tool, r in runs.items():
                 r.update(tool=tool, model=kind, precision=precision, steps=a.steps, threads=a.threads)
-            if "trl" in runs and "preftune" in runs:
-                t, pt = runs["trl"], runs["preftune"]
-                pt["speedup_vs_trl"] = t["wall_s"] / pt["wall_s"]
-                pt["loop_speedup_vs_trl"] = (t["generate_s"] + t["train_s"]) / (pt["generate_s"] + pt["train_s"])
-                pt["rss_ratio_vs_trl"] = pt["peak_rss_mb"] / t["peak_rss_mb"]
+            if "trl" in runs:
+                t = runs["trl"]
+                for pt in (r for n, r in runs.items() if n.startswith("preftune")):
+                    pt["speedup_vs_trl"] = t["wall_s"] / pt["wall_s"]
+                    pt["loop_speedup_vs_trl"] = (t["generate_s"] + t["train_s"]) / (pt["generate_s"] + pt["train_s"])
+                    pt["cpu_speedup_vs_trl"] = t["cpu_s"] / pt["cpu_s"]
+                    pt["rss_ratio_vs_trl"] = pt["peak_rss_mb"] / t["peak_rss_mb"]
             rows.extend(runs.values())
     print(table(rows))
     out = Path(a.out) if a.out else work / "grpo_results.json"
@@ -373,11 +385,12 @@ def _f(x, spec: str) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| model | precision | tool | end-to-end s | setup s | generation s | training s | report s | CPU s | "
-            "peak RSS MiB | first loss | first KL | 2nd loss | 2nd KL | speed vs TRL (wall) | (loop) | RSS vs TRL |")
-    lines = [head, "|" + "---|" * 17]
+            "peak RSS MiB | first loss | first KL | 2nd loss | 2nd KL | speed vs TRL (wall) | (loop) | (CPU time) | "
+            "RSS vs TRL |")
+    lines = [head, "|" + "---|" * 18]
     for r in rows:
         if "note" in r:
-            lines.append(f"| {r['model']} | {r['precision']} | {r['tool']} | {r['note']} |" + " |" * 13)
+            lines.append(f"| {r['model']} | {r['precision']} | {r['tool']} | {r['note']} |" + " |" * 14)
             continue
         lines.append(
             f"| {r['model']} | {r['precision']} | {r['tool']} | {r['wall_s']:.1f} | {r['setup_s']:.1f} | "
@@ -385,7 +398,8 @@ def table(rows: list[dict]) -> str:
             f"{r['peak_rss_mb']:.0f} | "
             f"{_f(r['first_loss'], '.4g')} | {_f(r['first_kl'], '.3g')} | {_f(r['second_loss'], '.4g')} | "
             f"{_f(r['second_kl'], '.3g')} | {_f(r.get('speedup_vs_trl'), '.2f')}x | "
-            f"{_f(r.get('loop_speedup_vs_trl'), '.2f')}x | {_f(r.get('rss_ratio_vs_trl'), '.2f')}x |")
+            f"{_f(r.get('loop_speedup_vs_trl'), '.2f')}x | {_f(r.get('cpu_speedup_vs_trl'), '.2f')}x | "
+            f"{_f(r.get('rss_ratio_vs_trl'), '.2f')}x |")
     return "\n".join(lines)
 
 

@@ -252,7 +252,8 @@ def test_loss_section_suggestions_cross_sections_and_losses():
     assert problems_of(tree(loss={"name": "dpo", "beta": 0.1, "gamma": 0.5})) == [
         "unknown key 'loss.gamma': dpo does not take it (simpo takes it); dpo takes: beta, label_smoothing"]
     assert problems_of(tree(loss={"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"})) == [
-        "unknown key 'loss.loss_type': 'loss_type' is TRL's name, use 'loss.name' (TRL's 'sigmoid' is 'dpo')"]
+        "unknown key 'loss.loss_type': 'loss_type' is TRL's name, use 'loss.name' (TRL's 'sigmoid' is 'dpo'; "
+        "GRPOTrainer's loss_type is 'loss.aggregation')"]
     assert problems_of(tree(loss={"name": "sft", "zzz": 1})) == ["unknown key 'loss.zzz'. sft takes: none."]
 
 
