@@ -1,14 +1,16 @@
 """The `preftune` command line.
 
-    preftune quickstart [--method M] [--out DIR]         offline demo: toy task, SFT, then DPO (or online / iterative
-                                                         DPO, GRPO, RLOO)
-    preftune train CONFIG.yaml [--set k.sub=v ...]       train from a YAML config (--resume to continue)
+    preftune quickstart [--method M] [--out DIR]         offline demo: toy task, SFT, then DPO (online, iterative DPO,
+                                                         GRPO, RLOO, PPO)
+    preftune train CONFIG.yaml [--set k.sub=v ...]       train from a YAML config (--resume / --overwrite)
     preftune data validate|clean|convert|agreement ...   preference-data tooling
     preftune generate / judge ...                        sample responses; judge them into pairs
     preftune eval MODEL --data PAIRS [--reference REF]   preference accuracy, KL, lengths, diversity, win rate
     preftune report RUN_DIR                              RUN_DIR/report.html: curves, alarms, samples
+    preftune push RUN_DIR REPO                           RUN_DIR/final + model card to the Hugging Face Hub
     preftune iterate / sweep CONFIG                      iterative DPO rounds; Optuna hyperparameter sweeps
     preftune review export|import ...                    blind A/B sheets for human raters; their verdicts
+    preftune export RUN --out DIR [--merge]              a run's model standalone (--merge: LoRA folded into its base)
     preftune losses                                      registered losses and what they need
     preftune config-doc                                  every config field with its type, default and doc
 
@@ -28,6 +30,7 @@ QUICKSTARTS = {
     "online_dpo": "preftune.toy.quickstart:run_online_dpo_quickstart",
     "grpo": "preftune.toy.policy_quickstart:run_grpo_quickstart",
     "rloo": "preftune.toy.policy_quickstart:run_rloo_quickstart",
+    "ppo": "preftune.toy.quickstart_ppo:run_ppo_quickstart",
 }
 """``preftune quickstart --method NAME`` -> "module:function(out_dir, seed=...) -> report" (imported on use)."""
 
@@ -47,7 +50,7 @@ def _cmd_train(args) -> int:
 
     config = to_config(args.config, args.set or [])
     resume = True if args.resume == "latest" else args.resume
-    summary = train(config, resume=resume)
+    summary = train(config, resume=resume, overwrite=args.overwrite)
     keys = ("train_runtime_s", "samples_per_second", "tokens_per_second", "peak_rss_mb", "final_loss")
     print("summary: " + ", ".join(f"{k}={summary[k]:.4g}" for k in keys if summary.get(k) is not None))
     print(f"wrote {config.training.output_dir}/train_summary.json")
@@ -85,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=sorted(QUICKSTARTS), default="dpo",
                    help="the demo: dpo (default), online_dpo (every step the policy samples, the toy verifier "
                         "scores, DPO trains best vs worst), grpo / rloo (the verifier's scores, group-relative or "
-                        "leave-one-out advantages, clipped policy gradient) or iterative_dpo (3 rounds of generate "
-                        "-> judge -> train)")
+                        "leave-one-out advantages, clipped policy gradient), iterative_dpo (3 rounds of generate -> "
+                        "judge -> train) or ppo (PPO with a critic, the toy verifier as reward)")
     p.add_argument("--out", help="output directory (default: runs/quickstart, runs/quickstart-METHOD for others)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_quickstart)
@@ -96,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the newest checkpoint in output_dir, or from the given checkpoint dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the previous run in output_dir (a used output_dir is refused without --resume "
+                        "or --overwrite)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("losses", help="list registered losses")
@@ -104,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config_doc)
 
     for module in ("preftune.data.cli", "preftune.rollout.cli", "preftune.eval.cli", "preftune.report.cli",
-                   "preftune.tune.cli"):
+                   "preftune.tune.cli", "preftune.hub", "preftune.export"):
         __import__(module, fromlist=["register"]).register(sub)
     return parser
 

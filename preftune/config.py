@@ -39,8 +39,11 @@ __all__ = ["Config", "DataConfig", "EngineConfig", "LoraConfig", "LossConfig", "
 @dataclass
 class DataConfig:
     train: Any = None
-    """Training rows: a JSONL/JSON/Parquet/CSV path, a `save_to_disk` directory, a hub id (`name` or
-    `name:split`), or (from Python) a `datasets.Dataset` / list of dicts."""
+    """Training rows: a JSONL/JSON/Parquet/CSV path or glob (`data/*.jsonl`), a `save_to_disk` directory, a hub
+    id (`name`, `name:split` or `name:subset:split`), a list of such sources, each a string or `{path, weight,
+    split, name}` (`name`: the hub subset; with `weight` on every source, examples are drawn from source i with
+    probability weight_i / Σ weights, a source that runs out starting over reshuffled; without weights the rows
+    are pooled), or (from Python) a `datasets.Dataset` / list of dicts."""
     eval: Any = None
     """Held-out rows in any form `train` accepts; if absent, `eval_fraction` of train is held out."""
     eval_fraction: float = within("[0, 1)", 0.0)
@@ -64,6 +67,27 @@ class DataConfig:
     ratings_scale: float = within("(0, ∞)", 1.0)
     """With `reward_margin: ratings`, m = ratings_scale × (score_chosen − score_rejected) (no margins at all:
     `reward_margin: none`)."""
+    chat_template: str | None = None
+    """Chat template for conversational rows (a Jinja string, or the path of a file holding one), set on the
+    tokenizer before tokenizing and saved with the model; None: the tokenizer's own. Without either,
+    conversational rows drop as `no_chat_template` and the data check calls the data unusable. A row's `tools`
+    column (a list of JSON schemas, or that list as a JSON string) is passed to the template as `tools=`."""
+    num_proc: int | None = within("[1, ∞)", None)
+    """Processes that tokenize (`datasets.map(num_proc=...)`); None: one. The tokenized set is cached on disk
+    under `cache_dir`, keyed by the rows and the tokenization rules, so a second run does not tokenize again."""
+    cache_dir: str | None = None
+    """Where tokenized data is cached; default `$PREFTUNE_CACHE/tokenized` (`~/.cache/preftune/tokenized`)."""
+    streaming: bool = False
+    """Read `train` as a stream instead of loading it (data bigger than memory): rows are read, shuffled
+    through a `shuffle_buffer` seeded by (seed, epoch) and tokenized as the steps need them. Needs
+    `training.max_steps` (a stream has no known length) and `data.eval` (nothing to hold out from); the
+    reference is scored live (LoRA's adapter-disabled base, a frozen copy or `reference.model`), never
+    precomputed; the data check reads the first 10,000 rows; `--resume` replays the stream to its position
+    without tokenizing. See docs/data.md."""
+    shuffle_buffer: int = within("[1, ∞)", 10000)
+    """Streaming: rows held in the shuffle buffer (1: the file order). A row is drawn uniformly from the
+    buffer, which refills from the stream, so rows far apart in the file rarely meet within one batch: a larger
+    buffer shuffles better and holds more rows in memory."""
 
 
 @dataclass
@@ -89,6 +113,11 @@ class LoraConfig:
     """Dropout on the LoRA input; 0 keeps the adapter-disabled reference pass identical across calls."""
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Module names (or `all-linear`) that receive adapters."""
+    quantization: Literal["4bit", "8bit"] | None = None
+    """QLoRA: load the base weights quantized by bitsandbytes (`4bit`: NF4 with double quantization; `8bit`:
+    LLM.int8), computing in `model_dtype` (`bf16` is the usual choice), and train the adapter on top
+    (`prepare_model_for_kbit_training`). Needs a CUDA GPU and `pip install bitsandbytes`; the reference is the
+    adapter-disabled quantized base. `preftune export RUN --merge` merges into the unquantized base."""
 
 
 @dataclass
@@ -137,7 +166,8 @@ class EngineConfig:
 @dataclass
 class TrainingConfig:
     output_dir: str = REQUIRED
-    """Run directory: metrics, checkpoints, dropped rows, the final model."""
+    """Run directory: metrics, checkpoints, dropped rows, the final model; one run per directory (a used one
+    needs `--resume` or `--overwrite`)."""
     learning_rate: float = within("[0, ∞)")
     """Peak learning rate (DPO full fine-tuning usually 5e-7..5e-6; LoRA 5e-6..5e-5); 0 leaves the weights where
     they start (a run that only evaluates, or checks that the policy starts at the reference)."""
@@ -165,11 +195,19 @@ class TrainingConfig:
     max_length: int = within("[1, ∞)", 512)
     """Maximum tokens of prompt + one response; longer responses are truncated, longer prompts dropped."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Compute precision: `bf16` autocasts matrix products on CPU and GPU, weights stay fp32. On a CPU without
-    native bf16 (no AMX or AVX512-BF16, e.g. AVX2-only AMD EPYC) bf16 is emulated and far slower than fp32, so
-    it is refused there unless `allow_slow_bf16`."""
+    """Compute precision: `bf16` autocasts matrix products on CPU and GPU, weights stay in `model_dtype` (fp32
+    by default; bf16 weights are the other mode, `model_dtype: bf16`). On a CPU without native bf16 (no AMX or
+    AVX512-BF16, e.g. AVX2-only AMD EPYC) bf16 is emulated and far slower than fp32, so it is refused there
+    unless `allow_slow_bf16`."""
     allow_slow_bf16: bool = False
-    """Run `precision: bf16` on a CPU without native bf16 anyway (tens of times slower than fp32)."""
+    """Run `precision: bf16` or `model_dtype: bf16` / `fp16` on a CPU without native units for that dtype
+    anyway (tens of times slower than fp32)."""
+    master_weights: bool = True
+    """With `model_dtype` bf16 or fp16 (full fine-tuning): the optimizer keeps an fp32 copy of every trained
+    weight and its AdamW moments in fp32, updates the copy and writes it back rounded (bf16 has 8 bits of
+    mantissa: an update below 1/256 of a weight would otherwise round away). False: AdamW updates the
+    low-precision weights in place, moments in their dtype (4 bytes less per weight, and small updates are
+    lost). LoRA adapters are fp32 whatever `model_dtype` is."""
     seed: int = within("[0, 4294967295]", 0)
     """Seeds data order, initialisation of adapters and every RNG."""
     eval_every: int = within("[0, ∞)", 0)
@@ -177,15 +215,21 @@ class TrainingConfig:
     save_every: int = within("[0, ∞)", 0)
     """Write a resumable checkpoint every N optimizer steps (0: none)."""
     save_total_limit: int = within("[0, ∞)", 2)
-    """Checkpoints kept on disk (oldest removed first); 0: all are kept."""
+    """Checkpoints of this run kept on disk (oldest step removed first); 0: all are kept."""
     logging_every: int = within("[1, ∞)", 1)
     """Write train metrics every N optimizer steps."""
     max_nonfinite_steps: int = within("[1, ∞)", 3)
-    """Consecutive non-finite steps (skipped) after which the run stops with a checkpoint."""
+    """Consecutive non-finite steps (skipped) after which the run stops, naming the last good checkpoint."""
     save_model: bool = True
     """Save the final model (or adapter) in Hugging Face format under `output_dir/final`."""
     progress_bar: bool = True
     """Show a progress bar with loss, margin, accuracy and tokens/s."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers for every metric and the config (accelerate's: tensorboard, wandb, mlflow, ...; [])."""
+    push_to_hub: bool = False
+    """Upload `output_dir/final` with its model card to `hub_model_id` at the end (as `preftune push`)."""
+    hub_model_id: str | None = None
+    """Hugging Face Hub repository for `push_to_hub`, `user/name`; created private when it does not exist."""
 
 
 @dataclass
@@ -235,13 +279,13 @@ class MonitorConfig:
 class RolloutConfig:
     num_generations: int = within("[1, ∞)", 4)
     """Completions sampled from the current policy per prompt at every step (online DPO: best vs worst of
-    them; GRPO: the group, G). At least 2 (one completion has no group to compare with). The batch sizes count
-    prompts, so every micro-batch holds whole groups."""
+    them; GRPO: the group, G). At least 2 (one completion has no group to compare with), except for PPO (its
+    critic is the baseline; 1 is usual). The batch sizes count prompts, so every micro-batch holds whole groups."""
     max_new_tokens: int = within("[1, ∞)", 64)
     """Longest completion, in tokens; a completion cut here has no end-of-sequence token (`finish: length`)."""
     temperature: float = within("(0, ∞)", 1.0)
-    """Sampling temperature (> 0). GRPO divides the training pass's logits by it too, so the ratio π/π_old
-    compares the distributions that were sampled."""
+    """Sampling temperature (> 0). GRPO and PPO divide the training pass's logits by it too, so the ratio
+    π/π_old compares the distributions that were sampled."""
     top_p: float = within("(0, 1]", 1.0)
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p` (1.0: all)."""
     top_k: int = within("[0, ∞)", 0)
@@ -264,6 +308,32 @@ class RolloutConfig:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """`grpo` advantages divided by the group's reward std (GRPO), the whole batch's (some implementations), or
     not at all (Dr. GRPO)."""
+    ppo_epochs: int = within("[1, ∞)", 4)
+    """PPO: passes over each rollout buffer, each in `minibatches` shuffled minibatches of one optimizer step:
+    a rollout serves ppo_epochs × minibatches steps (fewer after an `early_stop_kl` stop)."""
+    minibatches: int = within("[1, ∞)", 1)
+    """PPO: minibatches per pass; a rollout holds minibatches × per_device_batch_size ×
+    gradient_accumulation_steps × processes prompts, each sampled `num_generations` times."""
+    gamma: float = within("[0, 1]", 1.0)
+    """PPO: GAE's discount γ over completion tokens (1: the score, which arrives at the last token, counts
+    fully at every token)."""
+    gae_lambda: float = within("[0, 1]", 0.95)
+    """PPO: GAE's λ (1: Monte-Carlo return minus the value; 0: one-step TD error)."""
+    whiten_advantages: bool = True
+    """PPO: normalize the advantages over the rollout (masked mean 0, std 1); off, the step size follows the
+    reward scale, and a warning says so (seed 001 #5)."""
+    early_stop_kl: float | None = within("(0, ∞)", None)
+    """PPO: end the epochs over a rollout after a step whose approximate KL to the sampling policy (k3, mean
+    over its sequences of the token mean, `policy/approx_kl_k3`) exceeds this (e.g. 0.02); None: never."""
+    critic: str = "head"
+    """PPO's value function V(s_t). `head`: a value head on the policy's own trunk (one model, one optimizer;
+    the value loss trains the trunk too); `policy`: a separate critic, a copy of the initial policy with a new
+    head; or the path (hub id) of a reward model (`task: reward` output) whose trunk and score head start the
+    critic. The critic trains in full (LoRA or not), in the policy's optimizer."""
+    critic_learning_rate: float | None = within("(0, ∞)", None)
+    """PPO: the critic's peak learning rate (the schedule scales it like the policy's); None:
+    `training.learning_rate`. A fresh value head learns slowly at a policy's rate (Adam moves each weight by
+    about the rate per step whatever `vf_coef` is), so a higher one is common (OpenRLHF: ~10x)."""
 
 
 @dataclass
@@ -307,6 +377,22 @@ class Config:
     sequence-classification head on any causal LM or encoder; loss `bradley_terry`; see docs/reward_models.md)."""
     tokenizer: Any = None
     """Tokenizer id or path (default: the model's); from Python, a loaded tokenizer."""
+    model_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype of the model weights (policy, reference and reward model): `bf16` / `fp16` halve their memory and
+    run every product in that dtype, while the optimizer keeps fp32 master weights (`training.master_weights`);
+    the saved model keeps this dtype, as Hugging Face does. `bf16` on a CPU without native bf16 is refused
+    unless `training.allow_slow_bf16`; `fp16` needs LoRA (full fine-tuning in fp16 needs loss scaling, which
+    preftune does not do). A model passed from Python is cast to it. Under DeepSpeed or FSDP keep fp32 and set
+    the engine's `mixed_precision: bf16`: the engine keeps the fp32 masters itself."""
+    attn_implementation: str | None = None
+    """Attention kernel for `from_pretrained` (`sdpa`, `eager`, `flash_attention_2`, ...); None: the model's
+    default. `flash_attention_2` takes no 4-D mask: use it with `engine.layout: padded`."""
+    trust_remote_code: bool = False
+    """Let `from_pretrained` run code shipped with the model and tokenizer on the hub (some architectures need
+    it); off because it executes that code."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `model`, and of the tokenizer when it is the model's; None: the
+    default branch."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and evaluation data."""
     loss: LossConfig = field(default_factory=LossConfig)
@@ -323,7 +409,8 @@ class Config:
     """Health checks, KL, alarms, samples and early stopping during training."""
     rollout: RolloutConfig | None = None
     """On-policy sampling: present, the run generates from the current policy every step (online DPO with a
-    paired loss, GRPO with a policy-gradient loss); `training.per_device_batch_size` then counts prompts."""
+    paired loss, GRPO with a policy-gradient loss) or every rollout (PPO); `training.per_device_batch_size`
+    then counts prompts."""
     reward: RewardConfig | None = None
     """How on-policy samples are scored (reward functions and / or a judge); required with `rollout`."""
 

@@ -170,25 +170,116 @@ def _check_rollout(config, reader: Reader) -> Iterator[tuple[str, str]]:
                          "`rollout: {num_generations: 4}` to train on-policy, or remove `reward:`)")
 
 
-# Rollout options that only the group source (policy-gradient losses) reads; online DPO would ignore them.
+# Rollout options only PPO's source reads (with their defaults), and the group source's options PPO never reads.
+PPO_ONLY = {"ppo_epochs": 4, "minibatches": 1, "gamma": 1.0, "gae_lambda": 0.95, "whiten_advantages": True,
+            "early_stop_kl": None, "critic": "head", "critic_learning_rate": None}
+NOT_PPO = {"num_iterations": 1, "dynamic_sampling": False, "mask_truncated_completions": False,
+           "advantage_estimator": "grpo", "scale_rewards": "group"}
+
+
+@check("rollout", "loss.name", "loss", "task")
+def _check_ppo(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    """PPO trains on its own samples (a `rollout:` section); the options of one on-policy source are refused
+    with another's loss (they would be ignored); the adaptive KL coefficient needs a non-zero start."""
+    from preftune.losses import get_loss
+
+    if config.loss.name is None:
+        return
+    try:
+        kinds = {get_loss(n).data for n in loss_names(config.loss.name)}
+    except KeyError:
+        return  # an unknown loss is _check_loss's to report
+    rollout, mix = config.rollout, "/".join(loss_names(config.loss.name))
+    if "ppo" in kinds and rollout is None:
+        yield "rollout", (f"loss {mix} learns from the policy's own samples: add a `rollout:` section (e.g. "
+                          "{num_generations: 1, max_new_tokens: 256, ppo_epochs: 4}) and `reward:`")
+    if rollout is None:
+        return
+    wrong = NOT_PPO if "ppo" in kinds else PPO_ONLY
+    for key, default in wrong.items():
+        if getattr(rollout, key) != default:
+            owner = "GRPO" if "ppo" in kinds else "PPO"
+            yield f"rollout.{key}", f"rollout.{key}: {getattr(rollout, key)} is a {owner} option; {mix} ignores it"
+    params = config.loss.params
+    if "ppo" in kinds and params.get("target_kl") is not None and params.get("kl_coef", 0.05) == 0:
+        yield "loss.target_kl", ("loss.target_kl: the adaptive KL coefficient multiplies loss.kl_coef, which is 0; "
+                                 "give it a starting value (e.g. 0.05)")
+
+
+@check("data.train", "data.eval", "engine.group_by_length", "rollout")
+def _check_sources(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    """Lists of sources: their keys and weights (all or none); weights only where an epoch order is drawn."""
+    from preftune.data.sources import as_sources, source_problems, weights_of
+
+    for key in ("train", "eval"):
+        for message in source_problems(getattr(config.data, key), f"data.{key}"):
+            yield f"data.{key}", message
+    if weights_of(as_sources(config.data.eval)) is not None:
+        yield "data.eval", "data.eval: mixing weights apply to training data; evaluation reads every held-out row"
+    if weights_of(as_sources(config.data.train)) is None:
+        return
+    if config.engine.group_by_length:
+        yield "engine.group_by_length", ("engine.group_by_length: a weighted mixture draws each epoch's order by "
+                                         "its weights; grouping by length would override them")
+    if config.rollout is not None:
+        yield "data.train", "data.train: mixing weights apply to preference data, not to on-policy prompts"
+
+
+@check("data.streaming", "training.max_steps", "data.eval", "data.eval_fraction", "rollout", "task",
+       "engine.group_by_length")
+def _check_streaming(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    if not config.data.streaming:
+        return
+    if config.training.max_steps is None:
+        yield "training.max_steps", ("data.streaming: a stream has no known length, so epochs cannot size the "
+                                     "run; set training.max_steps")
+    if config.data.eval_fraction > 0:
+        yield "data.eval_fraction", "data.streaming: nothing is held out of a stream; give data.eval instead"
+    if config.rollout is not None:
+        yield "data.streaming", "data.streaming: on-policy runs read their prompts whole; drop data.streaming"
+    if config.task != "policy":
+        yield "data.streaming", "data.streaming trains a policy; a reward model (task: reward) reads its pairs whole"
+    if config.engine.group_by_length:
+        yield "engine.group_by_length", "engine.group_by_length needs the whole set; it cannot group a stream"
+
+
+@check("model_dtype", "lora")
+def _check_model_dtype(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    if config.model_dtype == "fp16" and config.lora is None:
+        yield "model_dtype", ("model_dtype: fp16 full fine-tuning needs loss scaling, which preftune does not do "
+                              "(gradients under- and overflow in fp16); use model_dtype: bf16, or LoRA (a `lora:` "
+                              "section) on an fp16 base")
+
+
+@check("attn_implementation", "engine.layout", "task")
+def _check_attention(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    attn = config.attn_implementation or ""
+    if attn.startswith("flash_attention") and config.task == "policy" and config.engine.layout != "padded":
+        yield "engine.layout", (f"attn_implementation: {attn} takes no 4-D attention mask, which the "
+                                f"{config.engine.layout} layout needs; set engine.layout: padded")
+
+
+# Rollout options that only the group source (GRPO's family) reads; online DPO would ignore them.
 GROUP_ONLY = {"num_iterations": 1, "dynamic_sampling": False, "mask_truncated_completions": False}
 
 
 @check("rollout", "loss.name", "task")
 def _check_groups(config, reader: Reader) -> Iterator[tuple[str, str]]:
-    """On-policy groups: a policy-gradient loss needs a `rollout:` section, a group holds at least 2 samples, and
-    options only GRPO reads are not set for online DPO."""
+    """On-policy groups: a policy-gradient loss needs a `rollout:` section, a group holds at least 2 samples (PPO
+    excepted: its critic is the baseline), and options only GRPO reads are not set for online DPO."""
     from preftune.losses import get_loss
 
+    if config.loss.name is None:
+        return
     try:
         kinds = {get_loss(n).data for n in loss_names(config.loss.name)}
     except KeyError:
         return  # an unknown loss is _check_loss's to report
-    rollout = config.rollout
+    rollout, mix = config.rollout, "/".join(loss_names(config.loss.name))
     if "policy" in kinds and rollout is None:
-        yield "rollout", (f"loss {'/'.join(loss_names(config.loss.name))} learns from the policy's own samples: add "
-                          "a `rollout:` section (e.g. {num_generations: 8, max_new_tokens: 256}) and `reward:`")
-    if rollout is None:
+        yield "rollout", (f"loss {mix} learns from the policy's own samples: add a `rollout:` section (e.g. "
+                          "{num_generations: 8, max_new_tokens: 256}) and `reward:`")
+    if rollout is None or "ppo" in kinds:
         return
     if rollout.num_generations < 2:
         yield "rollout.num_generations", (
@@ -199,7 +290,7 @@ def _check_groups(config, reader: Reader) -> Iterator[tuple[str, str]]:
         for key, default in GROUP_ONLY.items():
             if getattr(rollout, key) != default:
                 yield f"rollout.{key}", (f"rollout.{key}: {getattr(rollout, key)} is a GRPO option (policy-gradient "
-                                         f"losses); online DPO ({'/'.join(loss_names(config.loss.name))}) ignores it")
+                                         f"losses); online DPO ({mix}) ignores it")
 
 
 @check("reward.overlong_buffer", "rollout.max_new_tokens")

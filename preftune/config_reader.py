@@ -311,7 +311,11 @@ def parse_overrides(items: list[str]) -> dict:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[last] = yaml_value(raw) if raw.strip() else ""
+        try:
+            node[last] = yaml_value(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key.strip()}: the value {raw!r} is not valid YAML "
+                              f"({getattr(e, 'problem', None) or e}); quote it to pass a string") from None
     return tree
 
 

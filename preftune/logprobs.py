@@ -14,6 +14,11 @@ Naive equivalent (what ``naive_sequence_logps`` does, one sequence at a time)::
 Masks: the shared-prompt and packed layouts hand over a (R, 1, T, T) bool mask, which transformers passes to
 the attention as-is; ``attention_mask_for`` turns it into what each attention implementation expects.
 
+PPO's critic rides the same forward: ``values=True`` sends the hidden states of the completion positions
+through a value head (:class:`ValueHead`, on the policy's own trunk) or runs a separate trunk over the same
+layout (:class:`Critic`), giving V(s_t) per completion token; ``entropy=True`` gives each position's entropy
+(:func:`token_entropy`, differentiable, chunked).
+
 Torch and transformers' model interface only; no preftune imports.
 """
 
@@ -186,6 +191,94 @@ def token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, ch
     return (tok, entropy) if with_entropy else tok
 
 
+def token_entropy(hidden: torch.Tensor, head: nn.Module, chunk_size: int, softcap: float | None = None,
+                  scale: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of the tempered next-token distribution at each position, hidden (N, H) -> (N,) fp32, with grad.
+
+        H_t = −Σ_v q_v·log q_v,      q = softmax(z_t / T)
+
+    Chunked like :func:`token_logps`: each chunk of ``chunk_size`` positions is one activation-checkpointed
+    segment, so at most chunk_size x V logits exist at once, in forward and in backward (which recomputes them).
+    Naive equivalent (``chunk_size=0`` runs it)::
+
+        logq = (hidden @ weight.T + bias).float().div(T).log_softmax(-1)     # (N, V)
+        return -(logq.exp() * logq).sum(-1)                                   # (N,)
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    dtype = _compute_dtype(hidden)
+    device = hidden.device.type
+
+    def chunk(h, weight, bias):
+        with torch.autocast(device, enabled=False):
+            z, _ = _logits(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), softcap, scale,
+                           temperature)  # (C, V) fp32
+            logq = z.log_softmax(-1)
+            return -(logq.exp() * logq).sum(-1)  # (C,)
+
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if chunk_size <= 0:
+        return chunk(hidden, weight, bias)
+    if not torch.is_grad_enabled():
+        return torch.cat([chunk(hidden[s : s + chunk_size], weight, bias) for s in range(0, hidden.shape[0], chunk_size)])
+    from torch.utils.checkpoint import checkpoint
+
+    return torch.cat([checkpoint(chunk, hidden[s : s + chunk_size], weight, bias, use_reentrant=False)
+                      for s in range(0, hidden.shape[0], chunk_size)])
+
+
+class ValueHead(nn.Module):
+    """PPO's value head on the policy's own trunk: V(s_t) = w·h_t + b, h_t the policy's final hidden state at
+    the position that predicts completion token t (the state before emitting it), (N, H) -> (N,) fp32.
+
+    Zero-initialised, so every value starts at 0 (the first advantages are the shaped returns themselves).
+    It trains in full whatever the policy does (LoRA included).
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor, *layout) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1).float()  # (N,)
+
+
+class Critic(nn.Module):
+    """A critic with its own trunk: ``trunk`` (a decoder such as a causal LM's ``.model``) runs over the same
+    layout as the policy, and ``head`` (a (H -> 1) linear layer) maps its hidden state at each position that
+    predicts a completion token to V(s_t), (N,) fp32. Initialised from a reward model (its body and score head,
+    which already rate a whole response at its last token) or from a copy of the policy with a new head.
+    """
+
+    def __init__(self, trunk: nn.Module, head: nn.Module):
+        super().__init__()
+        self.trunk, self.head = trunk, head
+
+    def forward(self, hidden, input_ids, position_ids, attention_mask, target_index) -> torch.Tensor:
+        own = self.trunk(input_ids=input_ids, attention_mask=attention_mask_for(self.trunk, attention_mask),
+                         position_ids=position_ids, use_cache=False).last_hidden_state  # (R, T, H)
+        picked = own.reshape(-1, own.shape[-1]).index_select(0, target_index)  # (N, H)
+        return self.head(picked).squeeze(-1).float()  # (N,)
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder (trunk) of a causal LM or a sequence-classification model: what its head reads."""
+    lm = unwrap(model)
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    if decoder is None or decoder is lm:
+        decoder = getattr(lm, "model", None)
+    if decoder is None:
+        decoder = getattr(lm, lm.base_model_prefix)
+    return decoder
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    """Width of the hidden states the LM head reads."""
+    return _head_of(model)[1].weight.shape[1]
+
+
 def attention_mask_for(model: nn.Module, mask: torch.Tensor):
     """The layout's mask in the form the model's attention implementation reads.
 
@@ -220,21 +313,35 @@ class LogpModel(nn.Module):
 
     ``per_token=True``: the log-prob of every completion token instead, (N,) in ``target_index`` order (which
     sequence each belongs to: ``target_seq``), for token-level losses (GRPO, PPO). ``temperature``: log-probs of
-    the tempered distribution softmax(z / T) that on-policy samples were drawn from. ``entropy=True``: a third
-    output, the entropy of that distribution at each completion position, (N,) detached (a metric).
+    the tempered distribution softmax(z / T) that on-policy samples were drawn from. With ``per_token``, also
+    ``entropy=True``: each position's entropy (N,) — with ``entropy_grad`` (the default) differentiable
+    (:func:`token_entropy`, a second chunked pass: PPO's entropy bonus), without it detached and taken from the
+    log-prob pass's own chunks at almost no cost (a metric: GRPO) — and ``values=True``: the critic's
+    V(s_t) (N,) (``critic``: a :class:`ValueHead` on this model's hidden states or a :class:`Critic` with its own
+    trunk); the outputs are then ``(logps, counts[, entropy][, values])`` in that order.
 
     A module of its own so that DDP (``accelerate``) wraps the whole log-prob computation and its gradient
     hooks fire as usual. ``compile=True``: the decoder layers run compiled (:class:`CompiledLayers`).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, compile: bool = False):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, compile: bool = False,
+                 critic: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.compiled = CompiledLayers(model) if compile else None
+        self.critic = critic
+
+    def with_critic(self, critic: nn.Module) -> LogpModel:
+        """The same engine (model, chunking, compiled layers) with ``critic`` as a submodule: one module holds
+        everything that trains, so DDP synchronises the critic's gradients too."""
+        out = LogpModel(self.model, self.chunk_size, critic=critic)
+        out.compiled = self.compiled
+        return out
 
     def forward(self, input_ids, position_ids, attention_mask, target_index, target_ids, target_seq,
-                num_sequences: int, per_token: bool = False, temperature: float = 1.0, entropy: bool = False):
+                num_sequences: int, per_token: bool = False, temperature: float = 1.0, entropy: bool = False,
+                values: bool = False, entropy_grad: bool = True):
         decoder, head, softcap, scale = _head_of(self.model)
         with self.compiled.active() if self.compiled is not None else contextlib.nullcontext():
             hidden = decoder(
@@ -242,11 +349,21 @@ class LogpModel(nn.Module):
                 position_ids=position_ids, use_cache=False,
             ).last_hidden_state  # (R, T, H)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)  # (N, H)
-        out = token_logps(picked, head, target_ids, self.chunk_size, softcap, scale, temperature, entropy)
-        tok = out[0] if entropy else out  # (N,)
+        fused = entropy and not entropy_grad  # the detached entropy comes out of the log-prob pass itself
+        both = token_logps(picked, head, target_ids, self.chunk_size, softcap, scale, temperature, fused)
+        tok = both[0] if fused else both  # (N,)
         if per_token:
-            counts = torch.bincount(target_seq, minlength=num_sequences)
-            return (tok, counts, out[1]) if entropy else (tok, counts)
+            out = (tok, torch.bincount(target_seq, minlength=num_sequences))
+            if entropy:
+                out += (both[1] if fused else token_entropy(picked, head, self.chunk_size, softcap, scale,
+                                                            temperature),)  # (N,)
+            if values:
+                if self.critic is None:
+                    raise ValueError("values=True needs a critic (LogpModel(..., critic=...) or with_critic)")
+                out += (self.critic(picked, input_ids, position_ids, attention_mask, target_index),)  # (N,)
+            return out
+        if entropy or values:
+            raise ValueError("entropy and values are per token: pass per_token=True")
         logps = torch.zeros(num_sequences, dtype=tok.dtype, device=tok.device).index_add(0, target_seq, tok)  # (S,)
         lengths = torch.bincount(target_seq, minlength=num_sequences)  # (S,)
         return logps, lengths

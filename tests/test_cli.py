@@ -46,13 +46,17 @@ def runs(tmp_path_factory, saved_model_dir, pairs_jsonl):
     unknown["training"]["learning_rat"] = unknown["training"].pop("learning_rate")
     cases = {
         "missing_config": ["train", "nope.yaml"],
-        "missing_data": ["train", write("missing_data.yaml", config(saved_model_dir, root / "absent.jsonl"))],
+        # each failing run has its own output_dir: two runs at once into one directory are refused (its lock)
+        "missing_data": ["train", write("missing_data.yaml", config(saved_model_dir, root / "absent.jsonl",
+                                                                    out="out-missing-data"))],
         "bad_yaml": ["train", write("bad.yaml", "model: m\ntraining:\n  output_dir: out: x\n  learning_rate: 1\n")],
         "unknown_key": ["train", write("unknown.yaml", unknown)],
         "unknown_key_debug": ["--debug", "train", "unknown.yaml"],
         "unknown_key_debug_last": ["train", "unknown.yaml", "--debug"],
-        "no_model_path": ["train", write("nomodel.yaml", config(root / "no" / "such" / "model", pairs_jsonl))],
-        "hub_offline": ["train", write("hub.yaml", config("nonexistent-org-xyz/nonexistent-model", pairs_jsonl))],
+        "no_model_path": ["train", write("nomodel.yaml", config(root / "no" / "such" / "model", pairs_jsonl,
+                                                                out="out-no-model"))],
+        "hub_offline": ["train", write("hub.yaml", config("nonexistent-org-xyz/nonexistent-model", pairs_jsonl,
+                                                          out="out-hub"))],
         "bad_override": ["train", write("good.yaml", good), "--set", "training.max_stepz=3"],
         "losses": ["losses"],
         "config_doc": ["config-doc"],

@@ -150,7 +150,7 @@ def test_every_problem_is_reported_in_one_error():
         "unknown key 'loss.betta'. Did you mean 'loss.beta'?",  # and beta is then not also "missing"
     ]
     listing = [p for p in info.value.problems if p.startswith("unknown key 'zzz'.")]
-    assert listing and listing[0].startswith("unknown key 'zzz'. Valid keys: model, task, tokenizer, data, loss,")
+    assert listing and listing[0].startswith("unknown key 'zzz'. Valid keys: model, task, tokenizer, model_dtype, attn_implementation,")
     assert sorted(p for p in info.value.problems if p not in listing) == sorted(expected)
     text = str(info.value)
     assert text.startswith("9 problems in the config: (1) ") and "\n" not in text  # the CLI prints one line

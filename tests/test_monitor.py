@@ -303,7 +303,8 @@ def test_tiny_beta_drifts_until_max_kl_stops_the_run(toy):
 def test_chosen_always_longer_drifts_length(toy, healthy):
     """Pairs whose chosen answer is the echo plus a sign-off and whose rejected is the plain echo, on prompts
     the SFT model answers plainly: outputs get longer and the length alarm fires where the ratio first passes
-    1.5. Full fine-tuning with precomputed reference log-probs: KL is null, with a notice, the rest still runs."""
+    1.5. Full fine-tuning with precomputed reference log-probs: no reference model is kept, yet KL is measured
+    (from the reference weights snapshot to the run directory, removed at the end)."""
     train_items, test_items = toy.items
     task = toy.task
 
@@ -311,14 +312,31 @@ def test_chosen_always_longer_drifts_length(toy, healthy):
         return [{"prompt": it.prompt, "chosen": task.signed(it), "rejected": task.plain(it)}
                 for it in items if it.words[0] in task.ANSWERED]
 
+    # max_kl off: KL is measured now (it passes 3 nats by the first evaluation), and this run is about length
     run = toy.run("longer", train=longer(train_items), eval=longer(test_items), reference={"precompute": True},
-                  training={"learning_rate": 1e-3, "max_steps": 20})
+                  training={"learning_rate": 1e-3, "max_steps": 20}, monitor={"max_kl": None})
     ratios = [(r["step"], r["length/ratio"]) for r in run.split("monitor")]
     crossed = [s for s, ratio in ratios if ratio > 1.5]
     assert crossed and run.alarms["length_drift"] == crossed[0]
-    assert all(r["kl/k3_seq"] is None for r in run.split("monitor"))
-    assert any("KL to the reference is not measured" in line for line in run.lines)
+    kls = [r["kl/k3_seq"] for r in run.split("monitor")]
+    assert all(kl is not None and kl > 1.0 for kl in kls)  # far from the reference, as the lengths say
+    assert any("reference weights for KL saved to" in line for line in run.lines)
+    assert not (run.dir / ".reference-weights.pt").exists()
     assert "length_drift" not in healthy.alarms
+
+
+def test_kl_from_the_weights_snapshot_equals_kl_from_a_reference_in_memory(toy, healthy):
+    """The healthy run keeps a frozen reference in memory (precompute off); the same run with precomputed
+    reference log-probs keeps none and scores the monitor's samples under the snapshot instead. Same seeds,
+    same steps: the KL records agree to float noise (the precomputed and live reference log-probs differ in
+    the last bits, so the trajectories do too), and max_kl can fire in the default configuration."""
+    run = toy.run("snapshot", reference={"precompute": True})
+    live = [r["kl/k3_seq"] for r in healthy.split("monitor")]
+    snap = [r["kl/k3_seq"] for r in run.split("monitor")]
+    assert len(snap) == len(live) == 6 and live[-1] > 0.05
+    assert snap == pytest.approx(live, rel=1e-3, abs=1e-5)
+    assert [r["kl/k1_token"] for r in run.split("monitor")] == pytest.approx(
+        [r["kl/k1_token"] for r in healthy.split("monitor")], rel=1e-3, abs=1e-5)
 
 
 def test_early_stopping_over_several_epochs(toy):
@@ -347,8 +365,8 @@ def test_monitor_off_and_bad_metric(toy, dpo_config, make_model, train_pairs, ev
     splits = {r["split"] for r in read_metrics(cfg["training"]["output_dir"])}
     assert splits == {"train", "eval"}
     bad = dpo_config(make_model(0), train_pairs[:8], monitor={"early_stopping_metric": "loss"})
-    with pytest.raises(ConfigError, match="early_stopping_metric"):
-        preftune.train(bad, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="early_stopping_metric"):  # overwrite: the same output_dir again
+        preftune.train(bad, overwrite=True, log=lambda *_: None)
 
 
 def test_resumed_run_keeps_the_monitor_history(toy):

@@ -101,3 +101,51 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path_factory):
     attrs, console = render(bad, tmp_path_factory.mktemp("chromium-profile"))
     assert attrs.get("data-images-visible") == "6"
     assert any("boom" in line for line in console) and any("Uncaught" in line for line in console)
+
+
+def test_legends_sit_beside_the_axes_never_over_the_curves(run_dir):
+    """Every panel's legend box lies outside its axes box (the diversity panel's five entries used to sit on
+    the curves)."""
+    import matplotlib.pyplot as plt
+
+    from preftune.report.plots import ALL_PANELS, draw_panel
+    from preftune.runlog import read_metrics
+
+    records = read_metrics(run_dir)
+    drawn = 0
+    for panel in ALL_PANELS:
+        fig = draw_panel(records, panel, alarms=[15])
+        if fig is None:
+            continue
+        drawn += 1
+        fig.canvas.draw()
+        (ax,) = fig.axes
+        legend, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert legend.x0 > axes_box.x1, panel  # entirely to the right of the axes
+        plt.close(fig)
+    assert drawn == 7
+
+
+def test_report_opens_with_the_run_config_throughput_and_optimizer_curves(run_dir):
+    import yaml
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        if r["split"] == "train":
+            r.update(learning_rate=1e-3 * (1 - r["step"] / 20), grad_norm=2.0 / r["step"], tokens_per_second=900.0)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "loss": {"name": "dpo", "beta": 0.1}, "lora": None,
+        "training": {"learning_rate": 5e-6, "precision": "bf16"}}, sort_keys=False))
+    (run_dir / "train_summary.json").write_text(json.dumps({
+        "samples_per_second": 12.5, "tokens_per_second": 4321.0, "train_loop_s": 80.0, "train_runtime_s": 95.0,
+        "peak_rss_mb": 2048.0}))
+    html = write_report(run_dir).read_text()
+    top = html[html.index("<h2>Run</h2>"):html.index("<h2>Final numbers</h2>")]
+    assert "<td>model</td><td>HuggingFaceTB/SmolLM2-135M-Instruct</td>" in top
+    assert "<td>loss</td><td>name=dpo, beta=0.1</td>" in top and "none: full fine-tuning" in top
+    assert "<td>learning rate</td><td>5e-06</td>" in top
+    assert "12.5 samples/s, 4321 tokens/s over 80 s of optimizer steps" in top
+    assert all(f'alt="{p}"' in top for p in ("learning_rate", "grad_norm", "throughput"))
+    assert "<summary>config.yaml</summary>" in top and "beta: 0.1" in top
+    assert 'data-images-total="10"' in html

@@ -1,9 +1,9 @@
 """The typed batches a training step consumes: sequences laid out for the engine, plus per-example tensors.
 
 The engine (``preftune.logprobs``) sees only :class:`~preftune.data.collate.SequenceBatch`; a step sees a
-:class:`PreferenceBatch` (pairs or singles: offline data, online DPO) or a :class:`GroupBatch` (on-policy
-groups: GRPO), whose fields say what the examples are. Each batch says how its per-example losses become the
-optimizer step's loss (``reduce``) and which metrics it logs (``kept``).
+:class:`PreferenceBatch` (pairs or singles: offline data, online DPO), a :class:`GroupBatch` (on-policy
+groups: GRPO) or a :class:`PPOBatch` (PPO minibatches), whose fields say what the examples are. Each batch says
+how its per-example losses become the optimizer step's loss (``reduce``) and which metrics it logs (``kept``).
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ class GroupBatch:
         max_length: the longest a completion may be (``rollout.max_new_tokens``; Dr. GRPO's constant).
         world_size: processes whose gradients are averaged.
         temperature: the sampling temperature; the training pass divides its logits by it too.
-        with_entropy: the engine also returns each position's entropy (the training pass asks for it: a metric;
-            π_old and reference passes do not).
+        with_entropy: the engine also returns each position's entropy, detached (the training pass asks for it:
+            a metric, taken from the log-prob pass's own chunks; π_old and reference passes do not).
     """
 
     seqs: SequenceBatch
@@ -157,7 +157,8 @@ class GroupBatch:
         return self.seqs.model_args()
 
     def model_kwargs(self) -> dict:
-        return {"per_token": True, "temperature": self.temperature, "entropy": self.with_entropy}
+        return {"per_token": True, "temperature": self.temperature, "entropy": self.with_entropy,
+                "entropy_grad": False}
 
     def token_mask(self) -> torch.Tensor:
         """(S, T) 1.0 on the loss-bearing completion tokens."""
@@ -185,3 +186,76 @@ class GroupBatch:
         return replace(self, seqs=self.seqs.to(device), advantages=self.advantages.to(device),
                        seq_mask=self.seq_mask.to(device), old_logps=move(self.old_logps),
                        ref_logps=move(self.ref_logps))
+
+
+@dataclass
+class PPOBatch:
+    """One micro-batch of a PPO minibatch: P prompts x G on-policy completions in the grouped layout
+    (completion k of prompt u is sequence s = u + k·P, as :class:`GroupBatch`), with the rollout's per-token
+    quantities laid out (S, T) per sequence, right-padded (T: the longest completion in the micro-batch).
+
+    Attributes:
+        seqs: the sequences; the engine returns per-token log-probs and values V(s_t) (N,) in target order.
+        old_logps: (S, T) log π_old of each sampled token (the policy that sampled, from the training engine).
+        old_values: (S, T) V_old(s_t), the critic at sampling time (the value clip's centre).
+        advantages: (S, T) GAE advantages (whitened over the rollout when ``rollout.whiten_advantages``).
+        returns: (S, T) value targets R_t = A_t + V_old(s_t) (before whitening).
+        mask: (S, T) 1.0 on the loss-bearing completion tokens (a sequence without a score has none).
+        seq_mask: (S,) 1.0 for a sequence that takes part in the loss.
+        step_sequences / step_tokens: loss-bearing sequences and tokens of the whole optimizer step (this
+            minibatch, every micro-batch on every process): the global normalizers.
+        world_size: processes whose gradients are averaged.
+        temperature: the sampling temperature; the training pass divides its logits by it too.
+        with_values / with_entropy: what the engine returns besides the log-probs (the reference pass asks for
+            neither).
+    """
+
+    seqs: SequenceBatch
+    old_logps: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    mask: torch.Tensor
+    seq_mask: torch.Tensor
+    step_sequences: float
+    step_tokens: float
+    world_size: int = 1
+    temperature: float = 1.0
+    with_values: bool = True
+    with_entropy: bool = True
+
+    paired = False
+
+    @property
+    def num_examples(self) -> int:
+        return self.seqs.num_sequences
+
+    @property
+    def num_tokens(self) -> int:
+        return self.seqs.num_tokens
+
+    def model_args(self) -> tuple:
+        return self.seqs.model_args()
+
+    def model_kwargs(self) -> dict:
+        return {"per_token": True, "temperature": self.temperature, "entropy": self.with_entropy,
+                "values": self.with_values}
+
+    def reduce(self, losses: torch.Tensor, accumulation: int) -> torch.Tensor:
+        """Per-sequence contributions of a globally normalized loss (``losses.ppo``): summed, as GroupBatch."""
+        return losses.float().sum()
+
+    def kept(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-sequence metrics of the loss-bearing sequences; the loss terms (``loss``, ``loss/...``) rescaled
+        so that their mean over the step's sequences (what the loop logs) is the step's term."""
+        keep = self.seq_mask > 0
+        out = {k: v[keep] if v.dim() == 1 and v.shape[0] == keep.shape[0] else v for k, v in metrics.items()}
+        for k in out:
+            if k == "loss" or k.startswith("loss/"):
+                out[k] = out[k] * (self.step_sequences / self.world_size)
+        return out
+
+    def to(self, device) -> PPOBatch:
+        return replace(self, seqs=self.seqs.to(device), old_logps=self.old_logps.to(device),
+                       old_values=self.old_values.to(device), advantages=self.advantages.to(device),
+                       returns=self.returns.to(device), mask=self.mask.to(device), seq_mask=self.seq_mask.to(device))

@@ -8,11 +8,13 @@ Formats understood:
                            back to the last "Assistant:" turn marker or word boundary (HH-RLHF style)
     unpaired (KTO)         {"prompt": str|[msgs], "completion": str|[msgs], "label": bool}
     sft                    {"prompt", "completion"} or {"prompt", "chosen"} or {"messages": [msgs]}
-A message is {"role": str, "content": str}.
+A message is {"role": str, "content": str}. Any conversational row may carry ``tools``: a list of JSON schemas
+(or that list as a JSON string), handed to the chat template as ``apply_chat_template(..., tools=tools)``.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ class PairRecord:
     rejected: Text
     source: str = "<memory>"
     line: int = 0
+    tools: list | None = None  # JSON schemas for the chat template (conversational rows)
+    group: int = 0  # which source of the split (``data.sources``) the row came from
 
 
 @dataclass
@@ -46,6 +50,8 @@ class UnpairedRecord:
     label: bool
     source: str = "<memory>"
     line: int = 0
+    tools: list | None = None
+    group: int = 0
 
 
 @dataclass
@@ -69,6 +75,11 @@ class DropLog:
             return f"read {self.read} rows, dropped none"
         parts = ", ".join(f"{reason}: {n}" for reason, n in self.counts.most_common())
         return f"read {self.read} rows, kept {self.read - self.dropped}, dropped {self.dropped} ({parts})"
+
+    def extend(self, other: DropLog) -> None:
+        """Add ``other``'s drops (not its reads: the rows were counted where they were read)."""
+        self.counts.update(other.counts)
+        self.rows.extend(other.rows)
 
     def copy(self) -> DropLog:
         """A snapshot: later reads and drops (of another file, say) do not change it."""
@@ -132,6 +143,21 @@ def _split_implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def row_tools(row: dict) -> list | None:
+    """The row's ``tools``: None when absent, else a list of JSON schemas (a JSON string holding one is read)."""
+    value = row.get("tools")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise Skip("wrong_type:tools") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise Skip("wrong_type:tools")
+    return value or None
+
+
 def to_pair(row: dict) -> PairRecord:
     """Interpret a paired row; raise :class:`Skip` with the drop reason when it cannot be used."""
     chosen = _text_field(row, "chosen")
@@ -156,7 +182,7 @@ def to_pair(row: dict) -> PairRecord:
         raise Skip("empty_response")
     if chosen == rejected:
         raise Skip("identical_responses")
-    return PairRecord(prompt, chosen, rejected)
+    return PairRecord(prompt, chosen, rejected, tools=row_tools(row))
 
 
 def _to_label(value: Any) -> bool:
@@ -179,7 +205,7 @@ def to_unpaired(row: dict) -> UnpairedRecord:
         prompt = [{"role": "user", "content": prompt}]
     if _is_blank(completion):
         raise Skip("empty_response")
-    return UnpairedRecord(prompt, completion, label)
+    return UnpairedRecord(prompt, completion, label, tools=row_tools(row))
 
 
 def to_sft(row: dict) -> UnpairedRecord:
@@ -196,7 +222,7 @@ def to_sft(row: dict) -> UnpairedRecord:
             prompt = [{"role": "user", "content": prompt}]
     if _is_blank(completion):
         raise Skip("empty_response")
-    return UnpairedRecord(prompt, completion, True)
+    return UnpairedRecord(prompt, completion, True, tools=row_tools(row))
 
 
 def is_unpaired_row(row: dict) -> bool:
@@ -233,8 +259,8 @@ def normalize(rows: Iterable[RawRow], kind: DataKind, drops: DropLog) -> Iterato
                     yield rec
                 else:
                     pair = to_pair(row)
-                    yield UnpairedRecord(pair.prompt, pair.chosen, True, raw.source, raw.line)
-                    yield UnpairedRecord(pair.prompt, pair.rejected, False, raw.source, raw.line)
+                    yield UnpairedRecord(pair.prompt, pair.chosen, True, raw.source, raw.line, pair.tools)
+                    yield UnpairedRecord(pair.prompt, pair.rejected, False, raw.source, raw.line, pair.tools)
             else:
                 rec = to_sft(row)
                 rec.source, rec.line = raw.source, raw.line

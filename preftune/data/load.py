@@ -4,8 +4,10 @@ Every row keeps its source and line so that a rejected row can be found again. A
 JSON, bad UTF-8, a JSON value that is not an object) is an error naming file and line, unless the caller asks
 to collect such lines (the validator does).
 
-Formats: ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files, a directory written by
-``Dataset.save_to_disk``, a ``datasets.Dataset``, or a hub id (``org/name`` with optional ``:split``).
+Formats: ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` files (or a glob of them, read in sorted order), a
+directory written by ``Dataset.save_to_disk``, a ``datasets.Dataset``, a hub id (``org/name``, ``org/name:split``
+or ``org/name:subset:split``; ``streaming=True`` streams it instead of downloading it whole), or a list of sources
+(``preftune.data.sources``), read one after the other.
 
 JSONL and CSV are read as bytes, one line at a time, and a line longer than ``max_row_bytes`` is skipped
 without being held in memory: it comes back as ``RawRow(data=None, reason="row_too_large")`` whether or not
@@ -24,6 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from preftune.data.sources import (
+    FILE_SUFFIXES,
+    Source,
+    as_sources,
+    expand_glob,
+    is_local_path,
+    is_source_list,
+)
 from preftune.errors import PreftuneError
 
 
@@ -58,27 +68,41 @@ class RawRow:
         return self.reason if self.reason == "row_too_large" else f"{self.reason}: {self.error}"
 
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 MAX_ROW_BYTES = 8 * 2**20
 """Default limit on one JSONL line or CSV line, in bytes (8 MiB, about two million tokens of text)."""
 PREVIEW_CHARS = 1000
 
 
-def is_local_path(source: str) -> bool:
-    return os.path.exists(source) or source.endswith(FILE_SUFFIXES) or source.startswith((".", "/", "~"))
-
-
 def read_rows(source: Any, *, split: str = "train", collect_errors: bool = False,
-              max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[RawRow]:
+              max_row_bytes: int = MAX_ROW_BYTES, subset: str | None = None, streaming: bool = False
+              ) -> Iterator[RawRow]:
     """Yield every row of ``source`` with its provenance, streaming where the format allows.
 
     Args:
-        source: a path, a hub id (``name`` or ``name:split``), or a ``datasets.Dataset`` / list of dicts.
+        source: a path or glob, a hub id (``name``, ``name:split`` or ``name:subset:split``), a
+            :class:`~preftune.data.sources.Source` or a list of sources, or a ``datasets.Dataset`` / list of dicts.
         split: split to read from a hub id or a ``DatasetDict`` directory when the id names none.
         collect_errors: yield malformed lines as ``RawRow(data=None, error=...)`` instead of raising.
         max_row_bytes: JSONL / CSV lines longer than this are skipped unread and yielded as
             ``RawRow(data=None, reason="row_too_large")`` (always, also without ``collect_errors``).
+        subset: the hub dataset's configuration (``load_dataset(name, subset)``) when the id names none.
+        streaming: read a hub dataset as a stream (``load_dataset(..., streaming=True)``), never whole.
     """
+    common = dict(collect_errors=collect_errors, max_row_bytes=max_row_bytes, streaming=streaming)
+    if isinstance(source, Source):
+        yield from read_rows(source.path, split=source.split or split, subset=source.name, **common)
+        return
+    if is_source_list(source):
+        for one in as_sources(source):
+            yield from read_rows(one, split=split, **common)
+        return
+    if isinstance(source, (str, os.PathLike)) and any(c in os.fspath(source) for c in "*?["):
+        files = expand_glob(os.fspath(source))
+        if not files:
+            raise DataError(f"{os.fspath(source)}: no file matches this pattern")
+        for f in files:
+            yield from read_rows(f, split=split, collect_errors=collect_errors, max_row_bytes=max_row_bytes)
+        return
     if isinstance(source, list):
         for i, row in enumerate(source, start=1):
             yield RawRow(dict(row), "<memory>", i)
@@ -100,7 +124,7 @@ def read_rows(source: Any, *, split: str = "train", collect_errors: bool = False
     elif is_local_path(text):
         raise DataError(f"{text}: no such file or directory")
     else:
-        yield from _read_hub(text, split)
+        yield from _read_hub(text, split, subset, streaming)
 
 
 def _malformed(path: Path, line: int, why: str, raw: str | None, collect: bool) -> RawRow:
@@ -276,17 +300,28 @@ def _read_saved_dataset(path: Path, split: str) -> Iterator[RawRow]:
         yield RawRow(row, f"{path}[{split}]", i)
 
 
-def _read_hub(name: str, split: str) -> Iterator[RawRow]:
+def parse_hub_id(text: str, split: str, subset: str | None = None) -> tuple[str, str | None, str]:
+    """(name, subset, split) of ``name``, ``name:split`` or ``name:subset:split``; the id's parts win over the
+    ``split`` / ``subset`` defaults."""
+    parts = text.split(":")
+    if len(parts) > 3 or not all(parts):
+        raise DataError(f"{text}: expected a hub id as name, name:split or name:subset:split")
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    return parts[0], subset, parts[1] if len(parts) == 2 else split
+
+
+def _read_hub(text: str, split: str, subset: str | None = None, streaming: bool = False) -> Iterator[RawRow]:
     import datasets
 
-    if ":" in name:
-        name, split = name.rsplit(":", 1)
+    name, subset, split = parse_hub_id(text, split, subset)
+    label = f"{name}[{subset + ':' if subset else ''}{split}]"
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, subset, split=split, streaming=streaming)
     except Exception as e:  # offline, unknown id, gated: one readable line
         raise DataError(
-            f"could not load dataset {name!r} (split {split!r}) from the hub: {type(e).__name__}: {e}. "
-            "Check the id, the network, or pass a local file path."
+            f"could not load dataset {name!r} ({f'subset {subset!r}, ' if subset else ''}split {split!r}) from the "
+            f"hub: {type(e).__name__}: {e}. Check the id, the network, or pass a local file path."
         ) from None
     for i, row in enumerate(ds, start=1):
-        yield RawRow(row, f"{name}[{split}]", i)
+        yield RawRow(row, label, i)

@@ -1,4 +1,10 @@
-"""From the config's data section to tokenized example sets, with every drop counted and written."""
+"""From the config's data section to tokenized example sets, with every drop counted and written.
+
+    sources (one, or several with weights: ``data.sources``) -> records (``formats.normalize``; each tagged with
+    its source's index) -> held-out split -> tokenized through the on-disk cache (``tokenize_cache``) -> the data
+    check, which counts rows that tokenization drops too, so data whose every row would drop (conversational
+    rows, no chat template) is never called usable.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from preftune.data.batch import PreferenceBatch
 from preftune.data.formats import DropLog, PairRecord, UnpairedRecord, is_unpaired_row, normalize
 from preftune.data.layouts import LAYOUTS
 from preftune.data.load import DataError, read_rows
+from preftune.data.sources import as_sources, mixture_order, weights_of
 from preftune.data.tokenize import Tokenization, TokenizedPair, TokenizedSingle
+from preftune.data.tokenize_cache import tokenize_records
 
 
 @dataclass
@@ -28,6 +37,8 @@ class ExampleSet:
             another example, ``mismatched(examples)``; None when the loss needs none.
         kl_ref: (n,) reference log-probs of ``kl_examples``.
         margins: (n,) per-pair margins of a reward model's Bradley–Terry loss (``data.reward_margin``), or None.
+        weights: the mixing weight of each source (examples carry their source's index as ``group``), or None
+            when the rows are pooled.
     """
 
     examples: list
@@ -35,9 +46,14 @@ class ExampleSet:
     kl_examples: list | None = None
     kl_ref: torch.Tensor | None = None
     margins: torch.Tensor | None = None
+    weights: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def mixture_order(self, seed: int, epoch: int) -> list[int]:
+        """One epoch's order drawn by the mixing weights (``data.sources.mixture_order``)."""
+        return mixture_order(np.array([e.group for e in self.examples]), self.weights, seed, epoch)
 
     @property
     def paired(self) -> bool:
@@ -107,6 +123,9 @@ def _label(source) -> str:
     """How a data source is named in messages: its path or id, or a short description of in-memory rows."""
     if isinstance(source, (str, Path)):
         return str(source)
+    specs = as_sources(source)
+    if specs:
+        return " + ".join(s.label for s in specs)
     try:
         return f"<memory: {len(source)} rows>"
     except TypeError:
@@ -136,7 +155,7 @@ def _rated(source, data_cfg, drops: DropLog) -> list:
     """Pairs for a reward model: :class:`RatedPair` when ``data.reward_margin`` gives margins (a row without
     one is dropped as ``missing_margin`` / ``missing_ratings``), else plain pairs."""
     mode = data_cfg.reward_margin
-    rows = list(read_rows(source))
+    rows = list(_rows(source))
     if mode == "auto":
         mode = "margin" if any(isinstance(r.data, dict) and "margin" in r.data for r in rows) else "none"
     if mode == "none":
@@ -148,8 +167,24 @@ def _rated(source, data_cfg, drops: DropLog) -> list:
             if m is None:
                 drops.drop(raw.source, raw.line, f"missing_{'margin' if mode == 'margin' else 'ratings'}", raw.data)
             else:
-                out.append(RatedPair(rec.prompt, rec.chosen, rec.rejected, rec.source, rec.line, m))
+                out.append(RatedPair(rec.prompt, rec.chosen, rec.rejected, rec.source, rec.line, rec.tools,
+                                     rec.group, m))
     return out
+
+
+def _rows(source):
+    """The rows of a split, each tagged with the index of its source (``group``) for a mixture."""
+    specs = as_sources(source)
+    for group, one in enumerate(specs if specs else [source]):
+        for raw in read_rows(one):
+            raw.group = group
+            yield raw
+
+
+def _tag(records, raw):
+    for rec in records:
+        rec.group = getattr(raw, "group", 0)
+        yield rec
 
 
 def _records(source, kind: str, drops: DropLog, data_cfg: Any = None) -> list:
@@ -162,18 +197,17 @@ def _records(source, kind: str, drops: DropLog, data_cfg: Any = None) -> list:
         return []
     if kind == "reward":
         return _rated(source, data_cfg, drops)
-    if kind == "paired":
-        return list(normalize(read_rows(source), kind, drops))
     out = []
-    for raw in read_rows(source):
+    for raw in _rows(source):
         row = raw.data
-        if isinstance(row, dict) and "chosen" in row and "rejected" in row and not is_unpaired_row(row):
+        if kind != "paired" and isinstance(row, dict) and "chosen" in row and "rejected" in row and \
+                not is_unpaired_row(row):
             pair = list(normalize([raw], "paired", DropLog()))
             if pair:
                 drops.read += 1
-                out.extend(pair)
+                out.extend(_tag(pair, raw))
                 continue
-        out.extend(normalize([raw], kind, drops))
+        out.extend(_tag(normalize([raw], kind, drops), raw))
     return out
 
 
@@ -183,25 +217,55 @@ def _expand(records: list, kind: str) -> list:
     out = []
     for r in records:
         if isinstance(r, PairRecord) and kind == "unpaired":
-            out += [UnpairedRecord(r.prompt, r.chosen, True, r.source, r.line),
-                    UnpairedRecord(r.prompt, r.rejected, False, r.source, r.line)]
+            out += [UnpairedRecord(r.prompt, r.chosen, True, r.source, r.line, r.tools, r.group),
+                    UnpairedRecord(r.prompt, r.rejected, False, r.source, r.line, r.tools, r.group)]
         elif isinstance(r, PairRecord) and kind == "sft":
-            out.append(UnpairedRecord(r.prompt, r.chosen, True, r.source, r.line))
+            out.append(UnpairedRecord(r.prompt, r.chosen, True, r.source, r.line, r.tools, r.group))
         else:
             out.append(r)
     return out
 
 
-def _tokenized(records: list, tokenization: Tokenization, drops: DropLog) -> ExampleSet:
-    """An example set of the records that tokenize; rated pairs keep their margins beside them."""
-    if not any(isinstance(r, RatedPair) for r in records):
-        return ExampleSet(tokenization.all(records, drops))
-    examples, margins = [], []
-    for rec in records:
-        done = tokenization.all([rec], drops)  # [] when the row is dropped (counted in drops)
-        examples += done
-        margins += [rec.margin] * len(done)
-    return ExampleSet(examples, margins=torch.tensor(margins, dtype=torch.float32))
+def _tokenized(records: list, tokenization: Tokenization, drops: DropLog, data_cfg,
+               weights: list[float] | None = None) -> tuple[ExampleSet, DropLog]:
+    """(an example set of the records that tokenize, the rows every example of which dropped).
+
+    Tokenized through the on-disk cache (``tokenize_cache``: ``data.cache_dir``, ``data.num_proc``); rated
+    pairs keep their margins beside them. The second value counts each source row once (a paired row an
+    unpaired loss splits in two is gone only when both halves are), for the data check's usable count.
+    """
+    local = DropLog()
+    examples, kept = tokenize_records(records, tokenization, local, cache_dir=getattr(data_cfg, "cache_dir", None),
+                                      num_proc=getattr(data_cfg, "num_proc", None))
+    drops.extend(local)
+    alive = {(r.source, r.line) for r, k in zip(records, kept) if k}
+    gone, reasons = DropLog(), {}
+    for d in local.rows:
+        reasons.setdefault((d["source"], d["line"]), d)
+    for (source, line), d in reasons.items():
+        if (source, line) not in alive:
+            gone.drop(source, line, d["reason"], d["row"])
+    margins = None
+    if any(isinstance(r, RatedPair) for r in records):
+        margins = torch.tensor([r.margin for r, k in zip(records, kept) if k], dtype=torch.float32)
+    return ExampleSet(examples, margins=margins, weights=weights), gone
+
+
+LENGTH_DROPS = ("prompt_too_long", "identical_after_truncation")
+"""Tokenization drops that ``training.max_length`` / ``data.max_prompt_length`` cause, not the rows."""
+
+
+def unusable_part(gone: DropLog, everything: bool) -> DropLog:
+    """The rows tokenization dropped that the data check counts as unusable: those the data itself makes
+    unusable (no chat template for conversational rows, a template that breaks the prompt prefix, tools on a
+    text prompt), and the length drops too when nothing is left (so the check never calls data usable when
+    every row will drop). Length drops alone are the lengths' choice: counted and reported, not held against
+    the data."""
+    out = DropLog()
+    for d in gone.rows:
+        if everything or d["reason"] not in LENGTH_DROPS:
+            out.drop(d["source"], d["line"], d["reason"], d["row"])
+    return out
 
 
 def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out_dir: Path | None,
@@ -221,7 +285,9 @@ def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out
     train_records = _records(data_cfg.train, kind, drops, data_cfg)
     train_drops = drops.copy()  # the pre-flight check judges the train file alone, not train + eval rows
     eval_records = _records(data_cfg.eval, kind, drops, data_cfg)
+    held_out = False
     if not eval_records and data_cfg.eval_fraction > 0:
+        held_out = True
         rng = random.Random(seed if data_cfg.split_seed is None else data_cfg.split_seed)
         order = list(range(len(train_records)))
         rng.shuffle(order)
@@ -231,14 +297,23 @@ def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out
         train_records = [r for i, r in enumerate(train_records) if i not in held]
     from preftune.data.validate import validate_records
 
-    report = validate_records(train_records, train_drops, eval_records=eval_records or None, source=_label(data_cfg.train))
+    eval_checked = eval_records
+    if not all(isinstance(r, PairRecord) for r in eval_records):
+        eval_records = _expand(eval_records, kind)
+    train, gone = _tokenized(_expand(train_records, kind), tokenization, drops, data_cfg,
+                             weights_of(as_sources(data_cfg.train)))
+    evals, eval_gone = _tokenized(eval_records, tokenization, drops, data_cfg)
+    if train.weights is not None:
+        empty = [s.label for g, s in enumerate(as_sources(data_cfg.train)) if not any(e.group == g for e in train.examples)]
+        if empty:
+            raise DataError(f"data.train: no usable training rows in {', '.join(empty)}, which has a mixing weight")
+    for part in (gone, eval_gone) if held_out else (gone,):
+        train_drops.extend(unusable_part(part, everything=not train.examples))
+    report = validate_records(train_records, train_drops, eval_records=eval_checked or None,
+                              source=_label(data_cfg.train))
     for line in report.summary().splitlines():
         log(f"data check: {line}")
     report.require_usable(data_cfg.allow_unusable)
-    if not all(isinstance(r, PairRecord) for r in eval_records):
-        eval_records = _expand(eval_records, kind)
-    train = _tokenized(_expand(train_records, kind), tokenization, drops)
-    evals = _tokenized(eval_records, tokenization, drops)
     if kl:
         for i, dataset in enumerate((train, evals)):
             dataset.kl_examples = mismatched(dataset.examples, seed + i) if len(dataset) else None
@@ -249,3 +324,16 @@ def prepare_data(data_cfg, kind: str, tokenization: Tokenization, seed: int, out
     if not train.examples:
         raise DataError(f"no usable training rows ({drops.summary()})")
     return train, evals, drops
+
+
+def prepare_eval(data_cfg, kind: str, tokenization: Tokenization, seed: int, drops: DropLog,
+                 kl: bool = False) -> ExampleSet:
+    """``data.eval`` alone, tokenized (a streamed run's held-out set: the train split is read as it goes);
+    drops go to ``drops``. Pairs stay pairs, so an unpaired or SFT loss can still rank them."""
+    records = _records(data_cfg.eval, kind, drops, data_cfg)
+    if not all(isinstance(r, PairRecord) for r in records):
+        records = _expand(records, kind)
+    evals, _ = _tokenized(records, tokenization, drops, data_cfg)
+    if kl and len(evals):
+        evals.kl_examples = mismatched(evals.examples, seed + 1)
+    return evals

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.data.formats import DropLog, Skip, is_messages
+from preftune.data.formats import DropLog, Skip, is_messages, row_tools
 from preftune.data.load import DataError, read_rows
 from preftune.data.tokenize import Tokenization, TokenizedSingle
 
@@ -66,7 +66,7 @@ def load_prompts(source: Any, tokenization: Tokenization, drops: DropLog) -> Pro
         drops.read += 1
         try:
             prompt = _prompt_of(raw.data)
-            ids = tokenization.prompt_ids(prompt)
+            ids = tokenization.prompt_ids(prompt, row_tools(raw.data))
         except Skip as skip:
             drops.drop(raw.source, raw.line, str(skip), raw.data)
             continue

@@ -78,16 +78,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     model = load_model(args.model, dtype, device)
     reference = load_model(args.reference, dtype, device) if args.reference else None
-    result = evaluate_model(model, tokenizer, args.data, reference=reference, judge=judge, beta=args.beta,
-                            num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
-                            max_length=args.max_length, batch_size=args.batch_size, seed=args.seed)
-    result = {"model": args.model, "reference": args.reference, "data": args.data, **result}
+    meta = {"model": args.model, "reference": args.reference, "data": args.data}
+    computed: dict = {}
+
+    def before_judge(partial: dict) -> None:  # the judge may fail (endpoint, parsing): these are kept first
+        computed.update(partial)
+        if args.out:
+            _write(args.out, {**meta, **partial, "judge": {"judge": judge.name, "error": "the judge did not finish"}})
+
+    try:
+        result = evaluate_model(model, tokenizer, args.data, reference=reference, judge=judge, beta=args.beta,
+                                num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                                max_length=args.max_length, batch_size=args.batch_size, seed=args.seed,
+                                before_judge=before_judge)
+    except Exception as e:
+        if not computed:
+            raise
+        print(format_table({**meta, **computed}))
+        if args.out:
+            _write(args.out, {**meta, **computed, "judge": {"judge": judge.name, "error": _first_line(e)}})
+        kept = f"written to {args.out}" if args.out else "printed above"
+        raise PreftuneError(f"the judge {judge.name} failed ({_first_line(e)}); every other metric was {kept}") from e
+    result = {**meta, **result}
     print(format_table(result))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(_clean(result), indent=2) + "\n", encoding="utf-8")
+        _write(args.out, result)
         print(f"wrote {args.out}")
     return 0
+
+
+def _write(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_clean(result), indent=2) + "\n", encoding="utf-8")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _clean(value):

@@ -28,13 +28,14 @@ def _load_pairs(data, tokenization: Tokenization) -> tuple[list, list, DropLog]:
 
 def evaluate_model(model, tokenizer, data, *, reference=None, judge=None, beta: float = 0.1, num_prompts: int = 64,
                    max_new_tokens: int = 64, max_length: int = 512, max_prompt_length: int | None = None,
-                   batch_size: int = 8, seed: int = 0, log=print) -> dict:
+                   batch_size: int = 8, seed: int = 0, log=print, before_judge=None) -> dict:
     """Evaluate ``model`` (and, when given, against ``reference``) on held-out preference pairs ``data``.
 
     ``data``: anything ``data.load.read_rows`` reads (a JSONL/Parquet/CSV path, a list of dicts, a Dataset).
     ``judge``: a :class:`~preftune.judges.Judge` for the win rate (needs ``reference``) and, when it scores
     single responses (a verifier, a reward model), the mean score of each side's greedy responses.
-    ``beta`` scales the implicit-reward margins (not the accuracy). Returns the JSON-ready result.
+    ``beta`` scales the implicit-reward margins (not the accuracy). ``before_judge(result)`` is called with every
+    other metric before the judge runs (so a failing judge loses none of them). Returns the JSON-ready result.
     """
     from preftune.judges.prompts import prompt_text
 
@@ -81,6 +82,8 @@ def evaluate_model(model, tokenizer, data, *, reference=None, judge=None, beta: 
     result["samples"] = [{"prompt": p, "model": a, **({"reference": ref_text[i]} if ref_text else {})}
                          for i, (p, a) in enumerate(zip(texts[:5], model_text))]
     if judge is not None:
+        if before_judge is not None:
+            before_judge(result)
         judged: dict = {"judge": judge.name}
         if judge.supports_score:
             judged["model_score"] = _mean(judge.score_many(list(zip(texts, model_text))))

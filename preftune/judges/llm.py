@@ -19,9 +19,11 @@ never stored on the judge, logged, shown in ``repr``, or written to the cache.
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +33,7 @@ from typing import Any, TypeVar
 
 import openai
 
+from preftune.errors import PreftuneError
 from preftune.judges.base import Judge, PairItem, ScoreItem, Verdict
 from preftune.judges.cache import JudgeCache, cache_key
 from preftune.judges.parsing import parse_score, parse_verdict
@@ -54,8 +57,12 @@ FIX_FORMAT_MESSAGE = (
 )
 
 
-class JudgeRequestError(RuntimeError):
+class JudgeRequestError(PreftuneError, RuntimeError):
     """A request still failed after the bounded number of attempts, or failed in a way retries cannot fix."""
+
+
+class MalformedReply(Exception):
+    """HTTP 200 whose body is not a chat completion (not JSON, ``{}``, no choices): retried like a server error."""
 
 
 class JudgeParseError(ValueError):
@@ -283,13 +290,29 @@ class LLMJudge(Judge):
         return resp.choices[0].message.content or ""
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def looks_like_key(value: str) -> bool:
+    """Whether an ``api_key_env`` value is more likely a pasted key than a variable name: not shaped like one
+    (``sk-...``, dots, slashes), or long and in mixed case (``gsk_Ab12...``); ``MY_LONG_PROJECT_API_KEY`` is a name."""
+    if not ENV_NAME.fullmatch(value) or value.lower().startswith(("sk-", "sk_")):
+        return True
+    return len(value) >= 32 and value != value.upper()
+
+
 def read_api_key(env_name: str | None) -> str:
     """The API key from the environment variable ``env_name`` (never from the config itself; never logged).
 
-    ``None``: a server that needs no key. A missing variable is an error that names the variable, not its value.
+    ``None``: a server that needs no key. A missing variable is an error that names the variable, not its value;
+    a value that looks like a key itself is refused without being repeated.
     """
     if env_name is None:
         return "no-key"  # the client insists on a string; keyless servers ignore it
+    if not isinstance(env_name, str) or looks_like_key(env_name):
+        raise ValueError("api_key_env must name the environment variable that holds the key (e.g. OPENAI_API_KEY), "
+                         "not hold the key: the value given looks like a key and is not shown; export the key "
+                         "as a variable and give that variable's name")
     key = os.environ.get(env_name)
     if not key:
         raise ValueError(
@@ -311,7 +334,18 @@ def create_with_retries(client, *, label: str, error_cls: type[Exception], max_a
         try:
             if on_attempt is not None:
                 on_attempt()
-            return client.chat.completions.create(**request)
+            return _checked(client.chat.completions.create(**request))
+        except (MalformedReply, json.JSONDecodeError) as err:
+            if attempt == max_attempts:
+                raise error_cls(f"{label}: the endpoint {client.base_url} answered HTTP 200 without a chat completion "
+                                f"{attempt} times ({_malformed(err)}); is the base URL the API root (e.g. "
+                                "http://host:8000/v1)?") from None
+            delay = backoff_delay(attempt, backoff_base, backoff_max)
+            log.warning("%s: malformed reply (%s); retry %d of %d in %.2fs", label, _malformed(err), attempt,
+                        max_attempts - 1, delay)
+            if on_retry is not None:
+                on_retry()
+            time.sleep(delay)
         except openai.OpenAIError as err:
             if not _is_retryable(err) or attempt == max_attempts:
                 after = f" after {attempt} attempts" if _is_retryable(err) else ""
@@ -325,3 +359,20 @@ def create_with_retries(client, *, label: str, error_cls: type[Exception], max_a
                 on_retry()
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _checked(resp):
+    """``resp`` if it is a chat completion with a message; the ``openai`` client hands back a 200's non-JSON
+    body as a str and ``{}`` as a completion whose fields are all None."""
+    if isinstance(resp, str):
+        raise MalformedReply("the body is not JSON")
+    choices = getattr(resp, "choices", None)
+    if not choices:
+        raise MalformedReply("no choices" if choices is not None else "no 'choices' field")
+    if getattr(choices[0], "message", None) is None:
+        raise MalformedReply("the first choice has no message")
+    return resp
+
+
+def _malformed(err: Exception) -> str:
+    return str(err) if isinstance(err, MalformedReply) else "the body is not JSON"

@@ -133,7 +133,12 @@ def build_judge(config: Mapping[str, Any] | str | Path) -> Judge:
         import yaml
 
         with open(config, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
+            try:
+                config = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+                at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+                raise ValueError(f"{config}{at}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(config, Mapping):
         raise ValueError(f"a judge config is a mapping with a 'type' key, got {type(config).__name__}")
     cfg = dict(config)

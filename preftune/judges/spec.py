@@ -35,7 +35,11 @@ def make_judge(spec: str):
         if spec.lstrip().startswith("{"):
             import yaml
 
-            return build_judge(yaml.safe_load(spec))
+            try:
+                inline = yaml.safe_load(spec)
+            except yaml.YAMLError as e:
+                raise PreftuneError(f"--judge <inline>: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+            return build_judge(inline)
     except PreftuneError:
         raise
     except (ValueError, TypeError, ImportError, AttributeError, OSError) as e:

@@ -122,7 +122,8 @@ class JSONSchemaVerifier:
     """1.0 when the response is JSON valid under the schema (see :mod:`preftune.judges.schema`).
 
     Args:
-        schema: a JSON Schema (the supported subset; checked at construction).
+        schema: a JSON Schema (any draft ``jsonschema`` implements; checked at construction, see
+            :func:`preftune.judges.schema.check_schema`).
         strict: the whole response must be the JSON document. When False, JSON inside a code fence or
             an object inside prose is accepted too: the first candidate that parses is validated.
     """

@@ -5,7 +5,7 @@ also says which hyperparameters the loss takes and which values are legal or usu
 ``dpo`` (logistic on the preference logit: dpo, robust, aot), ``margin`` (other functions of it: ipo, hinge,
 exo_pair, discopop), ``anchored`` (each side's log-ratio on its own: nca_pair, bco_pair, sppo_hard, apo_zero,
 apo_down), ``kto``, ``orpo``, ``simpo``, ``sft``, ``reward`` (Bradley-Terry), ``grpo`` (policy gradient on on-policy groups;
-the pure math in ``policy`` and ``ppo``).
+the pure math in ``policy``), ``ppo`` (PPO with a critic: the pure math and the registered loss).
 Weighted mixes (RPO, MPO) are not registered losses: the trainer calls each component and passes the
 outputs to :func:`combine`.
 """
@@ -25,6 +25,7 @@ from preftune.losses.grpo import grpo
 from preftune.losses.kto import kto
 from preftune.losses.margin import discopop, exo_pair, hinge, ipo
 from preftune.losses.orpo import orpo
+from preftune.losses.ppo import ppo
 from preftune.losses.ranges import Range
 from preftune.losses.reward import bradley_terry  # noqa: F401  (registers the reward-model loss)
 from preftune.losses.sft import sft
@@ -52,6 +53,7 @@ __all__ = [
     "kto",
     "nca_pair",
     "orpo",
+    "ppo",
     "robust",
     "sft",
     "simpo",

@@ -62,7 +62,9 @@ class LossSpec:
         data: ``"paired"`` (prompt, chosen, rejected), ``"unpaired"`` (prompt, completion, label), ``"sft"``
             (prompt, completion; the chosen side of paired data also works) or ``"reward"`` (pairs scored by a
             sequence-classification head: the function takes scores, not log-probs) or ``"policy"`` (on-policy
-            groups trained by policy gradient: per-token log-probs, advantages and the step's counts).
+            groups trained by policy gradient: per-token log-probs, advantages and the step's counts) or ``"ppo"``
+            (on-policy minibatches with a critic: per-token log-probs and values, π_old, V_old, advantages and
+            returns, the step's token count).
         needs_lengths: whether the function takes ``chosen_lengths`` / ``rejected_lengths`` (token counts).
         needs_kl: unpaired KTO-style losses take a detached KL reference point ``kl`` (estimated by the loop).
         description: one line for the README table and ``preftune losses``.
@@ -82,7 +84,7 @@ class LossSpec:
     name: str
     fn: Callable[..., LossOutput]
     needs_reference: bool
-    data: Literal["paired", "unpaired", "sft", "reward", "policy"] = "paired"
+    data: Literal["paired", "unpaired", "sft", "reward", "policy", "ppo"] = "paired"
     needs_lengths: bool = False
     needs_kl: bool = False
     description: str = ""

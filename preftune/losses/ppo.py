@@ -1,4 +1,5 @@
-"""PPO for language models: clipped policy loss, clipped value loss, entropy bonus, KL-shaped rewards, adaptive KL.
+"""PPO for language models: clipped policy loss, clipped value loss, entropy bonus, KL-shaped rewards, adaptive KL,
+and the registered ``ppo`` loss that combines them (:func:`ppo`).
 
 Notation (B sequences, T completion positions, right-padded, m the (B, T) mask; all per token):
     logp_t, old_t     log π_θ and log π_old of the sampled token (old = the policy that generated the batch)
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from preftune.losses.base import LossOutput
+from preftune.losses.base import LossOutput, LossSpec, register_loss
 from preftune.losses.policy import step_contributions
+from preftune.losses.ranges import Range, nonnegative, positive, typical
 
 
 def _check_same_shape(**tensors) -> None:
@@ -271,3 +273,94 @@ class AdaptiveKLController:
         self.value = float(state["value"])
         self.target = float(state["target"])
         self.horizon = float(state["horizon"])
+
+
+# ---- the registered loss ------------------------------------------------------------------------------------
+
+
+def ppo(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+        values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, entropy: torch.Tensor | None = None,
+        num_tokens_in_step: float | None = None, world_size: int = 1, *, clip_ratio: float = 0.2,
+        value_clip: float | None = 0.2, vf_coef: float = 0.1, entropy_coef: float = 0.0, kl_coef: float = 0.05,
+        target_kl: float | None = None, kl_horizon: float = 10000.0) -> LossOutput:
+    """PPO's objective for one minibatch step: clipped surrogate + vf_coef · clipped value loss − entropy bonus.
+
+        L = Σ_t m_t·[ −min(ρ_t·A_t, clip(ρ_t, 1 ± ε)·A_t)
+                      + c_v·½·max((V_t − R_t)², (clip(V_t, V_old,t ± c) − R_t)²)
+                      − c_H·H_t ] / N
+
+    on rewards shaped per token r_t = −β·(log π_old − log π_ref)_t + [t last]·score, with A_t = GAE(r, V_old)
+    (whitened over the rollout) and R_t = A_t + V_old,t (unwhitened). ε: ``clip_ratio``; c: ``value_clip``
+    (None: no value clipping); c_v: ``vf_coef``; c_H: ``entropy_coef``; β: ``kl_coef``; N: the step's tokens.
+
+    ``kl_coef``, ``target_kl`` and ``kl_horizon`` are read by the experience source, which shapes the rewards
+    before GAE (``preftune.rollout.ppo``: :func:`kl_penalty_rewards`; with ``target_kl`` the coefficient adapts,
+    :class:`AdaptiveKLController`, starting at ``kl_coef``); they are declared here so that one spec checks
+    every PPO hyperparameter, warns outside the usual ranges and loads a reference model only when β ≠ 0.
+
+    Papers: Schulman et al., arXiv:1707.06347v2, Eq. 7 and 9 (L^{CLIP+VF+S}); the LM recipe of Ziegler et al.,
+    arXiv:1909.08593v2, Sec. 2.2, and Huang et al., arXiv:2403.17031v1 (per-token KL penalty, score on the last
+    token, value clipping, advantage whitening). Departures: every term is a token mean over the WHOLE optimizer
+    step with a step-global N (module docstring); value clipping is the ppo2 form, not the paper's Eq. 9.
+
+    Args:
+        logps, old_logps, advantages, mask: (B, T) as in :func:`ppo_policy_loss`.
+        values, old_values, returns: (B, T) as in :func:`ppo_value_loss`.
+        entropy: (B, T) per-token entropy H_t (with grad for the bonus), or None when ``entropy_coef`` is 0.
+        num_tokens_in_step, world_size: the step-global normalizer (module docstring).
+
+    Returns:
+        LossOutput: ``losses`` (B,) per-sequence contributions to reduce by SUM; ``rewards`` (B,) token-mean
+        advantage; ``metrics`` (B,), detached: ``loss/policy``, ``loss/value`` (and ``loss/entropy``) as
+        contributions like ``losses``; ``policy/approx_kl_k1``, ``policy/approx_kl_k3``, ``policy/clip_frac``,
+        ``policy/ratio_mean``, ``value/clip_frac``, ``value/error`` (mean (V − R)²), ``value/mean``, ``entropy``
+        (per-sequence token means) and ``completion_length``.
+    """
+    if num_tokens_in_step is None:
+        raise ValueError("ppo needs num_tokens_in_step: the loss-bearing tokens of the WHOLE optimizer step")
+    common = dict(num_tokens_in_step=num_tokens_in_step, world_size=world_size)
+    policy = ppo_policy_loss(logps, old_logps, advantages, mask, clip_ratio=clip_ratio, **common)
+    value = ppo_value_loss(values, old_values, returns, mask, value_clip=value_clip, **common)
+    losses = policy.losses + vf_coef * value.losses  # (B,)
+    m = mask.to(torch.bool)
+    pm = policy.metrics
+    metrics = {"loss/policy": policy.losses.detach(), "loss/value": value.losses.detach(),
+               "policy/approx_kl_k1": pm["approx_kl_k1"], "policy/approx_kl_k3": pm["approx_kl_k3"],
+               "policy/clip_frac": pm["clip_frac"], "policy/ratio_mean": pm["ratio_mean"],
+               "value/clip_frac": value.metrics["value_clip_frac"], "value/error": value.metrics["value_error"],
+               "value/mean": _per_seq_mean(values.float(), m), "completion_length": pm["completion_length"]}
+    if entropy is not None:
+        metrics["entropy"] = _per_seq_mean(entropy.float(), m)
+    if entropy_coef:
+        if entropy is None:
+            raise ValueError(f"entropy_coef = {entropy_coef} needs the per-token entropy")
+        bonus = entropy_bonus(entropy, mask, coef=entropy_coef, **common)  # (B,)
+        losses = losses + bonus
+        metrics["loss/entropy"] = bonus.detach()
+    return LossOutput(losses=losses, rewards=policy.rewards, metrics=metrics)
+
+
+register_loss(
+    LossSpec(
+        name="ppo",
+        fn=ppo,
+        needs_reference=True,
+        reference_if="kl_coef",
+        data="ppo",
+        description="PPO with a critic and GAE: clipped surrogate on KL-shaped rewards, clipped value loss, "
+                    "optional entropy bonus and adaptive KL.",
+        ranges={"clip_ratio": Range(0.0, 1.0, low_open=True, high_open=True,
+                                    why="the ratio window 1 ± ε must stay positive; 0 would freeze the policy"),
+                "value_clip": positive("the value window V_old ± c; None (null) switches value clipping off"),
+                "vf_coef": nonnegative("a negative weight would train the critic away from the returns"),
+                "entropy_coef": nonnegative("a negative bonus would reward collapsing the distribution"),
+                "kl_coef": nonnegative("β < 0 would reward moving away from the reference"),
+                "target_kl": positive("the KL the adaptive coefficient steers toward, in nats per sequence"),
+                "kl_horizon": positive("samples over which the adaptive coefficient moves by its clipped error")},
+        typical={"clip_ratio": typical(0.1, 0.3, "PPO clips at 0.2 (arXiv:1707.06347; seed 001 #7)"),
+                 "kl_coef": typical(0.01, 0.2, "0.01-0.2 keeps the policy near the reference without freezing it "
+                                               "(seed 001 #4; InstructGPT 0.02, TRL 0.05)"),
+                 "vf_coef": typical(0.05, 1.0, "TRL uses 0.1, the PPO paper 0.5-1"),
+                 "entropy_coef": typical(0.0, 0.05, "RLHF recipes mostly use 0; Atari PPO 0.01")},
+    )
+)

@@ -13,12 +13,13 @@ written to ``metrics.jsonl`` (the single source of reports) as records of its ow
     {"step", "split": "alarm", "name", "message"}              when an alarm turns on
     {"step", "split": "event", "name": "best" | "early_stopping", "message", ...}
 
-**Where KL comes from.** The log-ratio needs reference log-probs of the *policy's* samples, so reference
-weights must be in memory. They are with LoRA (the adapter disabled, no copy), with a separate
-``reference.model`` or a full fine-tune without precompute (the frozen model the loop already holds). Full
-fine-tuning with precomputed reference log-probs keeps no reference weights, by design (no second copy); there
-KL is logged as null with a one-time notice, and the other checks still run (the reference's outputs, for
-lengths and diversity, are generated from the policy before its first step, when it *is* the reference).
+**Where KL comes from.** The log-ratio needs reference log-probs of the *policy's* samples. With LoRA the
+reference is the policy with its adapter disabled (no copy); with ``reference.precompute: false`` it is the
+frozen model the loop already holds. Otherwise (full fine-tuning with precomputed reference log-probs, the
+default; a separate precomputed ``reference.model``; a loss without a reference, where the reference is the
+initial policy) no reference weights stay in memory, so they are written once to the run directory before the
+first step and read back for the scoring pass of each evaluation (:mod:`preftune.monitor.snapshot`): KL is
+measured in every configuration that generates.
 
 **Generations.** At each evaluation, one sampled completion (temperature 1, a fixed seed per prompt) for each
 of ``num_prompts`` held-out prompts: KL, lengths and diversity are measured on these (KL estimators need
@@ -30,22 +31,22 @@ Only the main process generates, judges and writes; the stop decision is shared 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from preftune.errors import ConfigError
 from preftune.eval.drift import completion_token_logps, end_ids, generate_ids, generation_stats, kl_estimates
+from preftune.fsio import write_dir_atomic
 from preftune.losses import get_loss
 from preftune.models import is_peft, reference_mode, save_pretrained
 from preftune.monitor import samples as samples_mod
 from preftune.monitor.health import check_alarms, diagnose
+from preftune.monitor.snapshot import SNAPSHOT_FILE, WeightSnapshot
 from preftune.runlog import read_metrics
 
 SAMPLE_SEED = 1234
@@ -84,12 +85,16 @@ class Monitor:
         tokenizer: for decoding samples and saving the best model.
         eval_set: the held-out :class:`~preftune.data.prepare.ExampleSet`; its first ``num_prompts`` distinct
             prompts are the fixed generation prompts.
-        ref_model: a frozen reference model held by the loop, or None.
+        ref_model: a separate frozen reference model, or None. If the loop scores it every step
+            (``ref_is_live``) the monitor uses it as it is; otherwise (reference log-probs precomputed) it is
+            handed over: its weights are snapshot to disk and the model is moved to the meta device (freed).
         accelerator: for the process rank and the shared stop decision.
         say: the loop's print function (main process only).
+        ref_is_live: whether the loop scores ``ref_model`` at every step; None: ``not reference.precompute``.
     """
 
-    def __init__(self, cfg, policy, tokenizer, eval_set, ref_model, accelerator, say=print):
+    def __init__(self, cfg, policy, tokenizer, eval_set, ref_model, accelerator, say=print, *,
+                 ref_is_live: bool | None = None):
         if cfg.monitor.early_stopping_metric is None:  # the natural held-out metric of the run's kind
             default = "eval/reward/mean" if getattr(cfg, "rollout", None) is not None else "eval/loss"
             cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, early_stopping_metric=default))
@@ -105,6 +110,7 @@ class Monitor:
         self.state: str | None = None
         self.active: set[str] = set()
         self.metric_missing_noted = False
+        self.snapshot: WeightSnapshot | None = None  # the reference's weights on disk, when none is in memory
         split, _, key = mc.early_stopping_metric.partition("/")
         if split not in ("eval", "monitor") or not key:
             raise ConfigError(f"monitor.early_stopping_metric: expected 'eval/<key>' or 'monitor/<key>' (a "
@@ -118,10 +124,12 @@ class Monitor:
                 "samples or early stopping")
         if not self.enabled:
             return
-        # The reference for KL: a frozen model in memory, or the adapter-disabled policy (LoRA, no reference.model).
-        if ref_model is not None:
+        # The reference for KL: a frozen model the loop scores live, or the adapter-disabled policy (LoRA);
+        # otherwise its weights are snapshot to disk below, before the first step.
+        live = (not cfg.reference.precompute) if ref_is_live is None else ref_is_live
+        if ref_model is not None and live:
             self.kl_ref = ref_model
-        elif is_peft(policy) and cfg.reference.model is None:
+        elif ref_model is None and is_peft(policy) and cfg.reference.model is None:
             self.kl_ref = policy
         else:
             self.kl_ref = None
@@ -130,20 +138,22 @@ class Monitor:
         self.prompts = samples_mod.held_out_prompts(eval_set.examples, mc.num_prompts)
         if not self.main or mc.num_prompts <= 0:
             return
-        if self.kl_ref is None:
-            say("monitor: KL to the reference is not measured (logged as null): no reference weights stay in "
-                "memory (full fine-tuning with precomputed reference log-probs, or a loss without a reference); "
-                "train with LoRA, or (losses with a reference) set reference.precompute: false to keep a frozen one")
-        ref_source = self.kl_ref if self.kl_ref is not None else (policy if cfg.reference.model is None else None)
+        # Before the first step the policy is still the reference (or the separate reference is in memory).
+        ref_source = next((m for m in (self.kl_ref, ref_model) if m is not None),
+                          policy if cfg.reference.model is None else None)
         self.ref_sampled = self.ref_greedy = None
-        if ref_source is not None:  # before the first step: the policy is still the reference
-            with reference_mode(ref_source):
-                self.ref_sampled = self._generate(ref_source, temperature=1.0)
-                self.ref_greedy = self._generate(ref_source, temperature=0.0)
-            self.ref_stats = generation_stats(self.ref_sampled, self.eos)
-        else:
-            say("monitor: the reference's outputs are unavailable (reference.model was freed), so length drift "
-                "and diversity are not compared with it")
+        if ref_source is None:
+            say("monitor: the reference's outputs are unavailable (reference.model was freed), so KL, length "
+                "drift and diversity are not compared with it")
+            return
+        with reference_mode(ref_source):
+            self.ref_sampled = self._generate(ref_source, temperature=1.0)
+            self.ref_greedy = self._generate(ref_source, temperature=0.0)
+        self.ref_stats = generation_stats(self.ref_sampled, self.eos)
+        if self.kl_ref is None:  # precomputed reference log-probs: keep its weights on disk, not in memory
+            self.snapshot = WeightSnapshot(ref_source, self.run_dir / SNAPSHOT_FILE, free=ref_source is ref_model)
+            say(f"monitor: reference weights for KL saved to {self.snapshot.path} "
+                f"({self.snapshot.bytes / 2**20:.1f} MiB; read back at each evaluation, removed at the end)")
 
     # ---- hooks ---------------------------------------------------------------------------------------------
 
@@ -176,6 +186,11 @@ class Monitor:
                 self.stop_reason = "stopped by the main process"
         if self.stop_reason and self.stopped_at is None:
             self.stopped_at = step
+
+    def close(self) -> None:
+        """Remove the reference-weights snapshot (the run is over)."""
+        if self.snapshot is not None:
+            self.snapshot.close()
 
     # ---- parts ---------------------------------------------------------------------------------------------
 
@@ -210,11 +225,12 @@ class Monitor:
         """Sampled generations of the policy: KL to the reference, lengths and diversity; one monitor record."""
         sampled = self._generate(self.policy, temperature=1.0)
         values: dict = {}
-        if self.kl_ref is not None:
-            with torch.no_grad():
+        if self.kl_ref is not None or self.snapshot is not None:
+            reference = self.snapshot.model() if self.snapshot else contextlib.nullcontext(self.kl_ref)
+            with torch.no_grad(), reference as ref:
                 policy_logps = completion_token_logps(self.policy, self.prompts, sampled, self.pad_id)
-                with reference_mode(self.kl_ref):
-                    ref_logps = completion_token_logps(self.kl_ref, self.prompts, sampled, self.pad_id)
+                with reference_mode(ref):
+                    ref_logps = completion_token_logps(ref, self.prompts, sampled, self.pad_id)
             values.update(kl_estimates(policy_logps, ref_logps))
         else:
             values.update({k: None for k in ("kl/k1_token", "kl/k3_token", "kl/k1_seq", "kl/k3_seq")})
@@ -310,17 +326,11 @@ class Monitor:
 
 
 def _save_atomically(policy, tokenizer, out: Path, info: dict) -> None:
-    """``save_pretrained`` into a temporary directory, then swap it in: a crash never leaves half a model."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=out.parent))
-    try:
+    """``save_pretrained`` into a temporary directory, then swap it in (``fsio.write_dir_atomic``): ``best/``
+    is the old best model or the new one at every instant, never half of one."""
+
+    def write(tmp: Path) -> None:
         save_pretrained(policy, tokenizer, tmp)
         (tmp / "best.json").write_text(json.dumps(info, indent=1))
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomic(out, write, "the best model to")

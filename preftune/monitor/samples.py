@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from preftune.runlog import read_records, truncate_records
+
 
 def held_out_prompts(examples: list, n: int) -> list[list[int]]:
     """The first ``n`` distinct prompts (token ids) of the eval examples, in order: a fixed set for the run."""
@@ -59,22 +61,15 @@ def write_samples(run_dir: Path, step: int, prompts: list[str], policy: list[str
 
 def read_samples(run_dir: Path, kind: str | None = None) -> list[dict]:
     """Rows of ``samples.jsonl``: the monitor's side-by-side samples (``kind`` None), or the rows of another
-    kind (``"rollout"``: an on-policy run's prompt, chosen, rejected and rewards at each evaluation)."""
-    path = Path(run_dir) / "samples.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kind (``"rollout"``: an on-policy run's prompt, chosen, rejected and rewards at each evaluation). A
+    half-written last line (a kill) is skipped, as in ``metrics.jsonl``."""
+    rows = read_records(Path(run_dir) / "samples.jsonl", "sample row")
     return [r for r in rows if r.get("kind") == kind]
 
 
 def truncate_samples(run_dir: Path, upto: int) -> None:
     """Drop rows past ``upto`` (a resumed run redoes those steps), as the loop does with metrics.jsonl."""
-    path = Path(run_dir) / "samples.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if path.exists() else []
-    if rows:
-        kept = [r for r in rows if r["step"] <= upto]
-        (Path(run_dir) / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    truncate_records(Path(run_dir) / "samples.jsonl", upto, "sample row")
 
 
 def _clip(text: str, n: int = 120) -> str:

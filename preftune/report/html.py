@@ -1,10 +1,11 @@
 """``report.html``: one self-contained page per run, built from ``metrics.jsonl`` (and ``samples.jsonl``).
 
-Sections: the final numbers; for an on-policy run its rollouts (``preftune.report.onpolicy``: the last rewards,
-per function too, spread, skipped fraction, EOS and truncation rates, lengths, entropy, KL, clip fractions,
-generation vs training time, and the last rollout's pairs or completions from ``samples.jsonl`` rows of kind
-"rollout"); a timeline of the monitor's alarms, health diagnoses and events (best model,
-early stopping) as an inline SVG and a table; the plots of ``preftune.report.plots`` (loss, margins,
+Sections: the run (its key settings, throughput, the learning-rate, gradient-norm and tokens/s curves, and the
+whole ``config.yaml``); the final numbers; for an on-policy run its rollouts (``preftune.report.onpolicy``: the
+last rewards, per function too, spread, skipped fraction, EOS and truncation rates, lengths, entropy, KL, clip
+fractions, generation vs training time, and the last rollout's pairs or completions from ``samples.jsonl`` rows
+of kind "rollout"); a timeline of the monitor's alarms, health diagnoses and events
+(best model, early stopping) as an inline SVG and a table; the other plots of ``preftune.report.plots`` (loss, margins,
 accuracies, chosen/rejected log-probs, KL, lengths, diversity; alarms drawn as red lines), embedded as base64
 PNGs; the greedy samples, policy beside reference, latest step first. No external resources: the file can be
 mailed or archived as is. A small inline script marks ``<body data-images-visible="k">`` with the number of
@@ -32,7 +33,7 @@ table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; } figure { margin: 0; } figcaption { font-size: 0.8em; }
-img.plot { width: 600px; height: auto; border: 1px solid #eee; }
+img.plot { width: 640px; height: auto; border: 1px solid #eee; }
 .alarm { color: #d62728; font-weight: 600; } .muted { color: #777; }
 pre { white-space: pre-wrap; margin: 0; font-size: 0.85em; }
 """
@@ -79,6 +80,51 @@ def _final_table(records: list[dict]) -> str:
     return head + "<table><tr><th>metric</th><th>train (last)</th><th>eval (last)</th></tr>" + "".join(rows) + "</table>"
 
 
+RUN_PLOTS = ("learning_rate", "grad_norm", "throughput")  # shown with the run's settings, above the rest
+SETTINGS = (("model", ("model",)), ("task", ("task",)), ("loss", ("loss",)), ("LoRA", ("lora",)),
+            ("train data", ("data", "train")), ("eval data", ("data", "eval")),
+            ("learning rate", ("training", "learning_rate")), ("schedule", ("training", "lr_scheduler")),
+            ("batch per device", ("training", "per_device_batch_size")),
+            ("accumulation", ("training", "gradient_accumulation_steps")), ("precision", ("training", "precision")),
+            ("max length", ("training", "max_length")), ("seed", ("training", "seed")))
+
+
+def _run_section(run_dir: Path, plots: list[Path]) -> str:
+    """Key settings from config.yaml, throughput from train_summary.json, the optimizer's curves, the config."""
+    import json
+
+    import yaml
+
+    from preftune.configfile import read_config
+
+    config = read_config(run_dir)
+    parts = []
+    if config is not None:
+        rows = []
+        for label, path in SETTINGS:
+            value = config
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+            elif label == "LoRA" and value is None:
+                value = "none: full fine-tuning"
+            rows.append(f"<tr><td>{_e(label)}</td><td>{_num(value)}</td></tr>")
+        parts.append("<table>" + "".join(rows) + "</table>")
+    summary_path = run_dir / "train_summary.json"
+    if summary_path.exists():
+        s = json.loads(summary_path.read_text())
+        parts.append(f"<p>Throughput: {_num(s.get('samples_per_second'))} samples/s, "
+                     f"{_num(s.get('tokens_per_second'))} tokens/s over {_num(s.get('train_loop_s'))} s of "
+                     f"optimizer steps (evaluation, checkpoints and setup excluded); {_num(s.get('train_runtime_s'))} "
+                     f"s in all; peak RSS {_num(s.get('peak_rss_mb'))} MiB.</p>")
+    parts.append(_plots([p for p in plots if p.stem in RUN_PLOTS], empty=""))
+    if config is not None:
+        text = yaml.safe_dump(config, sort_keys=False, width=110)
+        parts.append(f"<details><summary>config.yaml</summary><pre>{_e(text)}</pre></details>")
+    return "".join(parts) or "<p class=muted>No config.yaml or train_summary.json in this run directory.</p>"
+
+
 def _timeline(records: list[dict]) -> str:
     """Alarms, health changes and events: an SVG strip over the step axis, then a table."""
     marks = [r for r in records if r.get("split") in ("alarm", "health", "event")]
@@ -118,9 +164,9 @@ def _timeline(records: list[dict]) -> str:
             + "".join(rows) + "</table>")
 
 
-def _plots(paths: list[Path]) -> str:
+def _plots(paths: list[Path], empty: str = "<p class=muted>No metrics to plot.</p>") -> str:
     if not paths:
-        return "<p class=muted>No metrics to plot.</p>"
+        return empty
     figs = []
     for p in paths:
         data = base64.b64encode(Path(p).read_bytes()).decode("ascii")
@@ -164,10 +210,11 @@ def render_report(run_dir: str | Path, plots: list[Path] | None = None) -> str:
         f"<title>preftune report: {_e(run_dir.name)}</title><style>{STYLE}</style></head>",
         f'<body data-images-total="{len(plots)}">',
         f"<h1>preftune run report: {_e(run_dir.name)}</h1>", verdict,
+        "<h2>Run</h2>", _run_section(run_dir, plots),
         "<h2>Final numbers</h2>", _final_table(records),
         onpolicy_section(records, read_samples(run_dir, kind="rollout")),
         "<h2>Timeline: alarms, diagnoses, events</h2>", _timeline(records),
-        "<h2>Curves</h2>", _plots(plots),
+        "<h2>Curves</h2>", _plots([p for p in plots if p.stem not in RUN_PLOTS]),
         "<h2>Samples</h2>", _samples(read_samples(run_dir)),
         f"<script>{SCRIPT}</script>", "</body></html>",
     ])

@@ -4,7 +4,8 @@ One panel per quantity: train curves as lines, eval (and monitor) points as mark
 their rollout panels (rewards, skipped and EOS fractions, completion lengths, step time, generation speed) and,
 for policy-gradient losses, entropy / KL and the clipped, zero-spread and truncated fractions. The monitor's alarms
 (records with split ``alarm``) are drawn on every panel as red dashed vertical lines at their steps, so a
-curve's turn can be read against the alarm it raised.
+curve's turn can be read against the alarm it raised. The legend sits outside the axes, to their right, so it
+never covers a curve (the figure grows to hold it).
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from pathlib import Path
 
 from preftune.runlog import read_metrics
 
-# panel -> (split, key, style) curves; splits "train" and "eval" are drawn for the training metrics.
+# panel -> keys; train and eval are drawn for the training metrics, train alone for the optimizer's.
 PANELS = {
     "loss": ["loss"],
     "margins": ["rewards/margins", "rewards/chosen", "rewards/rejected"],
     "accuracies": ["rewards/accuracies"],
     "logps": ["logps/chosen", "logps/rejected"],
+}
+TRAIN_PANELS = {
+    "learning_rate": ["learning_rate"],
+    "grad_norm": ["grad_norm"],
+    "throughput": ["tokens_per_second"],
 }
 # On-policy policy-gradient runs (GRPO family): the policy's entropy and KL, and the shares of clipped tokens,
 # of zero-spread groups and of truncated samples.
@@ -46,6 +52,9 @@ ROLLOUT_PANELS = {
 }
 
 
+ALL_PANELS = [*TRAIN_PANELS, *PANELS, *MONITOR_PANELS, *ROLLOUT_PANELS, *POLICY_PANELS]
+
+
 def series(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
     pts = [(r["step"], r[key]) for r in records if r.get("split") == split and isinstance(r.get(key), (int, float))]
     return [s for s, _ in pts], [v for _, v in pts]
@@ -58,16 +67,44 @@ def _curves(panel: str, records: list[dict]) -> list[tuple[str, str, str]]:
             keys += sorted({k for r in records for k in r if k.startswith("reward/") and k.endswith("/mean")
                             and k != "reward/mean"})
         return [(split, key, style) for key in keys for split, style in (("train", "-"), ("eval", "o--"))]
+    if panel in TRAIN_PANELS:
+        return [("train", key, "-") for key in TRAIN_PANELS[panel]]
     if panel in POLICY_PANELS:
         return [("train", key, "-") for key in POLICY_PANELS[panel]]
     return [("monitor", key, "s:" if "reference" in key else "o-") for key in MONITOR_PANELS[panel]]
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """One PNG per panel that has data, under ``run_dir/plots``; returns the files written."""
+def draw_panel(records: list[dict], panel: str, alarms: list[int]):
+    """The matplotlib figure of one panel, or None when the run has no data for it."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    drawn = False
+    for split, key, style in _curves(panel, records):
+        x, y = series(records, split, key)
+        if x:
+            label = key.split("/", 1)[-1].replace("reference_", "reference ") if split == "monitor" else f"{split} {key}"
+            ax.plot(x, y, style, label=label, markersize=3)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for i, step in enumerate(alarms):
+        ax.axvline(step, color="red", linestyle="--", linewidth=0.8, alpha=0.7, label="alarm" if i == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_title(panel)
+    ax.grid(alpha=0.3)
+    # Beside the axes, not in them; no tight_layout (it would shrink the axes to fit the legend in the figure):
+    # the saved image is cropped to include it (savefig bbox_inches="tight").
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+    return fig
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """One PNG per panel that has data, under ``run_dir/plots``; returns the files written."""
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
@@ -76,26 +113,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir = run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for panel in [*PANELS, *MONITOR_PANELS, *ROLLOUT_PANELS, *POLICY_PANELS]:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        drawn = False
-        for split, key, style in _curves(panel, records):
-            x, y = series(records, split, key)
-            if x:
-                ax.plot(x, y, style, label=f"{split} {key}", markersize=3)
-                drawn = True
-        if not drawn:
-            plt.close(fig)
+    for panel in ALL_PANELS:
+        fig = draw_panel(records, panel, alarms)
+        if fig is None:
             continue
-        for i, step in enumerate(alarms):
-            ax.axvline(step, color="red", linestyle="--", linewidth=0.8, alpha=0.7, label="alarm" if i == 0 else None)
-        ax.set_xlabel("step")
-        ax.set_title(panel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
         path = out_dir / f"{panel}.png"
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")  # "tight": the image includes the legend beside the axes
         plt.close(fig)
         written.append(path)
     return written

@@ -12,7 +12,7 @@ from typing import Any
 from preftune.judges.reward_ensemble import MANIFEST
 
 
-def train_ensemble(config, k: int, *, vary: str = "seed", log=print) -> dict[str, Any]:
+def train_ensemble(config, k: int, *, vary: str = "seed", overwrite: bool = False, log=print) -> dict[str, Any]:
     """Train ``k`` reward models that differ in seed or in held-out split; returns (and writes) the manifest.
 
     ``vary="seed"``: member i trains with ``training.seed + i`` (head initialisation, data order) on the same
@@ -20,6 +20,9 @@ def train_ensemble(config, k: int, *, vary: str = "seed", log=print) -> dict[str
     holds out different rows, ``data.split_seed + i`` (so it needs ``data.eval_fraction`` and no ``data.eval``),
     with the same training seed. Member i writes to ``output_dir/member-i``; its model is the best checkpoint
     by the early-stopping metric when one was kept (``output_dir/member-i/best``), else the final one.
+
+    ``overwrite``: replace the members of a previous ensemble in the same ``output_dir`` (each member directory
+    is a run directory, refused when used; see ``preftune.train``).
 
     ``output_dir/ensemble.json`` lists every member's path, seeds, final held-out accuracy, best checkpoint
     (step, metric, value) and early stop; pass the
@@ -57,7 +60,7 @@ def train_ensemble(config, k: int, *, vary: str = "seed", log=print) -> dict[str
                                          seed=seed + i if vary == "seed" else seed),
         )
         log(f"ensemble: member {i + 1}/{k} ({vary}: seed {member.training.seed}, split {member.data.split_seed})")
-        summary = train(member, log=log)
+        summary = train(member, overwrite=overwrite, log=log)
         best = summary.get("best") or {}
         path = best.get("path") or summary["model_dir"]
         accuracy = (summary.get("final_eval_metrics") or {}).get("rewards/accuracies")

@@ -135,17 +135,15 @@ def _build_backend(args: argparse.Namespace, kind: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from preftune.rollout.generate import check_settings, run_generation, scan_existing
+    from preftune.rollout.generate import check_out, check_settings, run_generation, scan_existing
 
     if not args.prompts.exists():
         raise PreftuneError(f"prompts file not found: {args.prompts}")
     settings = {"max_new_tokens": args.max_new_tokens, "top_p": args.top_p}
-    if args.out.exists():  # refuse a mismatched resume before spending minutes loading a model
-        _, previous, repaired = scan_existing(args.out)
-        if repaired:
-            print(f"{args.out}: cut a partial last line left by an interrupted run")
-        check_settings(args.out, previous, {"n": args.n, "temperatures": args.temperatures, "seed": args.seed,
-                                            "chat": args.chat, **settings})
+    check_out(args.out, args.prompts)
+    if args.out.exists():  # refuse a mismatched resume before spending minutes loading a model (read-only)
+        check_settings(args.out, scan_existing(args.out).settings, {
+            "n": args.n, "temperatures": args.temperatures, "seed": args.seed, "chat": args.chat, **settings})
     kind = _resolve_backend(args)
     backend = _build_backend(args, kind)
     print(f"generate: {backend.name}, n={args.n}, temperatures={args.temperatures}, seed={args.seed}", flush=True)

@@ -22,9 +22,10 @@ Output row (``GEN.jsonl``)::
      "responses": [{"text", "temperature", "seed", "index", "generator", "finish_reason", "num_tokens"}, ...],
      "generation": {"generator", "n", "temperatures", "seed", "max_new_tokens", "top_p", "chat"}}
 
-Resuming: on start the existing OUT is read; prompts whose ``prompt_id`` is there are skipped, a partial last
-line (a crash mid-write) is cut off, and a file written with other generation settings is refused rather
-than mixed. Duplicate prompts in the input are generated once.
+Resuming: on start the existing OUT is read; prompts whose ``prompt_id`` is there are skipped, and a file
+written with other generation settings, or one that is not a generation file at all (the prompts file, say), is
+refused and left untouched rather than mixed. A partial last line of our own (a crash mid-write) is moved to
+``OUT.partial`` and its prompt redone. Duplicate prompts in the input are generated once.
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ class GenerateResult:
     repaired_partial_line: bool = False
     seconds: float = 0.0
     responses: int = 0
+    set_aside: Path | None = None
 
     def summary(self) -> str:
         parts = [f"{self.prompts} prompts", f"{self.already_done} already in {self.out.name}",
@@ -220,40 +222,102 @@ class GenerateResult:
             parts.append(f"{self.duplicates} duplicate prompts skipped")
         if self.blank:
             parts.append(f"{self.blank} blank prompts skipped")
-        if self.repaired_partial_line:
-            parts.append("cut a partial last line left by an interrupted run")
+        if self.set_aside is not None:
+            parts.append(f"moved a partial last line left by an interrupted run to {self.set_aside}")
         return "; ".join(parts)
 
 
-def scan_existing(out: Path) -> tuple[set[str], dict[str, Any] | None, bool]:
-    """(prompt ids already in ``out``, the settings they were generated with, whether a partial line was cut).
+PARTIAL_SUFFIX = ".partial"
+ROW_START = b'{"prompt": '  # how every GEN row begins (json.dumps keeps the row's key order)
 
-    A last line without its newline is what a crash mid-write leaves: it is cut off so the prompt is redone.
-    Any other unreadable line means the file is not a GEN file this run wrote, and it is refused.
+
+@dataclass
+class ExistingOut:
+    """What ``OUT`` already holds (read-only; see :func:`scan_existing`).
+
+    ``partial``: a last line without its newline that is the beginning of one of our rows (a crash mid-write),
+    set aside before appending; ``unterminated``: a last row complete but for its newline, kept.
+    """
+
+    done: set[str]
+    settings: dict[str, Any] | None
+    end: int = 0
+    partial: bytes = b""
+    unterminated: bool = False
+
+
+def _gen_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("prompt_id"), str) else None
+
+
+def scan_existing(out: Path) -> ExistingOut:
+    """The prompt ids already in ``out`` and their generation settings, without modifying ``out``.
+
+    Every complete line must be a GEN row; anything else means ``out`` is not a generation file, and it is refused
+    untouched. A last line without its newline is a complete row (kept), the beginning of a row (what a crash
+    mid-write leaves: :func:`set_aside_partial` moves it to ``OUT.partial`` before appending), or not ours
+    (refused).
     """
     if not out.exists():
-        return set(), None, False
+        return ExistingOut(set(), None)
     data = out.read_bytes()
     end = data.rfind(b"\n") + 1
-    repaired = end < len(data)
-    if repaired:
-        with open(out, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-    done: set[str] = set()
-    settings = None
-    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+    tail = data[end:]
+    state = ExistingOut(set(), None, end)
+    lines = data[:end].decode("utf-8", errors="replace").splitlines()
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            pid = row["prompt_id"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise PreftuneError(f"{out}:{lineno}: not a generation row; to start afresh use another --out") from None
-        done.add(pid)
-        settings = settings or row.get("generation")
-    return done, settings, repaired
+        row = _gen_row(line)
+        if row is None:
+            raise PreftuneError(f"{out}:{lineno}: not a generation row, so {out} is not a file preftune generate "
+                                "wrote; it was left as it is: choose another --out")
+        state.done.add(row["prompt_id"])
+        state.settings = state.settings or row.get("generation")
+    if tail.strip():
+        row = _gen_row(tail.decode("utf-8", errors="replace"))
+        if row is not None:
+            state.done.add(row["prompt_id"])
+            state.settings = state.settings or row.get("generation")
+            state.unterminated = True
+        elif tail.startswith(ROW_START):
+            state.partial = tail
+        else:
+            raise PreftuneError(f"{out}:{len(lines) + 1}: not a generation row, so {out} is not a file preftune "
+                                "generate wrote; it was left as it is: choose another --out")
+    return state
+
+
+def set_aside_partial(out: Path, state: ExistingOut) -> Path | None:
+    """Move a partial last line to ``OUT.partial`` (appended, fsynced) and cut it from ``out``; end an
+    unterminated last row with its newline. Returns the ``.partial`` file when a line was moved."""
+    if state.unterminated:
+        with open(out, "ab") as f:
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    if not state.partial:
+        return None
+    side = out.with_name(out.name + PARTIAL_SUFFIX)
+    with open(side, "ab") as f:  # first keep the bytes elsewhere, then cut them
+        f.write(state.partial + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    with open(out, "r+b") as f:
+        f.truncate(state.end)
+        f.flush()
+        os.fsync(f.fileno())
+    return side
+
+
+def check_out(out: Path, prompts: Path) -> None:
+    """Refuse an ``--out`` that is the prompts file itself."""
+    if out.exists() and prompts.exists() and os.path.samefile(out, prompts):
+        raise PreftuneError(f"--out {out} is the prompts file; write the generations to another file")
 
 
 def check_settings(out: Path, previous: dict[str, Any] | None, settings: dict[str, Any]) -> None:
@@ -284,10 +348,13 @@ def run_generation(backend: Backend, prompts_path: str | Path, out: str | Path, 
     pf = read_prompts(prompts_path, chat=chat)
     settings = {"generator": backend.name, "n": n, "temperatures": [float(t) for t in temperatures],
                 "seed": seed, "chat": chat, **(settings or {})}
-    done, previous, repaired = scan_existing(out)
-    check_settings(out, previous, settings)
-    todo = [it for it in pf.items if it.id not in done]
-    res = GenerateResult(out, len(pf.items), len(pf.items) - len(todo), 0, pf.duplicates, pf.blank, repaired)
+    check_out(out, Path(prompts_path))
+    existing = scan_existing(out)
+    check_settings(out, existing.settings, settings)  # refused before anything in OUT is touched
+    side = set_aside_partial(out, existing)
+    todo = [it for it in pf.items if it.id not in existing.done]
+    res = GenerateResult(out, len(pf.items), len(pf.items) - len(todo), 0, pf.duplicates, pf.blank,
+                         side is not None, set_aside=side)
     out.parent.mkdir(parents=True, exist_ok=True)
     report_every = max(1, math.ceil(len(todo) / 10))
     with open(out, "a", encoding="utf-8") as f:

@@ -284,7 +284,8 @@ def _zero_spread(rewards: np.ndarray) -> np.ndarray:
 
 
 def build_group_source(cfg, train_prompts: PromptSet, eval_prompts: PromptSet, *, policy, tokenizer, functions,
-                       run_dir, accelerator, micro, accum, world, rank, seed, pad_id, layout, device):
+                       run_dir, accelerator, micro, accum, world, rank, seed, pad_id, layout, device,
+                       reference_fn=None):  # the step scores the reference itself
     rollouts = Rollouts(train_prompts, policy=policy, tokenizer=tokenizer, functions=functions,
                         rollout_cfg=cfg.rollout, reward_cfg=cfg.reward, pad_id=pad_id)
     bf16 = cfg.training.precision == "bf16"

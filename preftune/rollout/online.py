@@ -252,7 +252,8 @@ class OnlinePairSource:
 
 
 def build_online_source(cfg, train_prompts: PromptSet, eval_prompts: PromptSet, *, policy, tokenizer, functions,
-                        run_dir, accelerator, micro, accum, world, rank, seed, pad_id, layout, device):
+                        run_dir, accelerator, micro, accum, world, rank, seed, pad_id, layout, device,
+                        reference_fn=None):  # the step scores the reference itself
     rollouts = Rollouts(train_prompts, policy=policy, tokenizer=tokenizer, functions=functions,
                         rollout_cfg=cfg.rollout, reward_cfg=cfg.reward, pad_id=pad_id)
     return OnlinePairSource(train_prompts, eval_prompts, rollouts, micro=micro, accum=accum, world=world, rank=rank,

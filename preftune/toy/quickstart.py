@@ -4,7 +4,8 @@
 
 Both training runs go through :func:`preftune.train` with the loaded model and tokenizer in the config dict.
 The DPO run writes into ``out_dir`` itself (``metrics.jsonl``, ``tensorboard/``, ``plots/``,
-``train_summary.json``, ``final/``); the SFT run into ``out_dir/sft``. ``report.json`` holds::
+``train_summary.json``, ``final/``); the SFT run into ``out_dir/sft``. Both train with ``overwrite=True``: running
+the demo again into the same directory replaces its own previous runs there. ``report.json`` holds::
 
     {"before": {...}, "after": {...}, "passed": bool, "targets": {...}, "config": {...}, "runs": {...}, ...}
 
@@ -179,8 +180,10 @@ def sft_phase(out: Path, seed: int = 0, log=print, sft_dir: str | Path | None = 
     log(f"quickstart: toy task, {len(sft_items)} SFT prompts, {len(rest)} further train prompts, "
         f"{len(held_out)} held-out prompts; model {sum(p.numel() for p in model.parameters()):,} parameters")
     t0 = time.perf_counter()
+    # overwrite=True: `quickstart --out DIR` is a demo; running it again replaces its own previous runs in DIR
     summary = preftune.train({"model": model, "tokenizer": tokenizer,
-                              "data": {"train": toy.sft_rows(sft_items, seed=seed)}, **config}, log=quiet)
+                              "data": {"train": toy.sft_rows(sft_items, seed=seed)}, **config},
+                             overwrite=True, log=quiet)
     (run_dir / "quickstart_sft.json").write_text(json.dumps(stamp, indent=1))
     log(f"quickstart: SFT {SFT['steps']} steps in {time.perf_counter() - t0:.1f}s, final loss "
         f"{summary['final_loss']:.3f}")
@@ -235,7 +238,8 @@ def _dpo(out: Path, seed: int, log, t_start: float, sft_dir=None) -> dict:
     }
     t0 = time.perf_counter()
     dpo_summary = preftune.train({"model": model, "tokenizer": tokenizer,
-                                  "data": {"train": train_pairs, "eval": test_pairs}, **dpo_config}, log=quiet)
+                                  "data": {"train": train_pairs, "eval": test_pairs}, **dpo_config},
+                                 overwrite=True, log=quiet)
     log(f"quickstart: DPO {dpo_summary['steps']} steps in {time.perf_counter() - t0:.1f}s, final loss "
         f"{dpo_summary['final_loss']:.3f}")
 
@@ -311,7 +315,7 @@ def _online_dpo(out: Path, seed: int, log, t_start: float, sft_dir=None) -> dict
     log(f"quickstart: online DPO, {ONLINE['steps']} steps of {ONLINE['prompts_per_step']} prompts x "
         f"{ONLINE['num_generations']} samples, reward preftune.rewards:toy_verifier")
     t0 = time.perf_counter()
-    summary = preftune.train({"model": model, "tokenizer": tokenizer, **config}, log=lambda *_: None)
+    summary = preftune.train({"model": model, "tokenizer": tokenizer, **config}, overwrite=True, log=lambda *_: None)
     log(f"quickstart: online DPO {summary['steps']} steps in {time.perf_counter() - t0:.1f}s "
         f"({summary['source_s']:.1f}s of them sampling and scoring), final loss {summary['final_loss']:.3f}")
     after_gen, after_rows = generation_accuracy(model, tokenizer, held_out)

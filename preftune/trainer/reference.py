@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from preftune.data.tokenize import TokenizedPair
+from preftune.fsio import write_error
 
 CACHE_VERSION = "1"
 
@@ -38,10 +39,21 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, p in sorted(tensors, key=lambda kv: kv[0]):
         if "lora_" in name:
             continue
-        t = p.detach().contiguous().cpu()
+        t = _whole(p)
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """A weight's full value on CPU, also when DeepSpeed ZeRO-3 holds only this process's partition of it
+    (gathered for the hash: the empty local tensor would make every model hash alike)."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().contiguous().cpu().clone()
+    return p.detach().contiguous().cpu()
 
 
 def examples_fingerprint(examples: list) -> str:
@@ -72,7 +84,9 @@ def compute_reference_logps(logp_fn, examples: list, batch_fn, batch_size: int,
     idx = list(range(len(examples))) if indices is None else list(indices)
     paired = bool(examples) and isinstance(examples[0], TokenizedPair)
     out = torch.zeros((len(idx), 2) if paired else (len(idx),), dtype=torch.float32)
-    pos = {i: k for k, i in enumerate(idx)}
+    pos: dict[int, int] = {}
+    for k, i in enumerate(idx):
+        pos.setdefault(i, k)  # a repeated index (padding) rewrites its first row
 
     def size(i):
         e = examples[i]
@@ -106,15 +120,22 @@ def load_cached(cache_dir: Path, key: str, n: int) -> torch.Tensor | None:
 def store_cached(cache_dir: Path, key: str, logps: torch.Tensor) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
-    torch.save(logps, tmp)
-    os.replace(tmp, cache_dir / f"{key}.pt")
+    try:
+        torch.save(logps, tmp)
+        os.replace(tmp, cache_dir / f"{key}.pt")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def reference_logps(source: nn.Module, dataset, *, cfg, tokenization_fp: str, pad_id: int, autocast, accelerator,
-                    say, name: str) -> torch.Tensor | None:
+                    say, name: str, engine: nn.Module | None = None) -> torch.Tensor | None:
     """Reference log-probs of every example of ``dataset`` (an ExampleSet): from the disk cache, or computed
     now, sharded over processes, and cached. ``source`` is the reference model (the policy itself before the
-    first step). Returns (n, 2) for pairs or (n,) for singles; None for an empty set."""
+    first step). Returns (n, 2) for pairs or (n,) for singles; None for an empty set.
+
+    ``engine``: the prepared scoring module to run instead of a fresh ``LogpModel(source)`` (DeepSpeed ZeRO-3,
+    where only the engine gathers the partitioned weights); every process then runs the same number of
+    batches (its share padded with repeats of its first example), since each forward is a collective."""
     from preftune.logprobs import LogpModel
     from preftune.models import reference_mode
 
@@ -127,9 +148,13 @@ def reference_logps(source: nn.Module, dataset, *, cfg, tokenization_fp: str, pa
         say(f"reference log-probs ({name}): cache hit {key}")
         return cached
     t0 = time.perf_counter()
-    logp = LogpModel(source, cfg.engine.chunk_size)  # eager: one no-grad pass rarely repays a compilation
+    # eager: one no-grad pass rarely repays a compilation
+    logp = engine if engine is not None else LogpModel(source, cfg.engine.chunk_size)
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(dataset), world))
+    real = len(mine)
+    if engine is not None and world > 1:
+        mine += (mine[:1] or [0]) * (-(-len(dataset) // world) - len(mine))  # the same batch count everywhere
 
     def batch_fn(indices):
         return dataset.batch(indices, pad_id, cfg.engine.layout, with_ref=False).to(accelerator.device)
@@ -140,6 +165,7 @@ def reference_logps(source: nn.Module, dataset, *, cfg, tokenization_fp: str, pa
     with reference_mode(source), autocast():
         part = compute_reference_logps(logp_fn, dataset.examples, batch_fn,
                                        max(1, cfg.training.per_device_batch_size * 2), mine)
+    part, mine = part[:real], mine[:real]  # the padding's rows
     if world > 1:
         import torch.distributed as dist
 
@@ -151,7 +177,13 @@ def reference_logps(source: nn.Module, dataset, *, cfg, tokenization_fp: str, pa
     else:
         values = part
     if accelerator.is_main_process:
-        store_cached(cache_dir, key, values)
+        try:
+            store_cached(cache_dir, key, values)
+        except (OSError, RuntimeError) as e:  # the cache only saves time: a full disk must not stop the run
+            error = write_error(e, "the reference cache", cache_dir)
+            if error is None:
+                raise
+            say(f"warning: {error}; continuing without caching")
     say(f"reference log-probs ({name}): computed for {len(dataset)} examples in {time.perf_counter() - t0:.1f}s, "
         f"cached as {key}")
     return values

@@ -1,8 +1,9 @@
 """Hyperparameter sanity: values far from what the papers use get one warning line each, never an error.
 
 The usual ranges of loss hyperparameters are declared by each loss's spec (``LossSpec.typical`` and
-``extra_warnings``, read through :meth:`~preftune.losses.LossSpec.sanity_warnings`); this module adds the one
-check that is about training, not about a loss: the learning rate of a full fine-tune.
+``extra_warnings``, read through :meth:`~preftune.losses.LossSpec.sanity_warnings`); this module adds the checks
+that are about training, not about a loss: the learning rate of a full fine-tune, and PPO advantages left
+unnormalized (``rollout.whiten_advantages``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def check_hyperparameters(cfg) -> list[str]:
             if key not in warned:
                 warned.add(key)
                 warnings.append(line)
+    rollout = getattr(cfg, "rollout", None)
+    if any(s.data == "ppo" for s in specs) and rollout is not None and not rollout.whiten_advantages:
+        warnings.append("rollout.whiten_advantages = false: PPO's advantages are not normalized, so the step size "
+                        "follows the reward's scale and offset (seed 001 #5); whitening over the rollout is usual")
     lr = _number(cfg.training.learning_rate)
     preference = any(s.data != "sft" for s in specs)
     if preference and cfg.lora is None and lr is not None and lr > MAX_FULL_FT_LR:

@@ -8,6 +8,13 @@ the current policy and scores its reference live. ``metrics(step)`` returns what
 step (generation time, rewards, ...), logged beside the loss; ``evaluate(step)`` the source's own held-out
 metrics (an on-policy source: rewards of greedy samples on held-out prompts). The loop never knows which
 method it runs.
+
+Optional parts: ``after_step(step, values)`` receives the step's logged metrics (averaged over processes), for
+a source that adapts to training (PPO ends its epochs over a rollout early on a KL bound). ``companions``, a
+dict of modules that train beside the policy (PPO's critic), comes with ``forward(engine) -> module``, the
+training forward holding them: the run then trains policy and companions with one optimizer, one gradient
+clip and one checkpoint (``trainer.build``); ``learning_rates``, {companion name: peak rate}, gives a companion
+its own rate.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ class StaticSource:
     ``order[(k·A + m)·M·W + r·M : ... + M]`` of its epoch's order (A accumulation steps, M per device, W
     processes), so the global batch of a step is the same whatever W and M are, for a fixed M·W·A.
 
-    ``group_by_length``: each epoch's order keeps runs of M·W consecutive examples of similar length.
+    ``group_by_length``: each epoch's order keeps runs of M·W consecutive examples of similar length. A
+    weighted mixture (``data.weights``) draws each epoch's order by its weights instead (``mixture_order``).
     """
 
     static = True
@@ -56,7 +64,8 @@ class StaticSource:
 
     def order(self, epoch: int) -> list[int]:
         if epoch != self._epoch:
-            self._order = (epoch_order(len(self.data), self.seed, epoch) if self._lengths is None else
+            self._order = (self.data.mixture_order(self.seed, epoch) if getattr(self.data, "weights", None) else
+                           epoch_order(len(self.data), self.seed, epoch) if self._lengths is None else
                            length_grouped_order(self._lengths, self.micro * self.world, self.seed, epoch))
             self._epoch = epoch
         return self._order

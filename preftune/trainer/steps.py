@@ -181,9 +181,16 @@ POLICY_INPUTS = ("logps", "old_logps", "advantages", "mask", "num_sequences_in_s
                  "max_completion_length", "world_size")
 
 
+# PPO's inputs: the reference enters through the KL-shaped rewards (the source's), never the loss itself.
+PPO_INPUTS = ("logps", "old_logps", "advantages", "mask", "values", "old_values", "returns", "entropy",
+              "num_tokens_in_step", "world_size")
+
+
 def _input_names(spec: LossSpec, reference: bool) -> tuple[str, ...]:
     if spec.data == "policy":
         return POLICY_INPUTS + (("ref_logps",) if reference else ())
+    if spec.data == "ppo":
+        return PPO_INPUTS
     if spec.data == "reward":
         return ("chosen_scores", "rejected_scores", "margin")
     if spec.data == "sft":
@@ -345,5 +352,22 @@ def policy_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: Logp
     return out.losses, metrics
 
 
+def ppo_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: LogpFn | None):
+    """PPO minibatches (``data.batch.PPOBatch``): per-token log-probs, entropies and values V(s_t) from one
+    forward at the sampling temperature, laid out (S, T) like the rollout's π_old, V_old, advantages and
+    returns. The reference is not an input here: it entered through the rewards when the rollout was shaped."""
+    seqs = batch.seqs
+    S, ts, width = seqs.num_sequences, seqs.target_seq, batch.mask.shape[1]
+    tok, _, entropy, values = logp_fn(batch)  # (N,) each
+    inputs = {
+        "logps": padded(tok, ts, S, width), "old_logps": batch.old_logps, "advantages": batch.advantages,
+        "mask": batch.mask, "values": padded(values, ts, S, width), "old_values": batch.old_values,
+        "returns": batch.returns, "entropy": padded(entropy, ts, S, width),
+        "num_tokens_in_step": batch.step_tokens, "world_size": batch.world_size,
+    }
+    out = objective(**inputs)
+    return out.losses, {k: v.detach() for k, v in out.metrics.items()}
+
+
 STEPS = {"paired": paired_step, "sft": sft_step, "unpaired": unpaired_step, "reward": reward_step,
-         "policy": policy_step}
+         "policy": policy_step, "ppo": ppo_step}

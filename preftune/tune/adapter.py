@@ -241,10 +241,11 @@ def validate_pairs(path: Path, tokenizer=None, max_length: int | None = None):
 
 
 def train(tree: dict, *, resume: bool = True, log=print) -> dict:
-    """One training run of the config ``tree``; resumes from its newest checkpoint when there is one."""
+    """One training run of the config ``tree``; resumes from its newest checkpoint when there is one, else starts
+    afresh (replacing what an attempt without a checkpoint left: ``resume="auto"``)."""
     import preftune
 
-    return preftune.train(tree, resume=resume or None, log=log)
+    return preftune.train(tree, resume="auto" if resume else None, log=log)
 
 
 # ---- evaluation pieces --------------------------------------------------------------------------------------

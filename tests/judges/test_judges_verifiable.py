@@ -74,8 +74,27 @@ def test_json_schema_verifier():
     assert verify("q", '{"name": "Ada"}') == 0.0 and verify("q", "not json") == 0.0
     assert JSONSchemaVerifier(SCHEMA, strict=True)("q", 'Sure! {"name": "Ada", "age": 36}') == 0.0
     assert JSONSchemaVerifier({"type": "array", "minItems": 1})("q", "```\n[1]\n```") == 1.0
-    with pytest.raises(ValueError, match="unsupported JSON Schema keyword"):
-        JSONSchemaVerifier({"type": "object", "patternProperties": {}})
+    # a misspelt keyword would be ignored by JSON Schema (and break-it outputs rewarded): refused, with the fix
+    with pytest.raises(ValueError, match=r"unknown JSON Schema keyword\(s\) \['minLenght'\].*'minLength'"):
+        JSONSchemaVerifier({"type": "object", "properties": {"a": {"type": "string", "minLenght": 1}}})
+    with pytest.raises(ValueError, match="invalid JSON Schema"):
+        JSONSchemaVerifier({"type": "strin"})
+
+
+def test_json_schema_verifier_takes_real_schemas():
+    """$ref/$defs, oneOf, patternProperties and format: the standard through jsonschema, with its semantics
+    (true is not 1 in an enum, as JSON says; Python's `True in [1]` says otherwise)."""
+    tool = {"$defs": {"point": {"type": "object", "required": ["x"], "properties": {"x": {"type": "number"}}}},
+            "type": "object", "additionalProperties": False,
+            "properties": {"at": {"$ref": "#/$defs/point"}, "kind": {"oneOf": [{"const": "a"}, {"const": "b"}]},
+                           "mail": {"type": "string", "format": "email"}},
+            "patternProperties": {"^x_": {"type": "integer"}}}
+    verify = JSONSchemaVerifier(tool)
+    assert verify("q", '{"at": {"x": 1.5}, "kind": "a", "mail": "a@b.org", "x_1": 3}') == 1.0
+    assert sorted(verify.errors('{"at": {"x": "1"}, "kind": "c", "mail": "nope", "x_1": 1.5, "y": 0}')) == [
+        "$.at.x: expected number, got str", "$.kind: matches none of oneOf", "$.mail: is not a valid email",
+        "$.x_1: expected integer, got float", "$: unexpected property 'y'"]
+    assert validate_json_schema(True, {"enum": [1, 2]}) == ["$: True not in [1, 2]"]
 
 
 ADD = "def add(a, b):\n    return a + b\n"

@@ -214,3 +214,28 @@ def test_constant_reward_with_a_perfect_critic_gives_zero_advantage():
     logps, mask, adv = _rollout(torch.full((3,), 2.0), gamma=0.9, values=values)
     assert adv.abs().max().item() < 1e-6
     assert _policy_grad(logps, mask, adv).abs().max().item() < 1e-7
+
+
+def test_registered_ppo_loss_adds_its_terms_by_hand():
+    from preftune.losses import get_loss
+
+    # The shared policy case (contributions [−0.19, −0.02], N = 5) plus, on the same mask:
+    #   value: V_old = 0, V = 0.1 (inside V_old ± 0.2), R = 1 on seq 0 and 0 on seq 1
+    #          ½(V − R)²: seq 0 3·½·0.81 = 1.215, seq 1 2·½·0.01 = 0.01 → /5 = [0.243, 0.002], × vf_coef 0.5
+    #   entropy: H = [[1, 2, 3], [0.5, 0.5, ·]] → −0.01·[6, 1]/5 = [−0.012, −0.002]
+    #   total: [−0.19 + 0.1215 − 0.012, −0.02 + 0.001 − 0.002] = [−0.0805, −0.021]
+    logps, old = _policy_case()
+    values = torch.full((2, 3), 0.1)
+    returns = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    entropy = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 99.0]])  # 99: padding
+    spec = get_loss("ppo")
+    out = spec.fn(logps, old, ADV, MASK, values, torch.zeros(2, 3), returns, entropy, num_tokens_in_step=5,
+                  vf_coef=0.5, entropy_coef=0.01)
+    assert out.losses.tolist() == pytest.approx([-0.0805, -0.021], abs=1e-6)
+    assert out.metrics["loss/policy"].tolist() == pytest.approx([-0.19, -0.02], abs=1e-6)
+    assert out.metrics["loss/value"].tolist() == pytest.approx([0.243, 0.002], abs=1e-6)
+    assert out.metrics["loss/entropy"].tolist() == pytest.approx([-0.012, -0.002], abs=1e-7)
+    assert out.metrics["entropy"].tolist() == pytest.approx([2.0, 0.5])
+    # the hyperparameters the source reads are the spec's too: a reference only when kl_coef ≠ 0
+    assert spec.uses_reference({"kl_coef": 0.05}) and not spec.uses_reference({"kl_coef": 0})
+    assert spec.data == "ppo" and spec.defaults["clip_ratio"] == 0.2
