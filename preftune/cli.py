@@ -28,8 +28,8 @@ QUICKSTARTS = {
     "dpo": "preftune.toy.quickstart:run_quickstart",
     "iterative_dpo": "preftune.tune.quickstart:run_iterative_quickstart",
     "online_dpo": "preftune.toy.quickstart:run_online_dpo_quickstart",
-    "grpo": "preftune.toy.policy_quickstart:run_grpo_quickstart",
-    "rloo": "preftune.toy.policy_quickstart:run_rloo_quickstart",
+    "grpo": "preftune.toy.quickstart_grpo:run_grpo_quickstart",
+    "rloo": "preftune.toy.quickstart_grpo:run_rloo_quickstart",
     "ppo": "preftune.toy.quickstart_ppo:run_ppo_quickstart",
 }
 """``preftune quickstart --method NAME`` -> "module:function(out_dir, seed=...) -> report" (imported on use)."""

@@ -49,6 +49,5 @@ TRL_NAMES: dict[str, str] = {
     "early_stopping_patience": "'monitor.patience'",
     "resume_from_checkpoint": "'preftune train --resume'",
     "per_device_eval_batch_size": "nothing: evaluation batches are 2 x 'training.per_device_batch_size'",
-    "report_to": "nothing: metrics.jsonl and TensorBoard are always written",
 }
 """TRL name -> where it lives here (the words after "use" in the error)."""

@@ -276,8 +276,11 @@ def test_entropy_from_the_chunked_head_matches_full_logits(make_model, temperatu
     model = make_model(seed=4).float()
     groups = [TokenizedGroup([2, 11, 9], [[12, 13], [12, 14, 15]]), TokenizedGroup([2, 20], [[21, 22, 23], [24]])]
     seqs = LAYOUTS["packed"](groups, 0)
-    tok, _, ent = LogpModel(model, chunk_size=3)(*seqs.model_args(), per_token=True, temperature=temperature,
-                                                 entropy=True)
+    engine = LogpModel(model, chunk_size=3)
+    tok, _, ent = engine(*seqs.model_args(), per_token=True, temperature=temperature, entropy=True,
+                         entropy_grad=False)  # fused into the log-prob pass, detached (GRPO's metric)
+    _, _, ent_grad = engine(*seqs.model_args(), per_token=True, temperature=temperature, entropy=True)  # PPO's
+    torch.testing.assert_close(ent, ent_grad.detach(), atol=1e-5, rtol=0)
     # naive: each sequence alone, full logits, H = −Σ p log p of softmax(z / T)
     want = []
     for k in range(2):

@@ -91,15 +91,17 @@ def test_soft_overlong_penalty_in_the_rollout(grpo, make_model):
         to_config(grpo("m", prompt_rows(8), reward={"overlong_buffer": 8}))
 
 
-def test_dynamic_sampling_refills_zero_spread_groups(grpo, make_model):
+def test_dynamic_sampling_refills_zero_spread_groups(grpo, make_model, tmp_path):
     # half_flat: 'repeat' / 'echo' prompts score a constant (zero spread), 'copy' / 'say' prompts vary.
     rows = prompt_rows(64)
     flat = [r["prompt"].split()[0] in ("repeat", "echo") for r in rows]
-    plain = built(grpo(make_model(seed=3), rows, fn=("half_flat",), training={"per_device_batch_size": 8}))
+    plain = built(grpo(make_model(seed=3), rows, fn=("half_flat",),
+                       training={"per_device_batch_size": 8, "output_dir": str(tmp_path / "plain")}))
     list(plain.source.micro_batches(0))
     before = plain.source._metrics["rollout/frac_reward_zero_std"]
     assert before > 0
-    dyn = built(grpo(make_model(seed=3), rows, fn=("half_flat",), training={"per_device_batch_size": 8},
+    dyn = built(grpo(make_model(seed=3), rows, fn=("half_flat",),
+                     training={"per_device_batch_size": 8, "output_dir": str(tmp_path / "dynamic")},
                      rollout={"dynamic_sampling": True, "max_resample_rounds": 8}))
     list(dyn.source.micro_batches(0))
     m, rollout = dyn.source._metrics, dyn.source._rollout
@@ -108,7 +110,8 @@ def test_dynamic_sampling_refills_zero_spread_groups(grpo, make_model):
     assert not any(flat[i] for i in rollout["indices"])  # every flat prompt was replaced
     assert len(rollout["completions"]) == 8 and all(len(g) == 4 for g in rollout["completions"])
     # capped: 0 extra rounds keeps the flat groups (their advantages are 0)
-    capped = built(grpo(make_model(seed=3), rows, fn=("half_flat",), training={"per_device_batch_size": 8},
+    capped = built(grpo(make_model(seed=3), rows, fn=("half_flat",),
+                        training={"per_device_batch_size": 8, "output_dir": str(tmp_path / "capped")},
                         rollout={"dynamic_sampling": True, "max_resample_rounds": 0}))
     list(capped.source.micro_batches(0))
     assert capped.source._metrics["rollout/frac_reward_zero_std_trained"] == before
@@ -214,9 +217,9 @@ def test_group_settings_are_refused_when_the_config_is_read(grpo, change, messag
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
 def test_policy_gradient_quickstart_meets_targets(tmp_path, toy_sft, method):
     from preftune.cli import QUICKSTARTS
-    from preftune.toy import policy_quickstart as pq
+    from preftune.toy import quickstart_grpo as pq
 
-    assert QUICKSTARTS[method] == f"preftune.toy.policy_quickstart:run_{method}_quickstart"
+    assert QUICKSTARTS[method] == f"preftune.toy.quickstart_grpo:run_{method}_quickstart"
     run = {"grpo": pq.run_grpo_quickstart, "rloo": pq.run_rloo_quickstart}[method]
     report = run(tmp_path, seed=0, log=lambda *_: None, sft_dir=toy_sft.run_dir)
     before, after = report["before"]["generation_accuracy"], report["after"]["generation_accuracy"]

@@ -20,8 +20,16 @@ import time
 from pathlib import Path
 
 from preftune import toy
-from preftune.toy.quickstart import HELD_OUT, MAX_LENGTH, MAX_NEW_TOKENS, SFT, _one_thread, _table, \
-    generation_accuracy, sft_phase
+from preftune.toy.quickstart import (
+    HELD_OUT,
+    MAX_LENGTH,
+    MAX_NEW_TOKENS,
+    SFT,
+    _one_thread,
+    _table,
+    generation_accuracy,
+    sft_phase,
+)
 
 # 80 steps of 32 prompts x 4 samples at temperature 1, lr 2e-3 (a 0.1M-parameter model): from the SFT model's
 # 0.687 held-out generation accuracy to 0.98 (GRPO) and 0.973 (RLOO) on this machine in ~35 s of training; with
