@@ -1,6 +1,7 @@
 """The `preftune` command line.
 
-    preftune quickstart [--method M] [--out DIR]         offline demo: toy task, SFT, then DPO (online, iterative DPO, PPO)
+    preftune quickstart [--method M] [--out DIR]         offline demo: toy task, SFT, then DPO (online, iterative DPO,
+                                                         GRPO, RLOO, PPO)
     preftune train CONFIG.yaml [--set k.sub=v ...]       train from a YAML config (--resume / --overwrite)
     preftune data validate|clean|convert|agreement ...   preference-data tooling
     preftune generate / judge ...                        sample responses; judge them into pairs
@@ -27,6 +28,8 @@ QUICKSTARTS = {
     "dpo": "preftune.toy.quickstart:run_quickstart",
     "iterative_dpo": "preftune.tune.quickstart:run_iterative_quickstart",
     "online_dpo": "preftune.toy.quickstart:run_online_dpo_quickstart",
+    "grpo": "preftune.toy.quickstart_grpo:run_grpo_quickstart",
+    "rloo": "preftune.toy.quickstart_grpo:run_rloo_quickstart",
     "ppo": "preftune.toy.quickstart_ppo:run_ppo_quickstart",
 }
 """``preftune quickstart --method NAME`` -> "module:function(out_dir, seed=...) -> report" (imported on use)."""
@@ -84,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="offline demo: toy task, SFT, DPO (or --method), before/after evaluation")
     p.add_argument("--method", choices=sorted(QUICKSTARTS), default="dpo",
                    help="the demo: dpo (default), online_dpo (every step the policy samples, the toy verifier "
-                        "scores, DPO trains best vs worst), iterative_dpo (3 rounds of generate -> judge -> train) "
-                        "or ppo (PPO with a critic, the toy verifier as reward)")
+                        "scores, DPO trains best vs worst), grpo / rloo (the verifier's scores, group-relative or "
+                        "leave-one-out advantages, clipped policy gradient), iterative_dpo (3 rounds of generate -> "
+                        "judge -> train) or ppo (PPO with a critic, the toy verifier as reward)")
     p.add_argument("--out", help="output directory (default: runs/quickstart, runs/quickstart-METHOD for others)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_quickstart)

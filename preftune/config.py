@@ -279,7 +279,8 @@ class MonitorConfig:
 class RolloutConfig:
     num_generations: int = within("[1, ∞)", 4)
     """Completions sampled from the current policy per prompt at every step (online DPO: best vs worst of
-    them; GRPO: the group). At least 2, except for PPO (its critic is the baseline; 1 is usual)."""
+    them; GRPO: the group, G). At least 2 (one completion has no group to compare with), except for PPO (its
+    critic is the baseline; 1 is usual). The batch sizes count prompts, so every micro-batch holds whole groups."""
     max_new_tokens: int = within("[1, ∞)", 64)
     """Longest completion, in tokens; a completion cut here has no end-of-sequence token (`finish: length`)."""
     temperature: float = within("(0, ∞)", 1.0)
@@ -359,6 +360,11 @@ class RewardConfig:
     and counted as `rollout/skipped_fraction`); 0 skips exact ties only."""
     missing_eos_penalty: float | None = within("[0, ∞)", None)
     """Subtracted from the reward of a completion that ended without an end-of-sequence token (None: nothing)."""
+    overlong_buffer: int | None = within("[1, ∞)", None)
+    """DAPO's soft overlong punishment: a completion longer than `rollout.max_new_tokens` − `overlong_buffer`
+    tokens loses reward linearly with its excess, down to −`overlong_penalty` at `max_new_tokens` (None: off)."""
+    overlong_penalty: float = within("[0, ∞)", 1.0)
+    """The largest soft overlong punishment, reached at `rollout.max_new_tokens` (DAPO: 1)."""
 
 
 @dataclass

@@ -257,3 +257,48 @@ def _check_attention(config, reader: Reader) -> Iterator[tuple[str, str]]:
     if attn.startswith("flash_attention") and config.task == "policy" and config.engine.layout != "padded":
         yield "engine.layout", (f"attn_implementation: {attn} takes no 4-D attention mask, which the "
                                 f"{config.engine.layout} layout needs; set engine.layout: padded")
+
+
+# Rollout options that only the group source (GRPO's family) reads; online DPO would ignore them.
+GROUP_ONLY = {"num_iterations": 1, "dynamic_sampling": False, "mask_truncated_completions": False}
+
+
+@check("rollout", "loss.name", "task")
+def _check_groups(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    """On-policy groups: a policy-gradient loss needs a `rollout:` section, a group holds at least 2 samples (PPO
+    excepted: its critic is the baseline), and options only GRPO reads are not set for online DPO."""
+    from preftune.losses import get_loss
+
+    if config.loss.name is None:
+        return
+    try:
+        kinds = {get_loss(n).data for n in loss_names(config.loss.name)}
+    except KeyError:
+        return  # an unknown loss is _check_loss's to report
+    rollout, mix = config.rollout, "/".join(loss_names(config.loss.name))
+    if "policy" in kinds and rollout is None:
+        yield "rollout", (f"loss {mix} learns from the policy's own samples: add a `rollout:` section (e.g. "
+                          "{num_generations: 8, max_new_tokens: 256}) and `reward:`")
+    if rollout is None or "ppo" in kinds:
+        return
+    if rollout.num_generations < 2:
+        yield "rollout.num_generations", (
+            f"rollout.num_generations: {rollout.num_generations} makes groups of one completion: its reward is "
+            "its own group mean, so every advantage is 0 (GRPO) and no pair can be formed (online DPO); use at "
+            "least 2 (TRL's default is 8; training.per_device_batch_size counts prompts, each with its whole group)")
+    if "paired" in kinds:
+        for key, default in GROUP_ONLY.items():
+            if getattr(rollout, key) != default:
+                yield f"rollout.{key}", (f"rollout.{key}: {getattr(rollout, key)} is a GRPO option (policy-gradient "
+                                         f"losses); online DPO ({mix}) ignores it")
+
+
+@check("reward.overlong_buffer", "rollout.max_new_tokens")
+def _check_overlong(config, reader: Reader) -> Iterator[tuple[str, str]]:
+    reward, rollout = config.reward, config.rollout
+    if rollout is None or reward is None or reward.overlong_buffer is None:
+        return
+    if reward.overlong_buffer > rollout.max_new_tokens:
+        yield "reward.overlong_buffer", (
+            f"reward.overlong_buffer: {reward.overlong_buffer} exceeds rollout.max_new_tokens "
+            f"{rollout.max_new_tokens}: the punishment would start before a completion has any length")

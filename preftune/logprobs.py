@@ -85,14 +85,20 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
         logits = (hidden @ weight.T + bias).float()                                # (N, V)
         return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)     # (N,)
+
+    ``with_entropy``: the second output is each position's entropy −Σ_v p_v log p_v (N,), taken from the chunk's
+    logits before they are spent (naive: ``-(logp.exp() * logp).sum(-1)``); otherwise it is empty. It carries no
+    gradient (a metric).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, softcap, scale, temperature=1.0):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, softcap, scale, temperature=1.0,
+                with_entropy=False):
         device = hidden.device.type
         dtype = _compute_dtype(hidden)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
         lse = torch.empty_like(out)  # (N,)
+        entropy = torch.empty_like(out) if with_entropy else out.new_empty(0)  # (N,) or (0,)
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
@@ -100,16 +106,25 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 z, _ = _logits(hidden[s : s + chunk_size].to(dtype), w, b, softcap, scale, temperature)  # (C, V)
                 target = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1)  # (C,)
                 m = z.amax(1, keepdim=True)  # (C, 1)
-                norm = z.sub_(m).exp_().sum(1).log_().add_(m.squeeze(1))  # (C,) in-place: z is spent
+                if with_entropy:  # H = log Σe − Σ e·d / Σe with d = z − m, e = exp(d): one more (C, V) pass
+                    d = z.sub_(m)  # (C, V) in place
+                    e = d.exp()  # (C, V)
+                    total = e.sum(1)  # (C,)
+                    log_total = total.log()
+                    entropy[s : s + chunk_size] = log_total - e.mul_(d).sum(1) / total
+                    norm = log_total.add_(m.squeeze(1))  # (C,)
+                else:
+                    norm = z.sub_(m).exp_().sum(1).log_().add_(m.squeeze(1))  # (C,) in-place: z is spent
                 lse[s : s + chunk_size] = norm
                 out[s : s + chunk_size] = target - norm
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.softcap, ctx.scale, ctx.dtype = chunk_size, softcap, scale, dtype
         ctx.temperature = temperature
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype, softcap, scale, chunk = ctx.dtype, ctx.softcap, ctx.scale, ctx.chunk_size
@@ -142,29 +157,38 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 if need_b:
                     grad_b.add_(dz.sum(0))
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
 
 
 def token_logps(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int,
-                softcap: float | None = None, scale: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+                softcap: float | None = None, scale: float | None = None, temperature: float = 1.0,
+                with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each target under the LM head, chunked; hidden (N, H), targets (N,) -> (N,) fp32.
 
     ``temperature`` T: log-probs of softmax(z / T), the distribution sampling at T drew from.
+    ``with_entropy``: also the entropy of that distribution at each position, (N,) fp32, detached,
+    H_t = −Σ_v q_v log q_v with q = softmax(z_t / T), computed from the same chunk's logits (no (N, V) tensor).
 
     At most ``chunk_size`` x V logits exist at any time, in forward and in backward (which recomputes them);
     see :class:`_ChunkedTokenLogps` for the naive equivalent, which ``chunk_size=0`` runs instead.
     """
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty.clone()) if with_entropy else empty
     if chunk_size <= 0:  # switched off: full (N, V) logits kept for autograd
         bias = getattr(head, "bias", None)
         dtype = _compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             z, _ = _logits(hidden.to(dtype), head.weight.to(dtype), None if bias is None else bias.to(dtype), softcap,
                            scale, temperature)  # (N, V) fp32
-        return z.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-    return _ChunkedTokenLogps.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk_size, softcap,
-                                    scale, temperature)
+        logp = z.log_softmax(-1)  # (N, V)
+        tok = logp.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+        if not with_entropy:
+            return tok
+        return tok, -(logp.exp() * logp).sum(-1).detach()
+    tok, entropy = _ChunkedTokenLogps.apply(hidden, head.weight, getattr(head, "bias", None), targets, chunk_size,
+                                            softcap, scale, temperature, with_entropy)
+    return (tok, entropy) if with_entropy else tok
 
 
 def token_entropy(hidden: torch.Tensor, head: nn.Module, chunk_size: int, softcap: float | None = None,
@@ -290,7 +314,9 @@ class LogpModel(nn.Module):
     ``per_token=True``: the log-prob of every completion token instead, (N,) in ``target_index`` order (which
     sequence each belongs to: ``target_seq``), for token-level losses (GRPO, PPO). ``temperature``: log-probs of
     the tempered distribution softmax(z / T) that on-policy samples were drawn from. With ``per_token``, also
-    ``entropy=True``: each position's entropy (N,) (:func:`token_entropy`), and ``values=True``: the critic's
+    ``entropy=True``: each position's entropy (N,) — with ``entropy_grad`` (the default) differentiable
+    (:func:`token_entropy`, a second chunked pass: PPO's entropy bonus), without it detached and taken from the
+    log-prob pass's own chunks at almost no cost (a metric: GRPO) — and ``values=True``: the critic's
     V(s_t) (N,) (``critic``: a :class:`ValueHead` on this model's hidden states or a :class:`Critic` with its own
     trunk); the outputs are then ``(logps, counts[, entropy][, values])`` in that order.
 
@@ -315,7 +341,7 @@ class LogpModel(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, target_index, target_ids, target_seq,
                 num_sequences: int, per_token: bool = False, temperature: float = 1.0, entropy: bool = False,
-                values: bool = False):
+                values: bool = False, entropy_grad: bool = True):
         decoder, head, softcap, scale = _head_of(self.model)
         with self.compiled.active() if self.compiled is not None else contextlib.nullcontext():
             hidden = decoder(
@@ -323,11 +349,14 @@ class LogpModel(nn.Module):
                 position_ids=position_ids, use_cache=False,
             ).last_hidden_state  # (R, T, H)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)  # (N, H)
-        tok = token_logps(picked, head, target_ids, self.chunk_size, softcap, scale, temperature)  # (N,)
+        fused = entropy and not entropy_grad  # the detached entropy comes out of the log-prob pass itself
+        both = token_logps(picked, head, target_ids, self.chunk_size, softcap, scale, temperature, fused)
+        tok = both[0] if fused else both  # (N,)
         if per_token:
             out = (tok, torch.bincount(target_seq, minlength=num_sequences))
             if entropy:
-                out += (token_entropy(picked, head, self.chunk_size, softcap, scale, temperature),)  # (N,)
+                out += (both[1] if fused else token_entropy(picked, head, self.chunk_size, softcap, scale,
+                                                            temperature),)  # (N,)
             if values:
                 if self.critic is None:
                     raise ValueError("values=True needs a critic (LogpModel(..., critic=...) or with_critic)")

@@ -6,7 +6,8 @@ Only names with no key of the same name here are listed: a TRL name that is also
 """
 
 TRL_NAMES: dict[str, str] = {
-    "per_device_train_batch_size": "'training.per_device_batch_size'",
+    "per_device_train_batch_size": "'training.per_device_batch_size' (with a `rollout:` it counts prompts, each "
+                                   "with its whole group; GRPOTrainer's counts completions)",
     "num_train_epochs": "'training.num_epochs'",
     "save_steps": "'training.save_every'",
     "save_strategy": "'training.save_every' (0: no checkpoints)",
@@ -27,8 +28,12 @@ TRL_NAMES: dict[str, str] = {
     "dataset_num_proc": "'data.num_proc'",
     "dataset_config": "'data.train' as name:subset:split (or {path, name, split})",
     "dataset_train_split": "'data.train' as name:split (or {path, split})",
-    "max_completion_length": "'training.max_length' (prompt + response)",
-    "loss_type": "'loss.name' (TRL's 'sigmoid' is 'dpo')",
+    "max_completion_length": "'training.max_length' (prompt + response) or, for on-policy sampling (GRPO), "
+                             "'rollout.max_new_tokens'",
+    "loss_type": "'loss.name' (TRL's 'sigmoid' is 'dpo'; GRPOTrainer's loss_type is 'loss.aggregation')",
+    "importance_sampling_level": "'loss.importance_sampling'",
+    "reward_funcs": "'reward.functions'",
+    "reward_weights": "'reward.weights'",
     "loss_weights": "'loss.weights'",
     "precompute_ref_log_probs": "'reference.precompute'",
     "model_name_or_path": "'model'",

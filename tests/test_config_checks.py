@@ -21,6 +21,7 @@ from preftune.config import (
     to_config,
     validate,
 )
+from preftune.config_checks import loss_takers
 from preftune.config_reader import Interval
 from preftune.errors import ConfigError
 from preftune.losses import LossSpec
@@ -215,11 +216,14 @@ def test_cli_prints_every_problem_on_one_line(tmp_path, capsys):
                                "'training.save_every'"),
     ("", "save_steps", "unknown key 'save_steps': 'save_steps' is TRL's name, use 'training.save_every'"),
     ("training", "per_device_train_batch_size", "unknown key 'training.per_device_train_batch_size': "
-     "'per_device_train_batch_size' is TRL's name, use 'training.per_device_batch_size'"),
+     "'per_device_train_batch_size' is TRL's name, use 'training.per_device_batch_size' (with a `rollout:` it "
+     "counts prompts, each with its whole group; GRPOTrainer's counts completions)"),
     ("training", "num_train_epochs", "unknown key 'training.num_train_epochs': 'num_train_epochs' is TRL's name, "
                                      "use 'training.num_epochs'"),
     ("", "loss_type", "unknown key 'loss_type': 'loss_type' is TRL's name, use 'loss.name' (TRL's 'sigmoid' is "
-                      "'dpo')"),
+                      "'dpo'; GRPOTrainer's loss_type is 'loss.aggregation')"),
+    ("", "num_generations", "unknown key 'num_generations'. Did you mean 'rollout.num_generations'?"),
+    ("", "reward_funcs", "unknown key 'reward_funcs': 'reward_funcs' is TRL's name, use 'reward.functions'"),
     ("training", "bf16", "unknown key 'training.bf16': 'bf16' is TRL's name, use 'training.precision: bf16'"),
     ("", "logging_steps", "unknown key 'logging_steps': 'logging_steps' is TRL's name, use 'training.logging_every'"),
     ("", "eval_steps", "unknown key 'eval_steps': 'eval_steps' is TRL's name, use 'training.eval_every'"),
@@ -252,12 +256,13 @@ def test_loss_section_suggestions_cross_sections_and_losses():
     assert problems_of(tree(loss={"name": "dpo", "beta": 0.1, "gamma": 0.5})) == [
         "unknown key 'loss.gamma': dpo does not take it (simpo takes it); dpo takes: beta, label_smoothing"]
     assert problems_of(tree(loss={"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"})) == [
-        "unknown key 'loss.loss_type': 'loss_type' is TRL's name, use 'loss.name' (TRL's 'sigmoid' is 'dpo')"]
+        "unknown key 'loss.loss_type': 'loss_type' is TRL's name, use 'loss.name' (TRL's 'sigmoid' is 'dpo'; "
+        "GRPOTrainer's loss_type is 'loss.aggregation')"]
     assert problems_of(tree(loss={"name": "sft", "zzz": 1})) == ["unknown key 'loss.zzz'. sft takes: none."]
 
 
 def test_trl_table_points_only_at_real_keys():
-    known = {key for key, *_ in field_docs()}
+    known = {key for key, *_ in field_docs()} | {f"loss.{hp}" for hp in loss_takers()}  # loss keys too
     for name, target in TRL_NAMES.items():
         assert not any(k.rsplit(".", 1)[-1] == name for k in known), f"{name} is ours: it needs no pointer"
         pointed = re.match(r"'([a-z_.]+)[':]", target)

@@ -1,5 +1,6 @@
 """Every method through `preftune train`: each registered loss (and the MPO / RPO / SimPO+NLL mixes) must lift
-held-out preference accuracy on the toy pairs to at least 0.90; plus the pieces around them: reference-free
+held-out preference accuracy on the toy pairs to at least 0.90 (a policy-gradient loss: held-out generation
+accuracy, learning from its own samples); plus the pieces around them: reference-free
 memory, hyperparameter warnings, BCO's trainer-kept δ, and the example YAMLs.
 
 The toy (preftune.toy): SFT teaches a tiny Llama to echo word lists, signing off ("..., hope this helps !") on
@@ -73,10 +74,13 @@ CASES = {
 PPO_CASES = {
     "ppo": ({"name": "ppo", "kl_coef": 0.05}, {"critic": "policy", "critic_learning_rate": 1e-3}),
 }
-# Policy-gradient losses: (loss, rollout) trained on-policy from the toy SFT model with the verifier as reward.
+# Policy-gradient losses learn from their own samples (a `rollout:` section) scored by the toy verifier, so their
+# held-out number is the greedy generation accuracy (eval `reward/mean`), from the same SFT model; each runs with
+# every advantage estimator its family has. loss -> (loss section, rollout overrides).
 POLICY_CASES = {
-    "grpo": ({"name": "grpo", "beta": 0.0}, {"num_generations": 4}),
-    "rloo": ({"name": "grpo", "beta": 0.0}, {"num_generations": 4, "advantage_estimator": "rloo"}),
+    "grpo": ({"name": "grpo"}, {}),
+    "grpo/rloo": ({"name": "grpo"}, {"advantage_estimator": "rloo"}),
+    "grpo/dr_grpo": ({"name": "grpo", "aggregation": "dr_grpo"}, {"scale_rewards": "none"}),
 }
 # Metrics each method must log (final train metrics).
 EXTRA_METRICS = {
@@ -177,23 +181,30 @@ def test_ppo_lifts_generation_accuracy(toy_setup, case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(POLICY_CASES))
-def test_policy_gradient_lifts_generation_accuracy(toy_setup, case):
+def test_policy_gradient_method_lifts_generation_accuracy(toy_setup, case):
     loss, rollout = POLICY_CASES[case]
+    run_dir = toy_setup["root"] / case.replace("/", "_")
     config = {
         "model": toy_setup["model"],
         "data": {"train": toy_setup["pairs"], "eval": toy_setup["eval"]},  # their prompts; the pairs are unused
         "loss": loss,
-        "rollout": {"max_new_tokens": 16, **rollout},
+        "rollout": {"num_generations": 4, "max_new_tokens": 16, **rollout},
         "reward": {"functions": ["preftune.rewards:toy_verifier"]},
-        "training": {"output_dir": str(toy_setup["root"] / case), "learning_rate": 2e-3, "max_steps": 40,
-                     "per_device_batch_size": 16, "max_length": 64, "progress_bar": False, "save_model": False,
-                     "logging_every": 4},
+        # 80 steps of 32 prompts x 4 samples (held-out greedy accuracy from 0.655 at the SFT model: grpo 0.98,
+        # rloo 0.965, dr_grpo 0.96; 16 prompts a step are noisier: 0.85-0.92 after 60-100 steps)
+        "training": {"output_dir": str(run_dir), "learning_rate": 2e-3, "max_steps": 80, "per_device_batch_size": 32,
+                     "max_length": 64, "progress_bar": False, "save_model": False, "logging_every": 10},
         "monitor": {"num_prompts": 0},
     }
-    summary = preftune.train(config, log=lambda *_: None)
+    path = run_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    assert cli_main(["train", str(path)]) == 0
+    summary = json.loads((run_dir / "train_summary.json").read_text())
     accuracy = summary["final_eval_metrics"]["reward/mean"]  # held-out greedy answers the verifier accepts
-    assert accuracy >= 0.85, f"{case} reached only {accuracy:.3f} held-out generation accuracy"
-    assert {"clip_low_frac", "clip_high_frac", "rollout/frac_reward_zero_std"} <= set(summary["final_train_metrics"])
+    print(f"{case}: held-out generation accuracy {accuracy:.3f} in {summary['train_runtime_s']:.1f}s")
+    assert accuracy >= 0.90, f"{case} reached only {accuracy:.3f} held-out generation accuracy"
+    assert {"entropy", "clip_low_frac", "clip_high_frac", "rollout/frac_reward_zero_std"} <= set(
+        summary["final_train_metrics"])
 
 
 def test_every_registered_loss_has_a_case():

@@ -161,6 +161,8 @@ class GroupBatch(GlobalStepBatch):
         max_length: the longest a completion may be (``rollout.max_new_tokens``; Dr. GRPO's constant).
         world_size: processes whose gradients are averaged.
         temperature: the sampling temperature; the training pass divides its logits by it too.
+        with_entropy: the engine also returns each position's entropy, detached (the training pass asks for it:
+            a metric, taken from the log-prob pass's own chunks; π_old and reference passes do not).
     """
 
     seqs: SequenceBatch
@@ -173,9 +175,11 @@ class GroupBatch(GlobalStepBatch):
     temperature: float = 1.0
     old_logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
+    with_entropy: bool = False
 
     def model_kwargs(self) -> dict:
-        return {"per_token": True, "temperature": self.temperature}
+        return {"per_token": True, "temperature": self.temperature, "entropy": self.with_entropy,
+                "entropy_grad": False}
 
     def token_mask(self) -> torch.Tensor:
         """(S, T) 1.0 on the loss-bearing completion tokens."""

@@ -1,9 +1,10 @@
 """``report.html``: one self-contained page per run, built from ``metrics.jsonl`` (and ``samples.jsonl``).
 
 Sections: the run (its key settings, throughput, the learning-rate, gradient-norm and tokens/s curves, and the
-whole ``config.yaml``); the final numbers; for an on-policy run its rollouts (the last rewards, per function
-too, skipped fraction, EOS rate, lengths, generation vs training time, and the last pairs from
-``samples.jsonl`` rows of kind "rollout"); a timeline of the monitor's alarms, health diagnoses and events
+whole ``config.yaml``); the final numbers; for an on-policy run its rollouts (``preftune.report.onpolicy``: the
+last rewards, per function too, spread, skipped fraction, EOS and truncation rates, lengths, entropy, KL, clip
+fractions, generation vs training time, and the last rollout's pairs or completions from ``samples.jsonl`` rows
+of kind "rollout"); a timeline of the monitor's alarms, health diagnoses and events
 (best model, early stopping) as an inline SVG and a table; the other plots of ``preftune.report.plots`` (loss, margins,
 accuracies, chosen/rejected log-probs, KL, lengths, diversity; alarms drawn as red lines), embedded as base64
 PNGs; the greedy samples, policy beside reference, latest step first. No external resources: the file can be
@@ -124,42 +125,6 @@ def _run_section(run_dir: Path, plots: list[Path]) -> str:
     return "".join(parts) or "<p class=muted>No config.yaml or train_summary.json in this run directory.</p>"
 
 
-ROLLOUT_KEYS = ("reward/mean", "reward/std", "reward/chosen", "reward/rejected", "rollout/pairs",
-                "rollout/skipped_fraction", "rollout/eos_rate", "completions/mean_length", "completions/max_length",
-                "rollout/tokens_per_second")
-
-
-def _onpolicy(records: list[dict], rollout_rows: list[dict], show: int = 8) -> str:
-    """An on-policy run's section ('' for other runs): the last rollout metrics (train and held-out), each
-    reward function's mean and spread, where the logged steps' time went, and the last logged step's pairs."""
-    train = [r for r in records if r.get("split") == "train" and "rollout/skipped_fraction" in r]
-    if not train:
-        return ""
-    t = train[-1]
-    e = next((r for r in reversed(records) if r.get("split") == "eval" and "reward/mean" in r), {})
-    per_fn = sorted({k for k in t if k.startswith("reward/") and k.endswith(("/mean", "/std"))} - set(ROLLOUT_KEYS))
-    rows = "".join(f"<tr><td>{_e(k)}</td><td class=num>{_num(t.get(k))}</td><td class=num>{_num(e.get(k))}</td></tr>"
-                   for k in (*ROLLOUT_KEYS, *per_fn) if k in t or k in e)
-    parts = [f"<p>Last logged step {t['step']}; held-out values are greedy samples of the eval prompts.</p>"
-             "<table><tr><th>metric</th><th>train (last step)</th><th>eval (last)</th></tr>" + rows + "</table>"]
-    spent = {k: sum(r.get(f"time/{k}_s") or 0.0 for r in train) for k in ("generate", "score", "train")}
-    total = sum(spent.values())
-    if total > 0:
-        parts.append(f"<p>Time over the {len(train)} logged steps: " + ", ".join(
-            f"{k} {v:.2f}s ({100 * v / total:.0f}%)" for k, v in spent.items()) + ".</p>")
-    if rollout_rows:
-        step = max(r["step"] for r in rollout_rows)
-        last = [r for r in rollout_rows if r["step"] == step][:show]
-        body = "".join(
-            f"<tr><td><pre>{_e(r.get('prompt'))}</pre></td><td><pre>{_e(r.get('chosen'))}</pre></td>"
-            f"<td><pre>{_e(r.get('rejected'))}</pre></td>"
-            f"<td>{_e(', '.join(_num(x) for x in r.get('rewards', [])))}</td></tr>" for r in last)
-        parts.append(f"<p>Pairs trained on at the last step before the evaluation of step {step} "
-                     f"({len(last)} shown):</p><table><tr><th>prompt</th><th>chosen</th><th>rejected</th>"
-                     f"<th>rewards of the samples</th></tr>{body}</table>")
-    return "<h2>On-policy rollouts</h2>" + "".join(parts)
-
-
 def _timeline(records: list[dict]) -> str:
     """Alarms, health changes and events: an SVG strip over the step axis, then a table."""
     marks = [r for r in records if r.get("split") in ("alarm", "health", "event")]
@@ -230,6 +195,7 @@ def _samples(rows: list[dict]) -> str:
 def render_report(run_dir: str | Path, plots: list[Path] | None = None) -> str:
     """The report page as a string; ``plots``: PNGs already drawn by ``plot_run`` (drawn now if None)."""
     from preftune.monitor.samples import read_samples
+    from preftune.report.onpolicy import onpolicy_section
     from preftune.report.plots import plot_run
 
     run_dir = Path(run_dir)
@@ -246,7 +212,7 @@ def render_report(run_dir: str | Path, plots: list[Path] | None = None) -> str:
         f"<h1>preftune run report: {_e(run_dir.name)}</h1>", verdict,
         "<h2>Run</h2>", _run_section(run_dir, plots),
         "<h2>Final numbers</h2>", _final_table(records),
-        _onpolicy(records, read_samples(run_dir, kind="rollout")),
+        onpolicy_section(records, read_samples(run_dir, kind="rollout")),
         "<h2>Timeline: alarms, diagnoses, events</h2>", _timeline(records),
         "<h2>Curves</h2>", _plots([p for p in plots if p.stem not in RUN_PLOTS]),
         "<h2>Samples</h2>", _samples(read_samples(run_dir)),

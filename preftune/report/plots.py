@@ -1,7 +1,8 @@
 """PNG plots of a run, drawn from ``metrics.jsonl`` alone.
 
 One panel per quantity: train curves as lines, eval (and monitor) points as markers; on-policy runs add
-their rollout panels (rewards, skipped and EOS fractions, completion lengths, step time, generation speed). The monitor's alarms
+their rollout panels (rewards, skipped and EOS fractions, completion lengths, step time, generation speed) and,
+for policy-gradient losses, entropy / KL and the clipped, zero-spread and truncated fractions. The monitor's alarms
 (records with split ``alarm``) are drawn on every panel as red dashed vertical lines at their steps, so a
 curve's turn can be read against the alarm it raised. The legend sits outside the axes, to their right, so it
 never covers a curve (the figure grows to hold it).
@@ -25,6 +26,13 @@ TRAIN_PANELS = {
     "grad_norm": ["grad_norm"],
     "throughput": ["tokens_per_second"],
 }
+# On-policy policy-gradient runs (GRPO family): the policy's entropy and KL, and the shares of clipped tokens,
+# of zero-spread groups and of truncated samples.
+POLICY_PANELS = {
+    "entropy_kl": ["entropy", "kl"],
+    "policy_fractions": ["clip_low_frac", "clip_high_frac", "rollout/frac_reward_zero_std",
+                         "rollout/truncated_fraction"],
+}
 MONITOR_PANELS = {
     "kl": ["kl/k3_seq", "kl/k1_seq"],
     "lengths": ["length/policy", "length/reference"],
@@ -44,7 +52,7 @@ ROLLOUT_PANELS = {
 }
 
 
-ALL_PANELS = [*TRAIN_PANELS, *PANELS, *MONITOR_PANELS, *ROLLOUT_PANELS]
+ALL_PANELS = [*TRAIN_PANELS, *PANELS, *MONITOR_PANELS, *ROLLOUT_PANELS, *POLICY_PANELS]
 
 
 def series(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
@@ -61,6 +69,8 @@ def _curves(panel: str, records: list[dict]) -> list[tuple[str, str, str]]:
         return [(split, key, style) for key in keys for split, style in (("train", "-"), ("eval", "o--"))]
     if panel in TRAIN_PANELS:
         return [("train", key, "-") for key in TRAIN_PANELS[panel]]
+    if panel in POLICY_PANELS:
+        return [("train", key, "-") for key in POLICY_PANELS[panel]]
     return [("monitor", key, "s:" if "reference" in key else "o-") for key in MONITOR_PANELS[panel]]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ class GroupSource:
         self.pad_id, self.layout, self.device, self.run_dir = pad_id, layout, device, run_dir
         self.accelerator, self.logp, self.autocast = accelerator, logp, autocast
         self.steps_per_epoch = len(prompts) // (micro * world * accum)
+        self.writer = None  # the run's MetricWriter, for the completions table in TensorBoard (set by the run)
         self._rollout: dict | None = None
         self._metrics: dict[str, Any] = {}
 
@@ -79,6 +81,8 @@ class GroupSource:
         indices = [order[q] for q in positions]
         out = self.rollouts.sample(indices, [rollout_seed(self.seed, step, q) for q in positions])
         out["indices"] = indices
+        out["zero_spread"] = _zero_spread(out["rewards"])  # (P,) as first sampled, before any refill
+        out["refilled"], out["rounds"] = 0, 0
         if self.rc.dynamic_sampling:
             out = self._refill(step, out)
         return out
@@ -90,12 +94,14 @@ class GroupSource:
             flat = _zero_spread(out["rewards"])
             if not flat.any():
                 break
-            need = int(flat.sum())
+            need = min(int(flat.sum()), len(self.data))
             g = torch.Generator().manual_seed(rollout_seed(self.seed, step, -(r + 1) - 7919 * self.rank) % 2**62)
             extra_idx = torch.randperm(len(self.data), generator=g)[:need].tolist()
             extra = self.rollouts.sample(extra_idx, [rollout_seed(self.seed, step, 10**9 + r * 10**6 + self.rank * 10**4
                                                                   + j) for j in range(need)])
-            slots = np.flatnonzero(flat)
+            slots = np.flatnonzero(flat)[:need]
+            out["refilled"] += need
+            out["rounds"] += 1
             for j, slot in enumerate(slots):
                 for key in ("completions", "texts"):
                     out[key][slot] = extra[key][j]
@@ -119,22 +125,51 @@ class GroupSource:
         use = ~torch.isnan(rewards)
         if self.rc.mask_truncated_completions:
             use &= ~torch.tensor(truncated)
-        zero = _zero_spread(out["rewards"])
         stats = self.rollouts.stats(out)
-        stats.update({"rollout/frac_reward_zero_std": float(zero.mean()),
+        stats.update({"rollout/frac_reward_zero_std": float(out["zero_spread"].mean()),
                       "rollout/truncated_fraction": float(np.mean(truncated)),
                       "advantages/mean": float(advantages[use].mean()) if use.any() else 0.0,
                       "advantages/std": float(advantages[use].std()) if use.sum() > 1 else 0.0})
+        if self.rc.dynamic_sampling:
+            stats.update({"rollout/refilled_groups": float(out["refilled"]),
+                          "rollout/resample_rounds": float(out["rounds"]),
+                          "rollout/frac_reward_zero_std_trained": float(_zero_spread(out["rewards"]).mean())})
         rollout = {"step": step, "indices": out["indices"],
                    "completions": [[list(c.ids) for c in g] for g in out["completions"]],
                    "advantages": advantages.tolist(), "use": use.tolist(), "stats": stats,
-                   "rows": [{"prompt": self.data.prompts[i], "completions": t, "rewards": r.tolist()}
-                            for i, t, r in zip(out["indices"], out["texts"], out["rewards"])][:8]}
+                   "rows": self._table(out, advantages, truncated)}
         signal = self._global(float(((advantages != 0) & use).sum()))
         rollout["signal"] = signal
+        if signal == 0:  # say why, with the whole step's rewards (every process takes part in the gather)
+            finite = out["rewards"][np.isfinite(out["rewards"])]
+            lo_hi = torch.tensor([[finite.min(), finite.max()] if finite.size else [math.inf, -math.inf]])  # (1, 2)
+            lo_hi = self._gather(lo_hi)  # (W, 2)
+            lo, hi = float(lo_hi[:, 0].min()), float(lo_hi[:, 1].max())
+            spread = self._global(float((~_zero_spread(out["rewards"])).sum()))  # groups with a reward spread
+            rollout["why"] = ("no completion was scored (every reward function returned None)" if lo > hi
+                              else "all rewards equal" if lo == hi
+                              else "all rewards equal within each group" if spread == 0
+                              else "every completion with a nonzero advantage is masked "
+                                   "(rollout.mask_truncated_completions: they were truncated)")
         if signal > 0 and self.rc.num_iterations > 1:
             rollout["old_logps"] = self._old_logps(rollout)
         return rollout
+
+    def _table(self, out: dict, advantages: torch.Tensor, truncated: list[list[bool]], groups: int = 4) -> list[dict]:
+        """The completions table of the first ``groups`` groups: one row per completion with its prompt, text,
+        reward (and each function's score), advantage and finish reason (NaN: None, JSON has no NaN)."""
+        def num(x) -> float | None:
+            return float(x) if math.isfinite(x) else None
+
+        rows = []
+        for p, i in enumerate(out["indices"][:groups]):
+            for k, text in enumerate(out["texts"][p]):
+                rows.append({"group": p, "prompt": self.data.prompts[i], "completion": text,
+                             "reward": num(out["rewards"][p][k]),
+                             "scores": {f.name: num(sc[p][k]) for f, sc in zip(self.rollouts.functions,
+                                                                                out["scores"])},
+                             "advantage": float(advantages[p, k]), "truncated": truncated[p][k]})
+        return rows
 
     def _old_logps(self, rollout: dict) -> list[list[float]]:
         """π_old per token of every micro-batch of the rollout, from the training engine without gradients."""
@@ -155,7 +190,7 @@ class GroupSource:
         if step != start:  # a reused rollout: its generation was paid for at step `start`
             self._metrics.update({"time/generate_s": 0.0, "time/score_s": 0.0})
         if rollout["signal"] == 0:
-            self._metrics["rollout/why"] = "all rewards equal within every group"
+            self._metrics["rollout/why"] = rollout["why"]
             return
         yield from self._batches(rollout, with_old=True)
 
@@ -193,13 +228,16 @@ class GroupSource:
         return dict(self._metrics)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Held-out rewards of greedy samples; the last rollout's first groups go to ``samples.jsonl``."""
+        """Held-out rewards of greedy samples; the last rollout's completions table (its first groups) goes to
+        ``samples.jsonl`` (kind "rollout") and to TensorBoard (tag ``rollout``, when the run gave a writer)."""
         if self.run_dir is not None and self._rollout is not None:
+            rows = self._rollout["rows"]
             with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-                for g, row in enumerate(self._rollout["rows"]):
-                    advs = self._rollout["advantages"][g]
-                    f.write(json.dumps({"step": step, "kind": "rollout", **row, "advantages": advs},
-                                       default=str) + "\n")
+                for row in rows:
+                    f.write(json.dumps({"step": step, "kind": "rollout", "rollout_step": self._rollout["step"],
+                                        **row}, default=str) + "\n")
+            if self.writer is not None:
+                self.writer.text(step, "rollout", completions_markdown(rows))
         return self.rollouts.evaluate(self.eval_prompts)
 
     def state_dict(self) -> dict:
@@ -210,6 +248,19 @@ class GroupSource:
 
     def load_state_dict(self, state: dict) -> None:
         self._rollout = state.get("rollout")
+
+
+def completions_markdown(rows: list[dict]) -> str:
+    """The completions table as markdown (TensorBoard's text tab): prompt, completion, reward, advantage."""
+    def cell(x) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    def num(x) -> str:
+        return "—" if x is None else f"{x:.3g}"
+
+    head = "| group | prompt | completion | reward | advantage | truncated |\n|---|---|---|---|---|---|\n"
+    return head + "\n".join(f"| {r['group']} | {cell(r['prompt'])} | {cell(r['completion'])} | {num(r['reward'])} | "
+                             f"{num(r['advantage'])} | {'yes' if r['truncated'] else ''} |" for r in rows)
 
 
 def _zero_spread(rewards: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ from preftune.data.packing import epoch_order
 from preftune.data.prompts import PromptSet
 from preftune.data.tokenize import TokenizedPair
 from preftune.generation import SamplingParams, generate, sample_seed, stop_ids
+from preftune.rewards import soft_overlong_penalty
 from preftune.rollout.scoring import RewardFunction, check_functions, score_completions
 
 
@@ -107,6 +108,11 @@ class Rollouts:
         if self.reward_cfg.missing_eos_penalty:
             truncated = np.array([[c.finish_reason != "stop" for c in g] for g in groups])  # (P, N)
             rewards = rewards - self.reward_cfg.missing_eos_penalty * truncated
+        if self.reward_cfg.overlong_buffer:  # DAPO's soft overlong punishment
+            lengths = np.array([[len(c.ids) for c in g] for g in groups])  # (P, N)
+            rewards = rewards + soft_overlong_penalty(lengths, max_length=params.max_new_tokens,
+                                                      buffer=self.reward_cfg.overlong_buffer,
+                                                      factor=self.reward_cfg.overlong_penalty)
         return {"completions": groups, "texts": texts, "scores": scores, "rewards": rewards,
                 "generate_s": t1 - t0, "score_s": time.perf_counter() - t1}
 

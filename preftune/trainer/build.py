@@ -281,6 +281,8 @@ def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
             truncate_samples(run_dir, run.start_step)
         run.writer = MetricWriter(run_dir, tc.report_to, config=config_tree(cfg),
                                   resume_step=None if resume_from is None else run.start_step)
+        if hasattr(source, "writer"):  # a source that logs text (an on-policy completions table) gets the writer
+            source.writer = run.writer
     return run
 
 

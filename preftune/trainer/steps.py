@@ -12,6 +12,7 @@ process; evaluation shards need not, so a collective there could hang.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -327,13 +328,13 @@ def reward_step(objective: Objective, score_fn: LogpFn, batch, reference_fn: Log
 def policy_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: LogpFn | None):
     """On-policy groups (``data.batch.GroupBatch``) trained by a policy-gradient loss (GRPO family).
 
-    The engine returns per-token log-probs (N,) at the sampling temperature; they, π_old and the reference
-    are laid out (S, T) per sequence for the loss, whose per-sequence contributions are globally normalized
-    (the batch's ``reduce`` sums them).
+    The engine returns per-token log-probs (N,) at the sampling temperature, and their entropies (a metric:
+    ``entropy``, each sequence's token mean); they, π_old and the reference are laid out (S, T) per sequence
+    for the loss, whose per-sequence contributions are globally normalized (the batch's ``reduce`` sums them).
     """
     seqs = batch.seqs
     S, ts = seqs.num_sequences, seqs.target_seq
-    tok, _ = logp_fn(batch)  # (N,) per-token log-probs
+    tok, counts, entropy = logp_fn(dataclasses.replace(batch, with_entropy=True))  # (N,), (S,), (N,)
     logps = padded(tok, ts, S)  # (S, T)
     inputs = {
         "logps": logps, "old_logps": None if batch.old_logps is None else padded(batch.old_logps, ts, S),
@@ -345,7 +346,10 @@ def policy_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: Logp
         ref = batch.ref_logps if batch.ref_logps is not None else reference_fn(batch)[0]  # (N,)
         inputs["ref_logps"] = padded(ref.detach(), ts, S)
     out = objective(**inputs)
-    return out.losses, {k: v.detach() for k, v in out.metrics.items()}
+    entropy_sums = torch.zeros(S, dtype=torch.float32, device=tok.device).index_add(0, ts, entropy.float())
+    metrics = {"entropy": entropy_sums / counts.clamp(min=1)}  # (S,) token mean per sequence
+    metrics.update({k: v.detach() for k, v in out.metrics.items()})
+    return out.losses, metrics
 
 
 def ppo_step(objective: Objective, logp_fn: LogpFn, batch, reference_fn: LogpFn | None):
