@@ -31,9 +31,17 @@ class MasterAdamW(torch.optim.AdamW):
     """AdamW on fp32 master copies of low-precision weights: the model computes in bf16 / fp16, the update
     happens in fp32, and the result is written back rounded to the weight's dtype.
 
-    Per step, for a model weight w (bf16) with master m (fp32) and gradient g (bf16)::
+    Per step, for a model weight w (bf16) with master m (fp32) and the bf16 gradients g_1..g_k of the window's
+    k micro-batches::
 
-        m.grad = float(g);  m <- AdamW(m, m.grad)  (moments in fp32);  w <- round_bf16(m)
+        m.grad = sum_i float(g_i)  (in fp32);  m <- AdamW(m, m.grad)  (moments in fp32);  w <- round_bf16(m)
+
+    The window's sum is taken in fp32: a hook on each weight (``register_post_accumulate_grad_hook``) adds
+    float(w.grad) into m.grad after every backward and frees w.grad, so no bf16 gradient outlives its micro-batch
+    and the sum is not rounded to 8 bits after each addition (summing 4 micro-batches in bf16 loses up to 2 bits
+    of every gradient). ``gradient_params()`` gives the tensors that hold the gradients (the masters, for
+    clipping). Under DDP (more than one process) the hooks would run before the gradients are all-reduced, so
+    there the bf16 ``w.grad`` accumulates as before and is cast to fp32 at the step.
 
     Without masters an update |Δ| below half the bf16 spacing at w (2^-8·|w| for |w| in [1, 2)) rounds away
     every step; the master accumulates it until the rounded weight moves (the test shows it at w = 1, Δ = 1e-3).
@@ -56,11 +64,24 @@ class MasterAdamW(torch.optim.AdamW):
                 masters.append(m)
             g["params"] = masters
         super().__init__(groups, **kwargs)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.accumulates_fp32 = not (distributed and torch.distributed.get_world_size() > 1)
+        self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into(m)) for p, m in self._pairs
+                       ] if self.accumulates_fp32 else []
+
+    def gradient_params(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """``params`` with each low-precision weight replaced by its master: the tensors whose ``.grad`` holds
+        the window's gradient (what clipping must scale)."""
+        if not self.accumulates_fp32:
+            return list(params)
+        master = {id(p): m for p, m in self._pairs}
+        return [master.get(id(p), p) for p in params]
 
     @torch.no_grad()
     def step(self, closure=None):
-        for p, m in self._pairs:
-            m.grad = None if p.grad is None else p.grad.float()
+        for p, m in self._pairs:  # a gradient still on the weight (DDP, or set by hand): into the fp32 sum
+            if p.grad is not None:
+                _accumulate_into(m)(p)
         loss = super().step(closure)
         for p, m in self._pairs:
             p.copy_(m)  # round to nearest into the weight's dtype
@@ -68,7 +89,7 @@ class MasterAdamW(torch.optim.AdamW):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
+        super().zero_grad(set_to_none)  # the masters' fp32 sums
         for p, _ in self._pairs:
             if set_to_none:
                 p.grad = None
@@ -89,6 +110,21 @@ class MasterAdamW(torch.optim.AdamW):
                 for (p, m), saved in zip(self._pairs, masters, strict=True):
                     m.copy_(saved)
                     p.copy_(saved)
+
+
+def _accumulate_into(master: torch.Tensor):
+    """The post-accumulate-grad hook of one low-precision weight: its micro-batch gradient, added in fp32 into
+    ``master.grad``, then freed."""
+
+    @torch.no_grad()
+    def hook(p: torch.Tensor) -> None:
+        if master.grad is None:
+            master.grad = p.grad.float()
+        else:
+            master.grad.add_(p.grad)  # fp32 += bf16: the sum is rounded to fp32, not to bf16
+        p.grad = None
+
+    return hook
 
 
 def build_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -109,6 +109,7 @@ class Parallel:
         self.fsdp2 = self.fsdp and getattr(accelerator, "is_fsdp2", False)
         self.zero_stage = accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed else 0
         self.engine = None  # the prepared module
+        self.optimizer = None
 
     @property
     def name(self) -> str:
@@ -132,6 +133,7 @@ class Parallel:
     def prepare(self, module: torch.nn.Module, optimizer, policy: torch.nn.Module):
         """(prepared scoring module, optimizer). ``policy`` is the model inside ``module`` (its layer classes
         are what FSDP wraps one by one)."""
+        self.optimizer = optimizer  # clip asks it where the gradients are (fp32 masters: optim.MasterAdamW)
         if not self.sharded:
             self.engine = self.acc.prepare_model(module)
             return self.engine, optimizer
@@ -171,11 +173,13 @@ class Parallel:
             self.acc.backward(loss)
 
     def clip(self, params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
-        """Clip the gradients of ``params`` to ``max_norm`` (None / 0: no clipping); the global norm before."""
+        """Clip the gradients of ``params`` to ``max_norm`` (None / 0: no clipping); the global norm before.
+        Where the optimizer keeps a weight's gradient elsewhere (``MasterAdamW``: in its fp32 master), there."""
         if self.deepspeed:
             norm = self.engine.get_global_grad_norm()
             return torch.tensor(float("nan") if norm is None else float(norm))
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+        holders = getattr(self.optimizer, "gradient_params", None)  # bf16 weights: their fp32 masters hold .grad
+        norm = torch.nn.utils.clip_grad_norm_(holders(params) if holders else params, max_norm or float("inf"))
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
 
     # ---- saving -----------------------------------------------------------------------------------------
