@@ -56,7 +56,7 @@ class Sampler:
     """RSS every ``period`` seconds in a daemon thread, and named marks; ``phases()`` gives each span's peak."""
 
     def __init__(self, period: float = 0.01):
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, float, float]] = []  # (time, RSS, malloc in use)
         self.marks: list[tuple[float, str, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
@@ -64,7 +64,7 @@ class Sampler:
 
     def _run(self, period):
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), rss_mib()))
+            self.samples.append((time.perf_counter(), rss_mib(), heap_mib()[0]))
             time.sleep(period)
 
     def mark(self, name: str) -> None:
@@ -76,9 +76,11 @@ class Sampler:
         out, start = [], self.samples[0][0] if self.samples else 0.0
         for k, (t, name, rss, used, free) in enumerate(self.marks):
             end = self.marks[k + 1][0] if k + 1 < len(self.marks) else float("inf")
-            peak = max([r for s, r in self.samples if t <= s < end] + [rss])
+            span = [(r, u) for s, r, u in self.samples if t <= s < end]
+            peak, used_peak = max([r for r, _ in span] + [rss]), max([u for _, u in span] + [used])
             out.append({"t_s": round(t - start, 2), "mark": name, "rss_mib": round(rss), "peak_until_next": round(peak),
-                        "malloc_used_mib": round(used), "malloc_free_mib": round(free)})
+                        "malloc_used_mib": round(used), "malloc_free_mib": round(free),
+                        "used_peak_until_next": round(used_peak)})
         return out
 
 
@@ -196,10 +198,11 @@ def main(argv=None) -> int:
     result = json.loads(line[len("RESULT "):])
     print(f"{a.model} precision {a.precision}, model_dtype {a.model_dtype}, engine {engine or 'defaults'}, "
           f"{a.steps} steps, {a.threads} thread(s)")
-    print(f"{'t s':>7} {'RSS':>6} {'peak to next':>12} {'malloc used':>11} {'heap free':>9}  mark (MiB)")
+    print(f"{'t s':>7} {'RSS':>6} {'peak to next':>12} {'malloc used':>11} {'peak to next':>12} "
+          f"{'heap free':>9}  mark (MiB)")
     for ph in result["phases"]:
         print(f"{ph['t_s']:7.1f} {ph['rss_mib']:6d} {ph['peak_until_next']:12d} {ph['malloc_used_mib']:11d} "
-              f"{ph['malloc_free_mib']:9d}  {ph['mark']}")
+              f"{ph['used_peak_until_next']:12d} {ph['malloc_free_mib']:9d}  {ph['mark']}")
     print(f"ru_maxrss: {result['ru_maxrss_mib']:.0f} MiB (children: "
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f})")
     return 0

@@ -20,6 +20,18 @@ from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
 DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
+_KEEPING = None  # glibc, while reuse_freed_memory is in effect
+
+
+def release_free_pages() -> bool:
+    """Within :func:`reuse_freed_memory`: give the kernel back the pages of the heap's free chunks
+    (``malloc_trim(0)``), keeping the heap's layout; whether it ran. Called after each backward: the freed
+    activations' holes then cost no RSS until the next forward reuses them.
+    """
+    if _KEEPING is None:
+        return False
+    _KEEPING.malloc_trim(0)
+    return True
 
 
 def _glibc():
@@ -40,10 +52,13 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     if libc is None:
         yield False
         return
+    global _KEEPING
     ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    _KEEPING = libc if ok else None
     try:
         yield ok
     finally:
+        _KEEPING = None
         libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
         libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)  # hand the kept memory back now that training is over

@@ -22,12 +22,81 @@ def build_optimizer(model: torch.nn.Module, cfg, learning_rates: dict | None = N
         groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, **extra},
                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
     low = any(p.dtype in (torch.bfloat16, torch.float16) for g in groups for p in g["params"])
-    kind = MasterAdamW if low and getattr(cfg, "master_weights", True) else torch.optim.AdamW
+    kind = MasterAdamW if low and getattr(cfg, "master_weights", True) else AdamW
     # foreach=False: the multi-tensor path holds a temporary copy of every state, a memory peak we avoid.
     return kind(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), foreach=False)
 
 
-class MasterAdamW(torch.optim.AdamW):
+def _one_process() -> bool:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not (distributed and torch.distributed.get_world_size() > 1)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW (the same update, bit for bit), with its memory allocated once, before the first forward.
+
+    torch creates the moments lazily at the first step and, with ``zero_grad(set_to_none=True)``, frees every
+    gradient after each step and lets backward allocate new ones. Those long-lived buffers (gradients: one
+    model size; moments: two) then land between the holes that the micro-batch's freed activations leave, at
+    a new place every step; with the heap kept for reuse (``engine.reuse_freed_memory``) the holes are never
+    returned, and on the 135M benchmark 1.2-2.5 GB of the heap was free but mapped by the second step
+    (``benchmarks/memory_breakdown.py``). Here the gradients (zeros) and the moments are allocated at
+    construction and kept: ``zero_grad`` zeroes the gradients in place, whatever ``set_to_none`` says, and the
+    next backward accumulates into them (0 + g = g exactly, so the window's sum is the same). A parameter that
+    got no gradient in a window (a hook marks the ones that did) is left out of the step, as a None gradient
+    would be: no weight decay, no moment decay. More than one process (DDP): torch's lazy behaviour, unchanged.
+    """
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.steady = _one_process()
+        self._touched: set[int] = set()  # ids of the gradient holders that received a gradient this window
+        self._marks = [p.register_post_accumulate_grad_hook(self._touch) for p in self._holders()
+                       if self.steady and p.is_leaf and p.requires_grad]
+        if self.steady:
+            self._allocate()
+
+    def _holders(self) -> list[torch.Tensor]:
+        """The tensors whose ``.grad`` the step reads (the optimizer's parameters)."""
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _touch(self, p: torch.Tensor) -> None:
+        self._touched.add(id(p))
+
+    @torch.no_grad()
+    def _allocate(self) -> None:
+        """Zero gradients and the moments (torch's own lazy initialisation, run now), in that order."""
+        for p in self._holders():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for g in self.param_groups:
+            self._init_group(g, [], [], [], [], [], [])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not self.steady:
+            return super().step(closure)
+        idle = [p for p in self._holders() if p.grad is not None and id(p) not in self._touched]
+        kept = [p.grad for p in idle]
+        for p in idle:  # no gradient this window: skipped, as torch skips a None gradient
+            p.grad = None
+        try:
+            return super().step(closure)
+        finally:
+            for p, grad in zip(idle, kept, strict=True):
+                p.grad = grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not self.steady:
+            return super().zero_grad(set_to_none)
+        for p in self._holders():
+            if p.grad is not None:
+                p.grad.zero_()
+        self._touched.clear()
+        return None
+
+
+class MasterAdamW(AdamW):
     """AdamW on fp32 master copies of low-precision weights: the model computes in bf16 / fp16, the update
     happens in fp32, and the result is written back rounded to the weight's dtype.
 
@@ -41,7 +110,8 @@ class MasterAdamW(torch.optim.AdamW):
     and the sum is not rounded to 8 bits after each addition (summing 4 micro-batches in bf16 loses up to 2 bits
     of every gradient). ``gradient_params()`` gives the tensors that hold the gradients (the masters, for
     clipping). Under DDP (more than one process) the hooks would run before the gradients are all-reduced, so
-    there the bf16 ``w.grad`` accumulates as before and is cast to fp32 at the step.
+    there the bf16 ``w.grad`` accumulates as before and is cast to fp32 at the step. The masters' gradients and
+    moments are allocated once, as in :class:`AdamW`.
 
     Without masters an update |Δ| below half the bf16 spacing at w (2^-8·|w| for |w| in [1, 2)) rounds away
     every step; the master accumulates it until the rounded weight moves (the test shows it at w = 1, Δ = 1e-3).
@@ -64,10 +134,20 @@ class MasterAdamW(torch.optim.AdamW):
                 masters.append(m)
             g["params"] = masters
         super().__init__(groups, **kwargs)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.accumulates_fp32 = not (distributed and torch.distributed.get_world_size() > 1)
-        self._hooks = [p.register_post_accumulate_grad_hook(_accumulate_into(m)) for p, m in self._pairs
+        self.accumulates_fp32 = self.steady
+        self._hooks = [p.register_post_accumulate_grad_hook(self._accumulate_into(m)) for p, m in self._pairs
                        ] if self.accumulates_fp32 else []
+
+    def _accumulate_into(self, master: torch.Tensor):
+        """The post-accumulate-grad hook of one low-precision weight: its micro-batch gradient, added in fp32
+        into ``master.grad``, then freed."""
+
+        @torch.no_grad()
+        def hook(p: torch.Tensor) -> None:
+            _add_fp32(master, p)
+            self._touch(master)
+
+        return hook
 
     def gradient_params(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         """``params`` with each low-precision weight replaced by its master: the tensors whose ``.grad`` holds
@@ -81,11 +161,13 @@ class MasterAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         for p, m in self._pairs:  # a gradient still on the weight (DDP, or set by hand): into the fp32 sum
             if p.grad is not None:
-                _accumulate_into(m)(p)
+                _add_fp32(m, p)
+                self._touch(m)
         loss = super().step(closure)
         for p, m in self._pairs:
             p.copy_(m)  # round to nearest into the weight's dtype
-            m.grad = None
+            if not self.steady:
+                m.grad = None
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -112,19 +194,14 @@ class MasterAdamW(torch.optim.AdamW):
                     p.copy_(saved)
 
 
-def _accumulate_into(master: torch.Tensor):
-    """The post-accumulate-grad hook of one low-precision weight: its micro-batch gradient, added in fp32 into
-    ``master.grad``, then freed."""
-
-    @torch.no_grad()
-    def hook(p: torch.Tensor) -> None:
-        if master.grad is None:
-            master.grad = p.grad.float()
-        else:
-            master.grad.add_(p.grad)  # fp32 += bf16: the sum is rounded to fp32, not to bf16
-        p.grad = None
-
-    return hook
+def _add_fp32(master: torch.Tensor, p: torch.Tensor) -> None:
+    """``master.grad += float(p.grad)`` (fp32 += bf16: the sum is rounded to fp32, not to bf16), then
+    ``p.grad`` freed."""
+    if master.grad is None:
+        master.grad = p.grad.float()
+    else:
+        master.grad.add_(p.grad)
+    p.grad = None
 
 
 def build_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -43,6 +43,7 @@ import torch
 from preftune.errors import PreftuneError
 from preftune.fsio import TMP, publish_dir
 from preftune.trainer import checkpoint as ckpt
+from preftune.trainer.heap import release_free_pages
 
 
 def _env(name: str) -> bool:
@@ -171,6 +172,7 @@ class Parallel:
             self.acc.backward(loss, scale_wrt_gas=False)  # batch.reduce already divided by the window
         else:
             self.acc.backward(loss)
+        release_free_pages()  # the activations just freed: no RSS until the next forward needs them
 
     def clip(self, params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
         """Clip the gradients of ``params`` to ``max_norm`` (None / 0: no clipping); the global norm before.
