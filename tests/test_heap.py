@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from preftune.trainer.heap import release_free_pages, reuse_freed_memory
+from preftune.trainer.heap import reuse_freed_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 
@@ -48,22 +48,3 @@ def test_switched_off_changes_nothing():
     with reuse_freed_memory(False) as active:
         assert active is False
         assert _mmapped_by(lambda: torch.empty(64 * 2**20, dtype=torch.uint8)) >= 64 * 2**20
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * ctypes.CDLL(None).getpagesize()
-
-
-def test_free_pages_are_released_inside_and_the_call_is_a_no_op_outside():
-    """A touched 64 MiB heap block with a small live block after it (so the heap top cannot simply shrink), then
-    freed: its pages stay resident until ``release_free_pages`` hands them back (RSS drops by most of 64 MiB)."""
-    assert release_free_pages() is False  # outside the block: nothing to do
-    with reuse_freed_memory():
-        big = torch.ones(64 * 2**20, dtype=torch.uint8)  # touched: 64 MiB resident
-        pin = torch.ones(1024)  # noqa: F841  (allocated above it: keeps the heap top in use)
-        del big
-        before = _rss()
-        assert release_free_pages() is True
-        assert before - _rss() >= 48 * 2**20, (before, _rss())
-    assert release_free_pages() is False

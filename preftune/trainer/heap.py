@@ -7,12 +7,6 @@ zeroes each 4 KiB page). Turning ``mmap`` off and trimming off makes freed block
 benchmark model a bf16 run took 40.7 s instead of 45.2 s end to end, for 1% more peak RSS (the heap keeps its
 high-water mark). The settings are restored, and the heap trimmed, when training ends.
 
-Kept memory is also fragmented memory: the heap grows to more than the live tensors ever need at once (on
-the 135M benchmark, bf16, 1.1-2.4 GB of it free but mapped by the second step). So once per accumulation window,
-after its last backward, :func:`release_free_pages` hands the pages of the free chunks back (``malloc_trim``,
-which keeps the heap's layout): the next forward faults in only what it reuses, once per window rather than once
-per allocation. On that benchmark: peak RSS 5060 -> 4.7 GB (``benchmarks/RESULTS.md``, Memory).
-
 A thread other than the main one still falls back to ``mmap`` for a block its arena cannot hold, so no
 allocation fails for want of ``mmap``. Nothing happens off Linux or without glibc.
 """
@@ -26,18 +20,6 @@ from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
 DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
-_KEEPING = None  # glibc, while reuse_freed_memory is in effect
-
-
-def release_free_pages() -> bool:
-    """Within :func:`reuse_freed_memory`: give the kernel back the pages of the heap's free chunks
-    (``malloc_trim(0)``), keeping the heap's layout; whether it ran. Called after each backward: the freed
-    activations' holes then cost no RSS until the next forward reuses them.
-    """
-    if _KEEPING is None:
-        return False
-    _KEEPING.malloc_trim(0)
-    return True
 
 
 def _glibc():
@@ -58,13 +40,10 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     if libc is None:
         yield False
         return
-    global _KEEPING
     ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    _KEEPING = libc if ok else None
     try:
         yield ok
     finally:
-        _KEEPING = None
         libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
         libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)  # hand the kept memory back now that training is over

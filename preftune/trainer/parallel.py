@@ -43,7 +43,6 @@ import torch
 from preftune.errors import PreftuneError
 from preftune.fsio import TMP, publish_dir
 from preftune.trainer import checkpoint as ckpt
-from preftune.trainer.heap import release_free_pages
 
 
 def _env(name: str) -> bool:
@@ -111,7 +110,6 @@ class Parallel:
         self.zero_stage = accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed else 0
         self.engine = None  # the prepared module
         self.optimizer = None
-        self.window_ends = True  # the micro-batch being run is the last of its accumulation window
 
     @property
     def name(self) -> str:
@@ -166,7 +164,6 @@ class Parallel:
         """The context of one micro-batch: gradients synchronised only on the last of the window."""
         if self.deepspeed:
             return self.acc.accumulate(self.engine)
-        self.window_ends = last
         return contextlib.nullcontext() if last else self.acc.no_sync(self.engine)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -174,8 +171,6 @@ class Parallel:
             self.acc.backward(loss, scale_wrt_gas=False)  # batch.reduce already divided by the window
         else:
             self.acc.backward(loss)
-        if self.window_ends:  # once per window: the activations just freed cost no RSS until the next forward
-            release_free_pages()
 
     def clip(self, params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
         """Clip the gradients of ``params`` to ``max_norm`` (None / 0: no clipping); the global norm before.
