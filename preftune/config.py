@@ -161,6 +161,10 @@ class EngineConfig:
     changes."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward (less memory, about a third more compute)."""
+    cast_once: bool = True
+    """Under `training.precision: bf16`: cast each fp32 weight (and the LM head) to bf16 once per optimizer step,
+    reused by all `gradient_accumulation_steps` micro-batches, instead of once per micro-batch. Same math (the same
+    bf16 copies); the copies live until the step. Off on FSDP / DeepSpeed."""
 
 
 @dataclass
