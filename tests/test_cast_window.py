@@ -8,12 +8,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import preftune
 from preftune.data.collate import collate_padded
-from preftune.logprobs import LogpModel, _cast, head_casts
+from preftune.data.tokenize import TokenizedPair
+from preftune.logprobs import LogpModel, head_casts, token_logps
 from preftune.runlog import read_metrics
 from preftune.trainer.casts import CastWindow
-from test_logprobs import random_pairs
 
 ACCUM = 3
+
+
+def random_pairs(tok, n: int, seed: int) -> list[TokenizedPair]:
+    """Pairs of random tokens: prompts of 2-6 tokens, completions of 5-9 (more than one head chunk of 4)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def seq(lo, hi):
+        length = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        return torch.randint(len(tok.special_tokens_map) + 3, len(tok), (length,), generator=g).tolist()
+
+    return [TokenizedPair(seq(2, 6), seq(5, 9), seq(5, 9)) for _ in range(n)]
 
 
 def bf16():
@@ -76,16 +87,28 @@ def test_each_weight_is_cast_once_per_window(make_model, toy_tok):
 
 
 def test_a_changed_weight_is_cast_again():
-    """Inside head_casts the copy is reused while the weight is unchanged, recast after an in-place update."""
-    w = torch.nn.Parameter(torch.ones(2, 3))
+    """Inside head_casts the head's copy is reused while the weight is unchanged and recast after an in-place
+    update (what optimizer.step does): the log-probs after the update are those of a fresh cast."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(3, 5, bias=False)
+    hidden, targets = torch.randn(6, 3), torch.randint(0, 5, (6,))
+
+    def logps():
+        with torch.no_grad(), bf16():
+            return token_logps(hidden, head, targets, chunk_size=4)
+
+    before = logps()
+    with torch.no_grad():
+        head.weight.mul_(-2.0)
+    after = logps()  # outside any window: a fresh cast of the new weights
+    with torch.no_grad():
+        head.weight.div_(-2.0)
     with head_casts():
-        first = _cast(w, torch.bfloat16)
-        assert _cast(w, torch.bfloat16) is first
+        assert torch.equal(logps(), before) and torch.equal(logps(), before)  # the cached copy, same values
         with torch.no_grad():
-            w.add_(1.0)  # what optimizer.step does
-        second = _cast(w, torch.bfloat16)
-    assert second is not first and torch.equal(second, torch.full((2, 3), 2.0, dtype=torch.bfloat16))
-    assert _cast(w, torch.bfloat16) is not second  # outside the block nothing is kept
+            head.weight.mul_(-2.0)
+        assert torch.equal(logps(), after)  # not the stale copy of the old weights
+    assert not torch.equal(before, after)
 
 
 def test_training_with_and_without_the_window_is_the_same(tmp_path, dpo_config, make_model, train_pairs):
