@@ -33,10 +33,11 @@ class StepClock:
     """on_step timestamps; with ``profile_step``, a torch.profiler run over that step alone."""
 
     def __init__(self, profile_step: int | None):
-        self.times, self.profile_step, self.prof = [], profile_step, None
+        self.times, self.cpu, self.profile_step, self.prof = [], [], profile_step, None
 
     def on_step(self, step, metrics, state):
         self.times.append(time.perf_counter())
+        self.cpu.append(time.process_time())  # this process's CPU time: the measure least disturbed by others
         if self.prof is not None:
             self.prof.__exit__(None, None, None)
             self.result, self.prof = self.prof.key_averages(), None
@@ -66,7 +67,8 @@ def worker(a) -> dict:
     }
     summary = preftune.train(config, log=lambda *m: print(*m, file=sys.stderr), callbacks=[clock])
     steps = [b - a_ for a_, b in zip(clock.times, clock.times[1:])]
-    out = {"step_s": steps, "train_loop_s": summary["train_loop_s"], "peak_rss_mb": summary["peak_rss_mb"],
+    cpu = [b - a_ for a_, b in zip(clock.cpu, clock.cpu[1:])]
+    out = {"step_s": steps, "step_cpu_s": cpu, "train_loop_s": summary["train_loop_s"], "peak_rss_mb": summary["peak_rss_mb"],
            "final_loss": summary["final_loss"]}
     if a.profile:
         rows = {e.key: e for e in clock.result}
@@ -114,14 +116,15 @@ def main(argv=None) -> int:
             print(setting, json.dumps(runs[setting][-1]), flush=True)
     profiles = {} if a.no_profile else {s: launch(a, s, a.workdir, model_dir, data, profile=True) for s in ("on", "off")}
     print(f"\n{a.precision}, {a.threads} thread(s), {a.repeats} runs each, steps 2..{a.steps} of each run")
-    print("| engine.cast_once | step s (median) | step s (all) | aten::copy_ share | copy_ s | _to_copy calls "
-          "| peak RSS MiB | final loss |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| engine.cast_once | step s (median) | step CPU s (median) | step s (all) | aten::copy_ share | copy_ s "
+          "| _to_copy calls | peak RSS MiB | final loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for s in ("on", "off"):
         steps = [x for r in runs[s] for x in r["step_s"]]
+        cpu = statistics.median(x for r in runs[s] for x in r["step_cpu_s"])
         prof = profiles.get(s, {})
         share = f"{prof['copy_share']:.1%}" if prof else "-"
-        print(f"| {s} | {statistics.median(steps):.2f} | {', '.join(f'{x:.2f}' for x in steps)} | {share} | "
+        print(f"| {s} | {statistics.median(steps):.2f} | {cpu:.2f} | {', '.join(f'{x:.2f}' for x in steps)} | {share} | "
               f"{prof.get('copy_s', 0):.2f} | {prof.get('to_copy_calls', '-')} | "
               f"{max(r['peak_rss_mb'] for r in runs[s]):.0f} | {runs[s][0]['final_loss']:.6f} |")
     if a.out:

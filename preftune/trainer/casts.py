@@ -55,7 +55,8 @@ class CastWindow:
 
 
 def cast_window(run) -> CastWindow:
-    """The window of ``run``'s next optimizer step (``engine.cast_once`` under bf16 on an unsharded engine)."""
+    """The window of ``run``'s next optimizer step: enabled by ``engine.cast_once`` (off by default) under bf16 on an
+    unsharded engine; otherwise each forward has its own autocast region, as before."""
     bf16 = run.cfg.training.precision == "bf16"
     return CastWindow(run.autocast, run.accelerator.device.type,
                       bf16 and run.cfg.engine.cast_once and not run.parallel.sharded)
