@@ -309,16 +309,24 @@ def run_group(kind: str, precision: str, names: list[str], a, work: Path, engine
         if row.cache:
             cold = Path(tempfile.mkdtemp(prefix="inductor-", dir=work)) if row.cache == "cold" else cold
             inductor = cold
-        r = launch(row, model_dir, data, precision, a.steps, work, a, engine=engine, inductor=inductor)
+        label = "bf16 weights" if row.model_dtype == "bf16" else precision
+        try:
+            r = launch(row, model_dir, data, precision, a.steps, work, a, engine=engine, inductor=inductor)
+        except RuntimeError as e:  # one failed row (a compiler missing, out of memory) does not lose the others
+            print(f"  {kind} {precision} {row.label}: {e}", file=sys.stderr)
+            last = [line for line in str(e).splitlines() if line.strip()][-1][:200]
+            runs[name] = dict(tool=row.label, row=name, group=row.group, model=kind, precision=label, error=last)
+            continue
         print(f"  {kind} {precision} {row.label}: {r}", file=sys.stderr)
         steady = steady_rate(r["step_times"], BATCH * ACCUM)
         r.update(tool=row.label, row=name, group=row.group, model=kind, steps=a.steps, threads=a.threads,
-                 precision="bf16 weights" if row.model_dtype == "bf16" else precision, device=a.device,
+                 precision=label, device=a.device,
                  samples_per_s=n / r["wall_s"], tokens_per_s=tokens / r["wall_s"], steady_samples_per_s=steady,
                  steady_tokens_per_s=steady * tokens / n if steady else None)
         runs[name] = r
-    for pt in (r for r in runs.values() if r["row"].startswith("preftune")):
-        trl = [r for r in runs.values() if r["row"].startswith("trl") and r["group"] == pt["group"]]
+    done = [r for r in runs.values() if "error" not in r]
+    for pt in (r for r in done if r["row"].startswith("preftune")):
+        trl = [r for r in done if r["row"].startswith("trl") and r["group"] == pt["group"]]
         if not trl:
             continue
         best = max(trl, key=lambda r: r["samples_per_s"])
@@ -340,6 +348,9 @@ def loss_check(rows: list[dict]) -> list[str]:
     within the same of TRL's."""
     bad = []
     for r in rows:
+        if "error" in r:
+            bad.append(f"{r['model']} {r['precision']} {r['tool']}: failed")
+            continue
         tol = 1e-4 if r["precision"] == "fp32" else 1e-3
         if abs(r["first_loss"] - math.log(2)) > tol or r.get("first_loss_diff", 0.0) > tol:
             bad.append(f"{r['model']} {r['precision']} {r['tool']}: {r['first_loss']:.6f}")
@@ -464,6 +475,10 @@ def table(rows: list[dict]) -> str:
             ["GPU mem vs best TRL"] if gpu else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['precision']} | {r['tool']} | failed: {r['error']} |"
+                         + " |" * (len(cols) - 4))
+            continue
         cells = [r["model"], r["precision"], r["tool"], f"{r['wall_s']:.1f}", f"{r['setup_s']:.1f}",
                  f"{r['cpu_s']:.0f}", f"{r['samples_per_s']:.3f}", _x(r, "steady_samples_per_s", ".3f", ""),
                  f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mb']:.0f}"]
