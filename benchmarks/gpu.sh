@@ -14,10 +14,10 @@ preftune vs TRL on one CUDA GPU, offline, within about 8 minutes:
      (TRL 1.16 turns it off again with a warning; the JSON records what ran): SmolLM2-135M's shape with every
      row (TRL precompute on / off / gradient checkpointing; preftune plain / compile cold and warm cache /
      gradient checkpointing / bf16 weights), then Qwen2.5-0.5B's shape (a random LlamaConfig model) with the
-     same rows; 20 optimizer steps each, steady-state samples/s over steps 2..20 beside end to end;
-  3. if flash_attn imports: the 135M shape again with attn_implementation flash_attention_2 (preftune with
-     engine.layout: padded, which that kernel needs), TRL precompute off and preftune only;
-  4. GRPO (benchmarks/grpo_vs_trl.py) on the 135M shape, bf16, 4 steps.
+     same rows but compile; 20 optimizer steps each, steady-state samples/s over steps 2..20 beside end to end;
+  3. GRPO (benchmarks/grpo_vs_trl.py) on the 135M shape, bf16, 4 steps;
+  4. if flash_attn imports and time is left: the 135M shape again with attn_implementation flash_attention_2
+     (preftune with engine.layout: padded, which that kernel needs), TRL precompute off and preftune only.
 Each stage runs under what is left of the 8-minute budget (one that would start with under 30 s left is
 skipped and noted). Results: DIR/gpu_results.md (the tables, one per stage, each with its command and the
 machine: CPU model and bf16 flags, GPU), the JSON of each stage and gpu.log.
@@ -65,9 +65,10 @@ BUDGET=480
 START=$(date +%s)
 
 if [ "$QUICK" = 1 ]; then
-  ROWS="trl-off,preftune" STEPS=5 GRPO_STEPS=2
+  ROWS="trl-off,preftune" ROWS_05B="trl-off,preftune" STEPS=5 GRPO_STEPS=2
 else
   ROWS="trl-on,trl-off,trl-gc,preftune,preftune-compile,preftune-compile-warm,preftune-gc,preftune-bf16w"
+  ROWS_05B="trl-on,trl-off,trl-gc,preftune,preftune-gc,preftune-bf16w"  # compile: the 135M stage shows it
   STEPS=20 GRPO_STEPS=4
 fi
 DPO=("$PY" "$REPO/benchmarks/vs_trl.py" --precision bf16 --device cuda --trl-padding-free --steps "$STEPS"
@@ -114,7 +115,9 @@ print(f"# preftune vs TRL on {torch.cuda.get_device_name(0)}\n\ntorch {torch.__v
 if [ "$DRY" = 1 ]; then show "${PRE[@]}"; else "${PRE[@]}" >> "$MD" || die "preflight failed (see the line above)"; fi
 
 stage "DPO, SmolLM2-135M shape" "${DPO[@]}" --attn sdpa --model smol135m --rows "$ROWS" --out "$OUTDIR/dpo_smol135m.json"
-stage "DPO, Qwen2.5-0.5B shape" "${DPO[@]}" --attn sdpa --model qwen05b --rows "$ROWS" --out "$OUTDIR/dpo_qwen05b.json"
+stage "DPO, Qwen2.5-0.5B shape" "${DPO[@]}" --attn sdpa --model qwen05b --rows "$ROWS_05B" --out "$OUTDIR/dpo_qwen05b.json"
+stage "GRPO, SmolLM2-135M shape" "$PY" "$REPO/benchmarks/grpo_vs_trl.py" --model smol135m --precision bf16 \
+  --device cuda --steps "$GRPO_STEPS" --threads 4 --workdir "$WORK" --out "$OUTDIR/grpo.json" --md "$MD"
 FLASH=("${DPO[@]}" --attn flash_attention_2 --preftune-engine layout=padded --model smol135m --rows trl-off,preftune --out "$OUTDIR/dpo_flash.json")
 if [ "$DRY" = 1 ]; then
   echo "# only if flash_attn imports (and not --quick):"; show "${FLASH[@]}"
@@ -123,6 +126,4 @@ elif [ "$QUICK" = 0 ] && "$PY" -c 'import flash_attn' 2>/dev/null; then
 else
   echo "- flash_attention_2: not run ($([ "$QUICK" = 1 ] && echo '--quick' || echo 'flash_attn does not import'))" >> "$MD"
 fi
-stage "GRPO, SmolLM2-135M shape" "$PY" "$REPO/benchmarks/grpo_vs_trl.py" --model smol135m --precision bf16 \
-  --device cuda --steps "$GRPO_STEPS" --threads 4 --workdir "$WORK" --out "$OUTDIR/grpo.json" --md "$MD"
 [ "$DRY" = 1 ] || echo "results: $MD ($(( $(date +%s) - START ))s)"
