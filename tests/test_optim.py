@@ -40,3 +40,15 @@ def test_gradients_and_moments_exist_before_the_first_step_and_are_kept():
     opt.zero_grad(set_to_none=True)
     assert layer.weight.grad is grad and not grad.any()  # the same buffer, zeroed in place
     assert opt.state[layer.weight]["exp_avg"] is state["exp_avg"] and state["step"].item() == 1.0
+
+
+def test_step_hooks_run_once_per_step_also_after_torchs_adamw_was_used():
+    """torch patches a class's step with the hook runner at its first instance: had our step called
+    super().step(), a user's post-step hook would run twice per step once torch's AdamW had an instance."""
+    torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], lr=1e-3)  # patches torch's AdamW.step
+    layer = torch.nn.Linear(2, 1)
+    opt, calls = AdamW(layer.parameters(), lr=1e-3, foreach=False), []
+    opt.register_step_post_hook(lambda *_: calls.append(1))
+    layer(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert calls == [1]

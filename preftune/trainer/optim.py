@@ -51,6 +51,9 @@ class AdamW(torch.optim.AdamW):
         super().__init__(params, **kwargs)
         self.steady = _one_process()
         self._touched: set[int] = set()  # ids of the gradient holders that received a gradient this window
+        self._idle: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.register_step_pre_hook(lambda *a: self._before_step())
+        self.register_step_post_hook(lambda *a: self._after_step())
         self._marks = [p.register_post_accumulate_grad_hook(self._touch) for p in self._holders()
                        if self.steady and p.is_leaf and p.requires_grad]
         if self.steady:
@@ -72,19 +75,21 @@ class AdamW(torch.optim.AdamW):
         for g in self.param_groups:
             self._init_group(g, [], [], [], [], [], [])
 
+    # step() stays torch's: a subclass's step calling super().step() would run the step hooks twice once torch's
+    # own AdamW has been patched with them; these two hooks come first among the instance's hooks instead.
     @torch.no_grad()
-    def step(self, closure=None):
-        if not self.steady:
-            return super().step(closure)
-        idle = [p for p in self._holders() if p.grad is not None and id(p) not in self._touched]
-        kept = [p.grad for p in idle]
-        for p in idle:  # no gradient this window: skipped, as torch skips a None gradient
+    def _before_step(self, *_) -> None:
+        """Hold back the gradient buffers of the holders that got none this window: torch skips them."""
+        self._idle = [(p, p.grad) for p in self._holders()
+                      if self.steady and p.grad is not None and id(p) not in self._touched]
+        for p, _ in self._idle:
             p.grad = None
-        try:
-            return super().step(closure)
-        finally:
-            for p, grad in zip(idle, kept, strict=True):
-                p.grad = grad
+
+    @torch.no_grad()
+    def _after_step(self, *_) -> None:
+        for p, grad in self._idle:
+            p.grad = grad
+        self._idle = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not self.steady:
@@ -158,17 +163,20 @@ class MasterAdamW(AdamW):
         return [master.get(id(p), p) for p in params]
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def _before_step(self, *_) -> None:
         for p, m in self._pairs:  # a gradient still on the weight (DDP, or set by hand): into the fp32 sum
             if p.grad is not None:
                 _add_fp32(m, p)
                 self._touch(m)
-        loss = super().step(closure)
+        super()._before_step()
+
+    @torch.no_grad()
+    def _after_step(self, *_) -> None:
+        super()._after_step()
         for p, m in self._pairs:
             p.copy_(m)  # round to nearest into the weight's dtype
             if not self.steady:
                 m.grad = None
-        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)  # the masters' fp32 sums
