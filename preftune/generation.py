@@ -193,8 +193,12 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
     was_training = model.training
     model.eval()
     done: list[Completion] = []
+    device = next(model.parameters()).device
+    # Under autocast, no_grad rather than inference_mode: autocast caches a weight's low-precision copy only
+    # for tensors that require grad, which inference mode hides, so it would recast all the weights every step.
+    grad_off = torch.no_grad() if torch.is_autocast_enabled(device.type) else torch.inference_mode()
     try:
-        with torch.inference_mode():
+        with grad_off:
             for start in range(0, len(rows), batch_size):
                 done.extend(_decode(model, prompts, rows[start : start + batch_size], params, pad_id))
     finally:
