@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_trl import MODELS, SPECIALS, build_model_dir  # noqa: E402  (the DPO benchmark's models and tokenizer)
+from bench_env import gpu_peak_mib, machine, machine_line, resolve_device, worker_env  # noqa: E402
+from vs_trl import BOTH, MODELS, SPECIALS, build_model_dir  # noqa: E402  (the DPO benchmark's models and tokenizer)
 
 G, PROMPTS_PER_STEP, NEW_TOKENS, BETA, EPSILON, LR = 4, 2, 64, 0.04, 0.2, 1e-6
 
@@ -91,7 +92,7 @@ def trl_trainer(a, steps: int, lr: float = LR):
         output_dir=str(a.run_dir), per_device_train_batch_size=G * PROMPTS_PER_STEP, gradient_accumulation_steps=1,
         num_generations=G, max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0, beta=BETA,
         epsilon=EPSILON, loss_type="dapo", scale_rewards="group", num_iterations=1, learning_rate=lr,
-        use_vllm=False, bf16=a.precision == "bf16", use_cpu=True, report_to="none", max_steps=steps,
+        use_vllm=False, bf16=a.precision == "bf16", use_cpu=a.device == "cpu", report_to="none", max_steps=steps,
         logging_steps=1, save_strategy="no", gradient_checkpointing=False, disable_tqdm=True, seed=0,
         log_completions=False,
     )
@@ -186,6 +187,7 @@ def run_worker(a) -> None:
     end = resource.getrusage(resource.RUSAGE_SELF)
     result["peak_rss_mb"] = end.ru_maxrss / 1024
     result["cpu_s"] = end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime
+    result["peak_gpu_mb"] = gpu_peak_mib()
     Path(a.result).write_text(json.dumps(result))
 
 
@@ -274,13 +276,13 @@ def check_math(a) -> dict:
 
 
 def launch(tool: str, model_dir: Path, data: Path, reward: Path, precision: str, steps: int, work: Path,
-           threads: int | None, checkpointing: bool = False) -> dict:
+           threads: int | None, checkpointing: bool = False, device: str = "cpu") -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"grpo-{tool}-", dir=work))
     result = run_dir / "result.json"
     cmd = [sys.executable, __file__, "--worker", tool, "--model-dir", str(model_dir), "--data", str(data),
            "--reward", str(reward), "--precision", precision, "--steps", str(steps), "--run-dir", str(run_dir),
-           "--result", str(result)] + (["--checkpointing"] if checkpointing else [])
-    env = dict(os.environ)
+           "--result", str(result), "--device", device] + (["--checkpointing"] if checkpointing else [])
+    env = dict(os.environ, **worker_env(device))
     if threads:
         cmd += ["--threads", str(threads)]
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -297,7 +299,10 @@ def launch(tool: str, model_dir: Path, data: Path, reward: Path, precision: str,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["tiny", "smol135m", "both"], default="both")
+    p.add_argument("--model", choices=[*MODELS, "both"], default="both", help="both: tiny and smol135m")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where both tools train (auto: cuda when torch sees a GPU)")
+    p.add_argument("--md", default=None, help="also append the machine line, command and table to this file")
     p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="fp32")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (2 prompts x 4 completions each)")
     p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads for both tools")
@@ -321,18 +326,19 @@ def main(argv=None) -> int:
         run_worker(a)
         return 0
 
-    from preftune.hardware import cpu_has_native_bf16, cpu_model
+    from preftune.hardware import cpu_has_native_bf16
 
+    a.device = resolve_device(a.device)
+    info = machine(a.device)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     reward = work / "grpo_reward.py"
     reward.write_text(REWARD)
-    load = os.getloadavg()
-    print(f"CPU: {cpu_model()}; load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(machine_line(info))
     if a.check_math:
         model_dir = build_model_dir("tiny", work / "models")
         data = build_prompts(work / "grpo_prompts_tiny_check.jsonl", 6, MODELS["tiny"]["vocab_size"])
-        r = launch("check", model_dir, data, reward, "fp32", 3, work, a.threads)
+        r = launch("check", model_dir, data, reward, "fp32", 3, work, a.threads, device=a.device)
         print("| step | TRL loss | preftune loss | TRL KL | preftune KL | max |Δ ref log-prob| | max |Δ advantage| | "
               "mean length |\n|---|---|---|---|---|---|---|---|")
         for i, s in enumerate(r["steps"], 1):
@@ -340,7 +346,7 @@ def main(argv=None) -> int:
                   f"{s['preftune_kl']:.6g} | {s['max_abs_ref_logp_diff']:.2g} | {s['max_abs_advantage_diff']:.2g} | "
                   f"{s['mean_length']:.1f} |")
         return 0
-    kinds = list(MODELS) if a.model == "both" else [a.model]
+    kinds = list(BOTH) if a.model == "both" else [a.model]
     precisions = ["fp32", "bf16"] if a.precision == "both" else [a.precision]
     tools = a.tools.split(",")
     rows = []
@@ -349,20 +355,23 @@ def main(argv=None) -> int:
         data = build_prompts(work / f"grpo_prompts_{kind}_{a.steps}.jsonl", a.steps * PROMPTS_PER_STEP,
                              MODELS[kind]["vocab_size"])
         for precision in precisions:
-            if precision == "bf16" and cpu_has_native_bf16() is False:
+            if precision == "bf16" and a.device == "cpu" and cpu_has_native_bf16() is False:
                 rows.append({"model": kind, "precision": "bf16", "tool": "both",
                              "note": "not run on this CPU (no AMX/AVX512-BF16)"})
                 continue
             runs = {}
             for tool in tools:
-                runs[tool] = launch(tool, model_dir, data, reward, precision, a.steps, work, a.threads)
+                runs[tool] = launch(tool, model_dir, data, reward, precision, a.steps, work, a.threads,
+                                    device=a.device)
                 print(f"  {kind} {precision} {tool}: {runs[tool]}", file=sys.stderr)
             if a.preftune_checkpointing:
                 name = "preftune (grad ckpt, off-rules)"
-                runs[name] = launch("preftune", model_dir, data, reward, precision, a.steps, work, a.threads, True)
+                runs[name] = launch("preftune", model_dir, data, reward, precision, a.steps, work, a.threads, True,
+                                    a.device)
                 print(f"  {kind} {precision} {name}: {runs[name]}", file=sys.stderr)
             for tool, r in runs.items():
-                r.update(tool=tool, model=kind, precision=precision, steps=a.steps, threads=a.threads)
+                r.update(tool=tool, model=kind, precision=precision, steps=a.steps, threads=a.threads,
+                         device=a.device)
             if "trl" in runs:
                 t = runs["trl"]
                 for pt in (r for n, r in runs.items() if n.startswith("preftune")):
@@ -371,10 +380,15 @@ def main(argv=None) -> int:
                     pt["cpu_speedup_vs_trl"] = t["cpu_s"] / pt["cpu_s"]
                     pt["rss_ratio_vs_trl"] = pt["peak_rss_mb"] / t["peak_rss_mb"]
             rows.extend(runs.values())
-    print(table(rows))
+    text = table(rows)
+    print(text)
     out = Path(a.out) if a.out else work / "grpo_results.json"
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "cpu": cpu_model(), "load_before": load,
-                               "rows": rows}, indent=1))
+    command = " ".join(sys.argv)
+    out.write_text(json.dumps({"command": command, "machine": info, "cpu": info["cpu"],
+                               "load_before": info["load_before"], "rows": rows}, indent=1))
+    if a.md:
+        with open(a.md, "a") as f:
+            f.write(f"\n`{command}`\n\n{machine_line(info)}\n\n{text}\n")
     print(f"\nresults: {out}")
     return 0
 
@@ -387,7 +401,10 @@ def table(rows: list[dict]) -> str:
     head = ("| model | precision | tool | end-to-end s | setup s | generation s | training s | report s | CPU s | "
             "peak RSS MiB | first loss | first KL | 2nd loss | 2nd KL | speed vs TRL (wall) | (loop) | (CPU time) | "
             "RSS vs TRL |")
-    lines = [head, "|" + "---|" * 18]
+    gpu = any(r.get("peak_gpu_mb") for r in rows)
+    if gpu:
+        head += " peak GPU MiB |"
+    lines = [head, "|" + "---|" * (18 + gpu)]
     for r in rows:
         if "note" in r:
             lines.append(f"| {r['model']} | {r['precision']} | {r['tool']} | {r['note']} |" + " |" * 14)
@@ -399,7 +416,7 @@ def table(rows: list[dict]) -> str:
             f"{_f(r['first_loss'], '.4g')} | {_f(r['first_kl'], '.3g')} | {_f(r['second_loss'], '.4g')} | "
             f"{_f(r['second_kl'], '.3g')} | {_f(r.get('speedup_vs_trl'), '.2f')}x | "
             f"{_f(r.get('loop_speedup_vs_trl'), '.2f')}x | {_f(r.get('cpu_speedup_vs_trl'), '.2f')}x | "
-            f"{_f(r.get('rss_ratio_vs_trl'), '.2f')}x |")
+            f"{_f(r.get('rss_ratio_vs_trl'), '.2f')}x |" + (f" {_f(r.get('peak_gpu_mb'), '.0f')} |" if gpu else ""))
     return "\n".join(lines)
 
 

@@ -25,9 +25,9 @@ from preftune.toy.quickstart import (
     MAX_LENGTH,
     MAX_NEW_TOKENS,
     SFT,
-    _one_thread,
     _table,
     generation_accuracy,
+    run_on_one_thread,
     sft_phase,
 )
 
@@ -42,12 +42,12 @@ ESTIMATORS = ("grpo", "rloo")
 
 def run_grpo_quickstart(out_dir: str | Path, seed: int = 0, log=print, *, sft_dir: str | Path | None = None) -> dict:
     """``preftune quickstart --method grpo``: GRPO from the quickstart's SFT model (module docstring)."""
-    return _one_thread(functools.partial(_policy_gradient, "grpo"), out_dir, seed, log, sft_dir)
+    return run_on_one_thread(functools.partial(_policy_gradient, "grpo"), out_dir, seed, log, sft_dir)
 
 
 def run_rloo_quickstart(out_dir: str | Path, seed: int = 0, log=print, *, sft_dir: str | Path | None = None) -> dict:
     """``preftune quickstart --method rloo``: the same run with RLOO's leave-one-out advantages."""
-    return _one_thread(functools.partial(_policy_gradient, "rloo"), out_dir, seed, log, sft_dir)
+    return run_on_one_thread(functools.partial(_policy_gradient, "rloo"), out_dir, seed, log, sft_dir)
 
 
 def policy_gradient_config(out: Path, seed: int, estimator: str, train_prompts: list[toy.Item],
