@@ -161,6 +161,10 @@ class EngineConfig:
     changes."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward (less memory, about a third more compute)."""
+    cast_once: bool = False
+    """Under `training.precision: bf16`: cast each fp32 weight (and the LM head) to bf16 once per optimizer step,
+    not once per micro-batch (bitwise the same math). Off: on the 135M CPU benchmark it cut the casts' time by 17%
+    (0.8 s of a 33 s step, lost in the noise end to end) for 2-3% more peak RSS. Ignored under FSDP / DeepSpeed."""
 
 
 @dataclass

@@ -25,7 +25,9 @@ Torch and transformers' model interface only; no preftune imports.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import contextvars
+import weakref
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -75,6 +77,40 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
+_HEAD_CASTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("preftune_head_casts", default=None)
+
+
+@contextlib.contextmanager
+def head_casts() -> Iterator[None]:
+    """Within: the chunked head (:class:`_ChunkedTokenLogps`) casts each head weight to the compute dtype once and
+    reuses that copy, in forward and backward and across calls, instead of casting it twice per call.
+
+    The trainer opens one per accumulation window, closed before the optimizer step. A copy is also dropped as
+    soon as its weight's version counter moves (any in-place change through autograd-visible ops), and never
+    outlives the block. Same math: the same rounding of the same weights.
+    """
+    token = _HEAD_CASTS.set({})
+    try:
+        yield
+    finally:
+        _HEAD_CASTS.reset(token)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype``; inside :func:`head_casts`, a leaf weight's copy is made once and reused while unchanged."""
+    if t is None or t.dtype == dtype:
+        return t
+    cache = _HEAD_CASTS.get()
+    if cache is None or not t.is_leaf:
+        return t.to(dtype)
+    hit = cache.get(id(t))  # (weakref to the weight, its version when cast, the copy)
+    if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2].dtype == dtype:
+        return hit[2]
+    copy = t.to(dtype)
+    cache[id(t)] = (weakref.ref(t), t._version, copy)
+    return copy
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(h W^T + b)[target] over chunks of tokens, logits recomputed in backward.
 
@@ -100,8 +136,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         lse = torch.empty_like(out)  # (N,)
         entropy = torch.empty_like(out) if with_entropy else out.new_empty(0)  # (N,) or (0,)
         with torch.autocast(device, enabled=False):
-            w = weight.to(dtype)
-            b = None if bias is None else bias.to(dtype)
+            w, b = _cast(weight, dtype), _cast(bias, dtype)  # (V, H), (V,): reused inside head_casts()
             for s in range(0, hidden.shape[0], chunk_size):
                 z, _ = _logits(hidden[s : s + chunk_size].to(dtype), w, b, softcap, scale, temperature)  # (C, V)
                 target = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1)  # (C,)
@@ -130,11 +165,10 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         dtype, softcap, scale, chunk = ctx.dtype, ctx.softcap, ctx.scale, ctx.chunk_size
         grad_out = grad_out.float()
         grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None  # (V, H) fp32, made by the first chunk's product (no zero-filled pass)
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            b = None if bias is None else bias.to(dtype)
+            w, b = _cast(weight, dtype), _cast(bias, dtype)  # the forward's copies inside head_casts()
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s : s + chunk].to(dtype)  # (C, H)
                 g = grad_out[s : s + chunk, None]  # (C, 1)
@@ -150,7 +184,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 dz = dz.to(dtype)
                 if need_h:
                     grad_h[s : s + chunk] = (dz @ w).to(hidden.dtype)  # (C, H)
-                if need_w and dz.dtype == torch.float32:
+                if need_w and grad_w is None:
+                    grad_w = (dz.t() @ h).float()  # (V, H); a no-op cast in fp32
+                elif need_w and dz.dtype == torch.float32:
                     grad_w.addmm_(dz.t(), h)  # (V, H), in place: no (V, H) temporary per chunk
                 elif need_w:
                     grad_w.add_(dz.t() @ h)  # bf16 product, accumulated in fp32

@@ -25,6 +25,7 @@ from preftune.models import save_pretrained
 from preftune.trainer import rundir
 from preftune.trainer.build import Run, build_run
 from preftune.trainer.callbacks import Hooks
+from preftune.trainer.casts import cast_window
 from preftune.trainer.checkpoint import parameters_finite
 from preftune.trainer.console import Progress, console
 from preftune.trainer.heap import reuse_freed_memory
@@ -72,17 +73,18 @@ def run_steps(run: Run) -> dict:
         # -- forward and backward over the accumulation micro-batches
         sums, tokens, bad = MetricSums(), 0, False
         source_time, t_next = 0.0, time.perf_counter()
-        for m, batch in enumerate(run.source.micro_batches(step)):
-            source_time += time.perf_counter() - t_next
-            with run.parallel.accumulate(m == accum - 1):  # gradients synchronised on the last micro-batch
-                with run.autocast():
-                    losses, metrics = run.step_fn(run.objective, run.logp_fn, batch, run.reference_fn)
-                loss = batch.reduce(losses, accum)
-                bad = bad or not torch.isfinite(loss).item()
-                run.parallel.backward(loss)
-            sums.add(batch.kept({"loss": losses, **metrics}))
-            tokens += batch.num_tokens
-            t_next = time.perf_counter()
+        with cast_window(run) as casts:  # the bf16 weight copies, made once for the window (closed before the step)
+            for m, batch in enumerate(run.source.micro_batches(step)):
+                source_time += time.perf_counter() - t_next
+                with run.parallel.accumulate(m == accum - 1):  # gradients synchronised on the last micro-batch
+                    with casts.forward():
+                        losses, metrics = run.step_fn(run.objective, run.logp_fn, batch, run.reference_fn)
+                    loss = batch.reduce(losses, accum)
+                    bad = bad or not torch.isfinite(loss).item()
+                    run.parallel.backward(loss)
+                sums.add(batch.kept({"loss": losses, **metrics}))
+                tokens += batch.num_tokens
+                t_next = time.perf_counter()
         source_time += time.perf_counter() - t_next
         totals["source_time"] += source_time
         if not sums.sums:  # the source had nothing to learn from at this step (e.g. every reward tied)

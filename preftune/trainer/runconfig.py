@@ -25,7 +25,7 @@ SAFE_KEYS = frozenset({
     "training.per_device_batch_size", "training.gradient_accumulation_steps", "training.processes",
     "data.eval", "data.allow_unusable", "reference.cache_dir",
     # exact rearrangements of the same computation (tested to 1e-5 in fp32)
-    "engine.layout", "engine.chunk_size", "engine.compile", "engine.reuse_freed_memory",
+    "engine.layout", "engine.chunk_size", "engine.compile", "engine.reuse_freed_memory", "engine.cast_once",
     "engine.gradient_checkpointing",
 })
 SAFE_PREFIXES = ("monitor.",)
