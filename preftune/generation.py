@@ -28,6 +28,11 @@ device), seeded ``sample_seed(seed_i, j)`` for sample j of prompt i, or with an 
 weights only: not of its batch-mates, the batch size or the order of prompts (up to floating-point differences
 of padded attention, which move a token only when a uniform lands on a CDF boundary).
 
+**Precision.** The model runs as the caller's autocast says: the on-policy sources call ``generate`` inside the
+run's autocast (bf16 under ``training.precision: bf16``), as ONE region, so autocast casts each weight once per
+call; the logits are upcast to fp32 before sampling either way. Under autocast the call runs without gradients
+but outside inference mode, which would hide the weights' ``requires_grad`` and so disable that cache.
+
 **Work.** The rows of one batch share a left-padded prefill: each distinct prompt runs forward ONCE, only its
 last position through the LM head, and the KV cache is then expanded to its n samples
 (``Cache.batch_repeat_interleave`` / ``batch_select_indices``) into buffers with room for every new position,
@@ -193,8 +198,12 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
     was_training = model.training
     model.eval()
     done: list[Completion] = []
+    device = next(model.parameters()).device
+    # Under autocast, no_grad rather than inference_mode: autocast caches a weight's low-precision copy only
+    # for tensors that require grad, which inference mode hides, so it would recast all the weights every step.
+    grad_off = torch.no_grad() if torch.is_autocast_enabled(device.type) else torch.inference_mode()
     try:
-        with torch.inference_mode():
+        with grad_off:
             for start in range(0, len(rows), batch_size):
                 done.extend(_decode(model, prompts, rows[start : start + batch_size], params, pad_id))
     finally:

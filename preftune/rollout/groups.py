@@ -22,7 +22,6 @@ A step whose every group has zero reward spread has no policy-gradient signal: i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -274,16 +273,9 @@ def _zero_spread(rewards: np.ndarray) -> np.ndarray:
 
 def build_group_source(cfg, train_prompts: PromptSet, eval_prompts: PromptSet, *, policy, tokenizer, functions,
                        run_dir, accelerator, micro, accum, world, rank, seed, pad_id, layout, device,
-                       reference_fn=None):  # the step scores the reference itself
+                       autocast, reference_fn=None):  # the step scores the reference itself
     rollouts = Rollouts(train_prompts, policy=policy, tokenizer=tokenizer, functions=functions,
-                        rollout_cfg=cfg.rollout, reward_cfg=cfg.reward, pad_id=pad_id)
-    bf16 = cfg.training.precision == "bf16"
-
-    def autocast():
-        if not bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-
+                        rollout_cfg=cfg.rollout, reward_cfg=cfg.reward, pad_id=pad_id, autocast=autocast)
     return GroupSource(train_prompts, eval_prompts, rollouts, rollout_cfg=cfg.rollout,
                        estimator=cfg.rollout.advantage_estimator, scale=cfg.rollout.scale_rewards, micro=micro,
                        accum=accum, world=world, rank=rank, seed=seed, pad_id=pad_id, layout=layout, device=device,

@@ -16,9 +16,12 @@ live (``static = False``): an on-policy source never precomputes reference log-p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +65,18 @@ def process_sums(accelerator, world: int, *values: float) -> list[float]:
 
 class Rollouts:
     """Sampling and scoring shared by the on-policy sources: generate N samples per prompt, decode them, score
-    them with every reward function and combine (weighted sum of the scored functions, a None masked)."""
+    them with every reward function and combine (weighted sum of the scored functions, a None masked).
+
+    ``autocast``: the run's compute-precision context factory (``torch.autocast`` bf16 under
+    ``training.precision: bf16``, a no-op in fp32). Sampling runs inside ONE such region per ``generate`` call,
+    so the samples come from the same (bf16) policy whose log-probs the loss, π_old and the reference compute,
+    and autocast casts each weight once per call (its cast cache lives as long as the region).
+    """
 
     def __init__(self, prompts: PromptSet, *, policy, tokenizer, functions: list[RewardFunction], rollout_cfg,
-                 reward_cfg, pad_id: int):
+                 reward_cfg, pad_id: int, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext):
         self.prompts, self.policy, self.tokenizer, self.functions = prompts, policy, tokenizer, functions
-        self.rc, self.reward_cfg, self.pad_id = rollout_cfg, reward_cfg, pad_id
+        self.rc, self.reward_cfg, self.pad_id, self.autocast = rollout_cfg, reward_cfg, pad_id, autocast
         self.params = SamplingParams(max_new_tokens=rollout_cfg.max_new_tokens, temperature=rollout_cfg.temperature,
                                      top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k,
                                      n=rollout_cfg.num_generations, stop_ids=stop_ids(policy, tokenizer))
@@ -75,7 +84,8 @@ class Rollouts:
             check_functions(functions, prompts.prompts[0], {k: v[0] for k, v in prompts.columns.items()})
 
     def sample(self, indices: list[int], seeds: list[int] | None, params: SamplingParams | None = None) -> dict:
-        """Samples of the prompts at ``indices`` (greedy when ``seeds`` is None) and their rewards.
+        """Samples of the prompts at ``indices`` (greedy when ``seeds`` is None) and their rewards, sampled under
+        the run's autocast (see the class docstring).
 
         Returns a dict with ``completions`` (list per prompt of ``generation.Completion``), ``texts`` (per prompt,
         per sample), ``scores`` (F, P, N) with NaN for None, ``rewards`` (P, N) (NaN where no function scored),
@@ -83,8 +93,9 @@ class Rollouts:
         """
         params = params or self.params
         t0 = time.perf_counter()
-        groups = generate(self.policy, [self.prompts.prompt_ids[i] for i in indices], params, seeds,
-                          pad_id=self.pad_id, batch_size=max(1, self.rc.generation_batch_size * params.n))
+        with self.autocast():
+            groups = generate(self.policy, [self.prompts.prompt_ids[i] for i in indices], params, seeds,
+                              pad_id=self.pad_id, batch_size=max(1, self.rc.generation_batch_size * params.n))
         t1 = time.perf_counter()
         stops = set(params.stop_ids)
         texts = [[self.tokenizer.decode([t for t in c.ids if t not in stops], skip_special_tokens=True)
@@ -135,7 +146,8 @@ class Rollouts:
         return m
 
     def evaluate(self, eval_prompts: PromptSet) -> dict[str, float]:
-        """Greedy samples of the held-out prompts, scored: the on-policy run's eval metrics."""
+        """Greedy samples of the held-out prompts, scored: the on-policy run's eval metrics. Under the same
+        autocast as the training samples, so eval measures the (bf16) policy the loss trains."""
         if not len(eval_prompts):
             return {}
         other = Rollouts.__new__(Rollouts)
@@ -258,9 +270,9 @@ class OnlinePairSource:
 
 def build_online_source(cfg, train_prompts: PromptSet, eval_prompts: PromptSet, *, policy, tokenizer, functions,
                         run_dir, accelerator, micro, accum, world, rank, seed, pad_id, layout, device,
-                        reference_fn=None):  # the step scores the reference itself
+                        autocast, reference_fn=None):  # the step scores the reference itself
     rollouts = Rollouts(train_prompts, policy=policy, tokenizer=tokenizer, functions=functions,
-                        rollout_cfg=cfg.rollout, reward_cfg=cfg.reward, pad_id=pad_id)
+                        rollout_cfg=cfg.rollout, reward_cfg=cfg.reward, pad_id=pad_id, autocast=autocast)
     return OnlinePairSource(train_prompts, eval_prompts, rollouts, micro=micro, accum=accum, world=world, rank=rank,
                             seed=seed, pad_id=pad_id, layout=layout, device=device,
                             min_margin=cfg.reward.min_margin, run_dir=run_dir, accelerator=accelerator)

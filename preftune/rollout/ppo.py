@@ -31,7 +31,6 @@ of (seed, rollout index, epoch), so a resumed run serves exactly the minibatches
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -354,7 +353,7 @@ def build_critic(spec: str, policy: nn.Module, tokenizer) -> nn.Module:
 
 def build_ppo_source(cfg, train_prompts: PromptSet, eval_prompts: PromptSet, *, policy, tokenizer, functions,
                      run_dir, accelerator, reference_fn=None, micro, accum, world, rank, seed, pad_id, layout,
-                     device):
+                     device, autocast):
     rc = cfg.rollout
     per_rollout = micro * accum * rc.minibatches * world
     if len(train_prompts) < per_rollout:
@@ -366,14 +365,7 @@ def build_ppo_source(cfg, train_prompts: PromptSet, eval_prompts: PromptSet, *, 
     disable_dropout(critic)
     critic.train()
     rollouts = Rollouts(train_prompts, policy=policy, tokenizer=tokenizer, functions=functions, rollout_cfg=rc,
-                        reward_cfg=cfg.reward, pad_id=pad_id)
-    bf16 = cfg.training.precision == "bf16"
-
-    def autocast():
-        if not bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-
+                        reward_cfg=cfg.reward, pad_id=pad_id, autocast=autocast)
     return PPOSource(train_prompts, eval_prompts, rollouts, rollout_cfg=rc, params=params, critic=critic,
                      engine=LogpModel(policy, cfg.engine.chunk_size, critic=critic),
                      reference_fn=reference_fn if params["kl_coef"] != 0 else None, micro=micro, accum=accum,

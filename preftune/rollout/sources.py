@@ -13,7 +13,7 @@ from preftune.rollout.online import build_online_source
 from preftune.rollout.ppo import build_ppo_source
 
 # data kind -> builder(cfg, train prompts, eval prompts, *, policy, tokenizer, functions, run_dir, accelerator,
-#                      reference_fn, geometry) -> source
+#                      autocast, reference_fn, geometry) -> source
 ON_POLICY: dict[str, Callable] = {"paired": build_online_source, "policy": build_group_source,
                                   "ppo": build_ppo_source}
 # Sources that compare the samples of one prompt need two of them at least; PPO's critic is its baseline.
@@ -21,11 +21,12 @@ MIN_GENERATIONS: dict[str, int] = {"paired": 2, "policy": 2, "ppo": 1}
 
 
 def on_policy_source(kind: str, cfg, train_prompts, eval_prompts, *, policy, tokenizer, run_dir, accelerator,
-                     reference_fn=None, **geometry):
+                     autocast, reference_fn=None, **geometry):
     """The source for an on-policy run of a loss of data kind ``kind`` (``rollout:`` present in the config).
 
     ``reference_fn``: the live reference scorer (None when the loss needs no reference); a source that shapes
-    its rewards with it (PPO) calls it at sampling time.
+    its rewards with it (PPO) calls it at sampling time. ``autocast``: the run's compute-precision context
+    factory (the trainer's one); sampling, π_old, the reference and the training pass all run under it.
     """
     from preftune.rollout.scoring import build_reward_functions
 
@@ -37,4 +38,5 @@ def on_policy_source(kind: str, cfg, train_prompts, eval_prompts, *, policy, tok
                           "samples of one prompt, so it needs at least 2")
     functions = build_reward_functions(cfg.reward, cfg.rollout.num_generations)
     return ON_POLICY[kind](cfg, train_prompts, eval_prompts, policy=policy, tokenizer=tokenizer, functions=functions,
-                           run_dir=run_dir, accelerator=accelerator, reference_fn=reference_fn, **geometry)
+                           run_dir=run_dir, accelerator=accelerator, autocast=autocast, reference_fn=reference_fn,
+                           **geometry)

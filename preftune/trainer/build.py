@@ -236,7 +236,7 @@ def build_run(cfg, resume, log, overwrite: bool = False) -> Run:
                     device=device)
     if on_policy:
         source = on_policy_source(objective.data, cfg, train_set, eval_set, policy=policy, tokenizer=tokenizer,
-                                  run_dir=run_dir if main else None, accelerator=accelerator,
+                                  run_dir=run_dir if main else None, accelerator=accelerator, autocast=autocast,
                                   reference_fn=reference_fn, **geometry)
         eval_set = ExampleSet([])  # held-out prompts are the source's to evaluate; the monitor keeps them
     elif stream is not None:
