@@ -321,29 +321,41 @@ def _online_dpo(out: Path, seed: int, log, t_start: float, sft_dir=None) -> dict
     log(f"quickstart: online DPO {summary['steps']} steps in {time.perf_counter() - t0:.1f}s "
         f"({summary['source_s']:.1f}s of them sampling and scoring), final loss {summary['final_loss']:.3f}")
     after_gen, after_rows = generation_accuracy(model, tokenizer, held_out)
-    before, after = {"generation_accuracy": before_gen}, {"generation_accuracy": after_gen}
-    checks = {"generation_accuracy": after_gen >= ONLINE_TARGETS["generation_accuracy"],
-              "generation_gain": after_gen - before_gen >= ONLINE_TARGETS["gain"]}
-    train, final = summary["final_train_metrics"], summary["final_eval_metrics"]
+    final = {"eval/reward/mean": summary["final_eval_metrics"].get("reward/mean"),
+             "train/rollout/skipped_fraction": summary["final_train_metrics"].get("rollout/skipped_fraction")}
+    return on_policy_report("online_dpo", out=out, seed=seed, t_start=t_start, log=log, sft=sft, summary=summary,
+                            config=config, recipe=ONLINE, targets=ONLINE_TARGETS, final=final,
+                            before=(before_gen, before_rows), after=(after_gen, after_rows), run_keys=("source_s",))
+
+
+def on_policy_report(method: str, *, out: Path, seed: int, t_start: float, log, sft, summary: dict, config: dict,
+                     recipe: dict, targets: dict, final: dict, before: tuple[float, list], after: tuple[float, list],
+                     run_keys: tuple[str, ...] = (), table: str | None = None) -> dict:
+    """The ``report.json`` of an on-policy quickstart (online DPO, GRPO / RLOO, PPO), written and logged.
+
+    ``before`` / ``after``: (generation accuracy, its rows) of :func:`generation_accuracy` around training;
+    ``final``: the run's last metrics to show; ``run_keys``: more fields of the method's train summary for
+    ``runs``; ``table``: the console table (default: :func:`_table` of the accuracy with three samples).
+    """
+    (before_gen, before_rows), (after_gen, after_rows) = before, after
+    checks = {"generation_accuracy": after_gen >= targets["generation_accuracy"],
+              "generation_gain": after_gen - before_gen >= targets["gain"]}
     report = {
-        "method": "online_dpo", "before": before, "after": after, "passed": all(checks.values()), "checks": checks,
-        "targets": ONLINE_TARGETS, "seed": seed,
-        "final": {"eval/reward/mean": final.get("reward/mean"),
-                  "train/rollout/skipped_fraction": train.get("rollout/skipped_fraction")},
-        "config": {"sft": sft.config, "online_dpo": config["training"] | {k: config[k] for k in
-                                                                          ("loss", "rollout", "reward")},
-                   "recipe": {"sft": SFT, "online_dpo": ONLINE, "held_out": HELD_OUT}},
+        "method": method, "before": {"generation_accuracy": before_gen}, "after": {"generation_accuracy": after_gen},
+        "passed": all(checks.values()), "checks": checks, "targets": targets, "seed": seed, "final": final,
+        "config": {"sft": sft.config, method: config["training"] | {k: config[k] for k in ("loss", "rollout", "reward")},
+                   "recipe": {"sft": SFT, method: recipe, "held_out": HELD_OUT}},
         "runs": {"sft": {"summary": str(sft.run_dir / "train_summary.json"), "model": sft.summary["model_dir"],
                          "train_runtime_s": sft.summary["train_runtime_s"], "steps": sft.summary["steps"]},
-                 "online_dpo": {"summary": str(out / "train_summary.json"), "model": summary["model_dir"],
-                                "train_runtime_s": summary["train_runtime_s"], "source_s": summary["source_s"],
-                                "steps": summary["steps"]}},
+                 method: {"summary": str(out / "train_summary.json"), "model": summary["model_dir"],
+                          "train_runtime_s": summary["train_runtime_s"], "steps": summary["steps"],
+                          **{k: summary[k] for k in run_keys}}},
         "samples": [{"prompt": b["prompt"], "before": b["response"], "after": a["response"]}
                     for b, a in zip(before_rows[:8], after_rows[:8])],
         "wall_time_s": time.perf_counter() - t_start,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    log(_table(report, ("generation_accuracy",), ONLINE_TARGETS))
+    log(table if table is not None else _table(report, ("generation_accuracy",), targets))
     log(f"quickstart: {'PASSED' if report['passed'] else 'FAILED'} in {report['wall_time_s']:.0f}s; "
         f"wrote {out / 'report.json'}, metrics.jsonl, samples.jsonl, tensorboard/, plots/, report.html")
     return report

@@ -15,18 +15,15 @@ No reference model (β = 0, as DAPO and Dr. GRPO train; TRL's default too). The 
 from __future__ import annotations
 
 import functools
-import json
 import time
 from pathlib import Path
 
 from preftune import toy
 from preftune.toy.quickstart import (
-    HELD_OUT,
     MAX_LENGTH,
     MAX_NEW_TOKENS,
-    SFT,
-    _table,
     generation_accuracy,
+    on_policy_report,
     run_on_one_thread,
     sft_phase,
 )
@@ -87,31 +84,11 @@ def _policy_gradient(estimator: str, out: Path, seed: int, log, t_start: float, 
         f"({summary['source_s']:.1f}s of them sampling and scoring), {summary['no_signal_steps']} without a "
         "learning signal")
     after_gen, after_rows = generation_accuracy(model, tokenizer, held_out)
-    before, after = {"generation_accuracy": before_gen}, {"generation_accuracy": after_gen}
-    checks = {"generation_accuracy": after_gen >= TARGETS["generation_accuracy"],
-              "generation_gain": after_gen - before_gen >= TARGETS["gain"]}
-    train, final = summary["final_train_metrics"], summary["final_eval_metrics"]
-    report = {
-        "method": estimator, "before": before, "after": after, "passed": all(checks.values()), "checks": checks,
-        "targets": TARGETS, "seed": seed,
-        "final": {"eval/reward/mean": final.get("reward/mean"),
-                  **{f"train/{k}": train.get(k) for k in ("reward/mean", "rollout/frac_reward_zero_std", "entropy",
-                                                          "clip_low_frac", "clip_high_frac",
-                                                          "completions/mean_length")}},
-        "config": {"sft": sft.config, estimator: config["training"] | {k: config[k] for k in
-                                                                       ("loss", "rollout", "reward")},
-                   "recipe": {"sft": SFT, estimator: RECIPE, "held_out": HELD_OUT}},
-        "runs": {"sft": {"summary": str(sft.run_dir / "train_summary.json"), "model": sft.summary["model_dir"],
-                         "train_runtime_s": sft.summary["train_runtime_s"], "steps": sft.summary["steps"]},
-                 estimator: {"summary": str(out / "train_summary.json"), "model": summary["model_dir"],
-                             "train_runtime_s": summary["train_runtime_s"], "source_s": summary["source_s"],
-                             "steps": summary["steps"], "no_signal_steps": summary["no_signal_steps"]}},
-        "samples": [{"prompt": b["prompt"], "before": b["response"], "after": a["response"]}
-                    for b, a in zip(before_rows[:8], after_rows[:8])],
-        "wall_time_s": time.perf_counter() - t_start,
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    log(_table(report, ("generation_accuracy",), TARGETS))
-    log(f"quickstart: {'PASSED' if report['passed'] else 'FAILED'} in {report['wall_time_s']:.0f}s; "
-        f"wrote {out / 'report.json'}, metrics.jsonl, samples.jsonl, tensorboard/, plots/, report.html")
-    return report
+    train = summary["final_train_metrics"]
+    final = {"eval/reward/mean": summary["final_eval_metrics"].get("reward/mean"),
+             **{f"train/{k}": train.get(k) for k in ("reward/mean", "rollout/frac_reward_zero_std", "entropy",
+                                                     "clip_low_frac", "clip_high_frac", "completions/mean_length")}}
+    return on_policy_report(estimator, out=out, seed=seed, t_start=t_start, log=log, sft=sft, summary=summary,
+                            config=config, recipe=RECIPE, targets=TARGETS, final=final,
+                            before=(before_gen, before_rows), after=(after_gen, after_rows),
+                            run_keys=("source_s", "no_signal_steps"))

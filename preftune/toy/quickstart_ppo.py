@@ -15,16 +15,14 @@ time; the PPO run's own files (``metrics.jsonl``, ``samples.jsonl``, ``plots/``,
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from preftune.toy.quickstart import (
-    HELD_OUT,
     MAX_LENGTH,
     MAX_NEW_TOKENS,
-    SFT,
     generation_accuracy,
+    on_policy_report,
     run_on_one_thread,
     sft_phase,
 )
@@ -86,34 +84,13 @@ def _run(out: Path, seed: int, log, t_start: float, sft_dir) -> dict:
     log(f"quickstart: PPO {summary['steps']} steps in {time.perf_counter() - t0:.1f}s, final loss "
         f"{summary['final_loss']:.3f}")
     after, after_rows = generation_accuracy(model, tokenizer, held_out)
-    checks = {"generation_accuracy": after >= TARGETS["generation_accuracy"],
-              "generation_gain": after - before >= TARGETS["gain"]}
     train = summary["final_train_metrics"]
-    report = {
-        "method": "ppo",
-        "before": {"generation_accuracy": before},
-        "after": {"generation_accuracy": after},
-        "passed": all(checks.values()),
-        "checks": checks,
-        "targets": TARGETS,
-        "seed": seed,
-        "final": {"eval/reward/mean": summary["final_eval_metrics"].get("reward/mean"),
-                  **{f"train/{k}": train.get(k) for k in ("reward/mean", "ppo/explained_variance", "ppo/kl_ref",
-                                                          "ppo/kl_penalty_share", "value/error", "entropy",
-                                                          "policy/clip_frac", "policy/approx_kl_k3")}},
-        "config": {"sft": sft.config, "ppo": config["training"] | {k: config[k] for k in ("loss", "rollout", "reward")},
-                   "recipe": {"sft": SFT, "ppo": PPO, "held_out": HELD_OUT}},
-        "runs": {"sft": {"summary": str(sft.run_dir / "train_summary.json"), "model": sft.summary["model_dir"],
-                         "train_runtime_s": sft.summary["train_runtime_s"], "steps": sft.summary["steps"]},
-                 "ppo": {"summary": str(out / "train_summary.json"), "model": summary["model_dir"],
-                         "train_runtime_s": summary["train_runtime_s"], "steps": summary["steps"]}},
-        "samples": [{"prompt": b["prompt"], "before": b["response"], "after": a["response"]}
-                    for b, a in zip(before_rows[:8], after_rows[:8])],
-        "wall_time_s": time.perf_counter() - t_start,
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    log(f"{'metric':<24}{'before':>8}{'after':>8}   target\n" + "-" * 52 + "\n"
-        f"{'generation_accuracy':<24}{before:>8.3f}{after:>8.3f}   >= {TARGETS['generation_accuracy']:.2f}")
-    log(f"quickstart: {'PASSED' if report['passed'] else 'FAILED'} in {report['wall_time_s']:.0f}s; "
-        f"wrote {out / 'report.json'}, metrics.jsonl, samples.jsonl, tensorboard/, plots/, report.html")
-    return report
+    final = {"eval/reward/mean": summary["final_eval_metrics"].get("reward/mean"),
+             **{f"train/{k}": train.get(k) for k in ("reward/mean", "ppo/explained_variance", "ppo/kl_ref",
+                                                     "ppo/kl_penalty_share", "value/error", "entropy",
+                                                     "policy/clip_frac", "policy/approx_kl_k3")}}
+    table = (f"{'metric':<24}{'before':>8}{'after':>8}   target\n" + "-" * 52 + "\n"
+             f"{'generation_accuracy':<24}{before:>8.3f}{after:>8.3f}   >= {TARGETS['generation_accuracy']:.2f}")
+    return on_policy_report("ppo", out=out, seed=seed, t_start=t_start, log=log, sft=sft, summary=summary,
+                            config=config, recipe=PPO, targets=TARGETS, final=final,
+                            before=(before, before_rows), after=(after, after_rows), table=table)
