@@ -125,6 +125,8 @@ class GroupSource:
         if self.rc.mask_truncated_completions:
             use &= ~torch.tensor(truncated)
         stats = self.rollouts.stats(out)
+        # (P,) the trained groups without a reward spread (after any refill; as sampled when nothing refills)
+        flat = _zero_spread(out["rewards"]) if self.rc.dynamic_sampling else out["zero_spread"]
         stats.update({"rollout/frac_reward_zero_std": float(out["zero_spread"].mean()),
                       "rollout/truncated_fraction": float(np.mean(truncated)),
                       "advantages/mean": float(advantages[use].mean()) if use.any() else 0.0,
@@ -132,7 +134,7 @@ class GroupSource:
         if self.rc.dynamic_sampling:
             stats.update({"rollout/refilled_groups": float(out["refilled"]),
                           "rollout/resample_rounds": float(out["rounds"]),
-                          "rollout/frac_reward_zero_std_trained": float(_zero_spread(out["rewards"]).mean())})
+                          "rollout/frac_reward_zero_std_trained": float(flat.mean())})
         rollout = {"step": step, "indices": out["indices"],
                    "completions": [[list(c.ids) for c in g] for g in out["completions"]],
                    "advantages": advantages.tolist(), "use": use.tolist(), "stats": stats,
@@ -144,7 +146,7 @@ class GroupSource:
             lo_hi = torch.tensor([[finite.min(), finite.max()] if finite.size else [math.inf, -math.inf]])  # (1, 2)
             lo_hi = self._gather(lo_hi)  # (W, 2)
             lo, hi = float(lo_hi[:, 0].min()), float(lo_hi[:, 1].max())
-            spread = self._global(float((~_zero_spread(out["rewards"])).sum()))  # groups with a reward spread
+            spread = self._global(float((~flat).sum()))  # groups with a reward spread
             rollout["why"] = ("no completion was scored (every reward function returned None)" if lo > hi
                               else "all rewards equal" if lo == hi
                               else "all rewards equal within each group" if spread == 0
