@@ -177,18 +177,26 @@ NOT_PPO = {"num_iterations": 1, "dynamic_sampling": False, "mask_truncated_compl
            "advantage_estimator": "grpo", "scale_rewards": "group"}
 
 
+def _data_kinds(config) -> set[str] | None:
+    """The data kinds of the config's loss (one per mixed-in loss); None without a loss or with an unknown one
+    (that is _check_loss's to report)."""
+    from preftune.losses import get_loss
+
+    if config.loss.name is None:
+        return None
+    try:
+        return {get_loss(n).data for n in loss_names(config.loss.name)}
+    except KeyError:
+        return None
+
+
 @check("rollout", "loss.name", "loss", "task")
 def _check_ppo(config, reader: Reader) -> Iterator[tuple[str, str]]:
     """PPO trains on its own samples (a `rollout:` section); the options of one on-policy source are refused
     with another's loss (they would be ignored); the adaptive KL coefficient needs a non-zero start."""
-    from preftune.losses import get_loss
-
-    if config.loss.name is None:
+    kinds = _data_kinds(config)
+    if kinds is None:
         return
-    try:
-        kinds = {get_loss(n).data for n in loss_names(config.loss.name)}
-    except KeyError:
-        return  # an unknown loss is _check_loss's to report
     rollout, mix = config.rollout, "/".join(loss_names(config.loss.name))
     if "ppo" in kinds and rollout is None:
         yield "rollout", (f"loss {mix} learns from the policy's own samples: add a `rollout:` section (e.g. "
@@ -267,14 +275,9 @@ GROUP_ONLY = {"num_iterations": 1, "dynamic_sampling": False, "mask_truncated_co
 def _check_groups(config, reader: Reader) -> Iterator[tuple[str, str]]:
     """On-policy groups: a policy-gradient loss needs a `rollout:` section, a group holds at least 2 samples (PPO
     excepted: its critic is the baseline), and options only GRPO reads are not set for online DPO."""
-    from preftune.losses import get_loss
-
-    if config.loss.name is None:
+    kinds = _data_kinds(config)
+    if kinds is None:
         return
-    try:
-        kinds = {get_loss(n).data for n in loss_names(config.loss.name)}
-    except KeyError:
-        return  # an unknown loss is _check_loss's to report
     rollout, mix = config.rollout, "/".join(loss_names(config.loss.name))
     if "policy" in kinds and rollout is None:
         yield "rollout", (f"loss {mix} learns from the policy's own samples: add a `rollout:` section (e.g. "
