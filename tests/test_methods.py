@@ -152,48 +152,18 @@ def test_method_lifts_heldout_accuracy(toy_setup, method):
         assert not any(k.startswith(("sft/", "nll")) for k in summary["final_train_metrics"])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(PPO_CASES))
-def test_ppo_lifts_generation_accuracy(toy_setup, case):
-    loss, rollout = PPO_CASES[case]
-    run_dir = toy_setup["root"] / case
-    config = {
-        "model": toy_setup["model"],
-        "data": {"train": toy_setup["pairs"], "eval": toy_setup["eval"]},  # their prompts; the pairs are unused
-        "loss": loss,
-        "rollout": {"num_generations": 1, "max_new_tokens": 16, "ppo_epochs": 2, "minibatches": 2, **rollout},
-        "reward": {"functions": ["preftune.rewards:toy_verifier"]},
-        # 24 steps: 6 rollouts of 32 prompts, each 2 epochs x 2 minibatches of 16 (the quickstart's recipe)
-        "training": {"output_dir": str(run_dir), "learning_rate": 2e-4, "max_steps": 24, "per_device_batch_size": 16,
-                     "max_length": 64, "progress_bar": False, "save_model": False, "logging_every": 4},
-        "monitor": {"num_prompts": 0},
-    }
-    path = run_dir.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(config))
-    assert cli_main(["train", str(path)]) == 0
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    accuracy = summary["final_eval_metrics"]["reward/mean"]
-    print(f"{case}: held-out generation accuracy {accuracy:.3f} in {summary['train_runtime_s']:.1f}s")
-    assert accuracy >= 0.90, f"{case} reached only {accuracy:.3f} held-out generation accuracy"
-    assert {"entropy", "policy/clip_frac", "ppo/explained_variance", "value/error"} <= set(
-        summary["final_train_metrics"])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(POLICY_CASES))
-def test_policy_gradient_method_lifts_generation_accuracy(toy_setup, case):
-    loss, rollout = POLICY_CASES[case]
+def _on_policy_accuracy(toy_setup, case: str, loss: dict, rollout: dict, **training) -> dict:
+    """Train ``case`` on the toy prompts with the verifier as reward through the CLI; assert held-out greedy
+    accuracy >= 0.90 and return the final train metrics."""
     run_dir = toy_setup["root"] / case.replace("/", "_")
     config = {
         "model": toy_setup["model"],
         "data": {"train": toy_setup["pairs"], "eval": toy_setup["eval"]},  # their prompts; the pairs are unused
         "loss": loss,
-        "rollout": {"num_generations": 4, "max_new_tokens": 16, **rollout},
+        "rollout": {"max_new_tokens": 16, **rollout},
         "reward": {"functions": ["preftune.rewards:toy_verifier"]},
-        # 80 steps of 32 prompts x 4 samples (held-out greedy accuracy from 0.655 at the SFT model: grpo 0.98,
-        # rloo 0.965, dr_grpo 0.96; 16 prompts a step are noisier: 0.85-0.92 after 60-100 steps)
-        "training": {"output_dir": str(run_dir), "learning_rate": 2e-3, "max_steps": 80, "per_device_batch_size": 32,
-                     "max_length": 64, "progress_bar": False, "save_model": False, "logging_every": 10},
+        "training": {"output_dir": str(run_dir), "max_length": 64, "progress_bar": False, "save_model": False,
+                     **training},
         "monitor": {"num_prompts": 0},
     }
     path = run_dir.with_suffix(".yaml")
@@ -203,8 +173,29 @@ def test_policy_gradient_method_lifts_generation_accuracy(toy_setup, case):
     accuracy = summary["final_eval_metrics"]["reward/mean"]  # held-out greedy answers the verifier accepts
     print(f"{case}: held-out generation accuracy {accuracy:.3f} in {summary['train_runtime_s']:.1f}s")
     assert accuracy >= 0.90, f"{case} reached only {accuracy:.3f} held-out generation accuracy"
-    assert {"entropy", "clip_low_frac", "clip_high_frac", "rollout/frac_reward_zero_std"} <= set(
-        summary["final_train_metrics"])
+    return summary["final_train_metrics"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(PPO_CASES))
+def test_ppo_lifts_generation_accuracy(toy_setup, case):
+    loss, rollout = PPO_CASES[case]
+    # 24 steps: 6 rollouts of 32 prompts, each 2 epochs x 2 minibatches of 16 (the quickstart's recipe)
+    train = _on_policy_accuracy(toy_setup, case, loss,
+                                {"num_generations": 1, "ppo_epochs": 2, "minibatches": 2, **rollout},
+                                learning_rate=2e-4, max_steps=24, per_device_batch_size=16, logging_every=4)
+    assert {"entropy", "policy/clip_frac", "ppo/explained_variance", "value/error"} <= set(train)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(POLICY_CASES))
+def test_policy_gradient_method_lifts_generation_accuracy(toy_setup, case):
+    loss, rollout = POLICY_CASES[case]
+    # 80 steps of 32 prompts x 4 samples (held-out greedy accuracy from 0.655 at the SFT model: grpo 0.98,
+    # rloo 0.965, dr_grpo 0.96; 16 prompts a step are noisier: 0.85-0.92 after 60-100 steps)
+    train = _on_policy_accuracy(toy_setup, case, loss, {"num_generations": 4, **rollout},
+                                learning_rate=2e-3, max_steps=80, per_device_batch_size=32, logging_every=10)
+    assert {"entropy", "clip_low_frac", "clip_high_frac", "rollout/frac_reward_zero_std"} <= set(train)
 
 
 def test_every_registered_loss_has_a_case():
